@@ -1,0 +1,129 @@
+"""The trainer: determinism, exact resume, checkpoints, run directory."""
+import json
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+import torch
+
+import gradlab
+from gradlab import runs
+from gradlab.recorder import RecordConfig
+from gradlab.train import Callback, RunFinished, load_checkpoint, train_run as train
+
+TIMING = ["train_seconds", "images_per_s"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt(Callback):
+    """Simulates a crash at the start of one epoch (after the previous epoch's checkpoint)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == self.epoch:
+            raise Interrupt
+
+
+def _weights(run_dir, name="last.pt"):
+    return load_checkpoint(run_dir / name)["model"]
+
+
+def _history(run_dir):
+    return pd.read_parquet(run_dir / runs.HISTORY).drop(columns=TIMING)
+
+
+def test_two_runs_with_the_same_seed_are_identical(tmp_path, small_config, small_splits):
+    a = train(small_config, tmp_path / "a", splits=small_splits)
+    b = train(small_config, tmp_path / "b", splits=small_splits)
+    pd.testing.assert_frame_equal(_history(tmp_path / "a"), _history(tmp_path / "b"))
+    assert a["test_acc"] == b["test_acc"]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = train(replace(small_config, seed=1), tmp_path / "c", splits=small_splits)
+    assert not torch.equal(_weights(tmp_path / "c")["conv1.weight"], wa["conv1.weight"])
+
+
+@pytest.mark.parametrize("crash_epoch", [1, 2])
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, small_config, small_splits, crash_epoch):
+    whole = train(small_config, tmp_path / "whole", splits=small_splits)
+    with pytest.raises(Interrupt):
+        train(small_config, tmp_path / "split", splits=small_splits, callbacks=[StopAt(crash_epoch)])
+    assert runs.load_run(tmp_path / "split").summary["status"] == "failed"
+    resumed = train(small_config, tmp_path / "split", splits=small_splits)
+    assert resumed["resumed_from_epoch"] == crash_epoch
+    for name in ("last.pt", "best.pt"):
+        w1, w2 = _weights(tmp_path / "whole", name), _weights(tmp_path / "split", name)
+        assert all(torch.equal(w1[k], w2[k]) for k in w1), name
+    pd.testing.assert_frame_equal(_history(tmp_path / "whole"), _history(tmp_path / "split"))
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "whole" / runs.STEPS), pd.read_parquet(tmp_path / "split" / runs.STEPS))
+    for key in ("test_acc_best", "test_acc_last", "best_val_acc", "best_epoch", "steps_done"):
+        assert resumed[key] == whole[key], key
+    # Records: every recorded step exactly once, the same values as the uninterrupted run.
+    rec_whole = runs.load_run(tmp_path / "whole").records().sort_values(["step", "position", "metric"], ignore_index=True)
+    rec_split = runs.load_run(tmp_path / "split").records().sort_values(["step", "position", "metric"], ignore_index=True)
+    pd.testing.assert_frame_equal(rec_whole, rec_split)
+
+
+def test_run_directory_contents(tmp_path, small_config, small_splits):
+    summary = train(small_config, tmp_path / "run", splits=small_splits)
+    run = gradlab.load_run(tmp_path / "run")
+    assert run.summary == summary and summary["status"] == "complete"
+    assert run.config["train"]["block"] == "res" and run.config["synthetic"] is True
+    assert run.config["versions"]["torch"] == torch.__version__
+    assert summary["n_params"] == sum(p.numel() for p in gradlab.build_model("res", 2, 8).parameters())
+    assert list(run.history["epoch"]) == [0, 1, 2]
+    steps_per_epoch = 400 // 64 + 1
+    assert len(run.steps) == 3 * steps_per_epoch and run.history["step"].iloc[-1] == 3 * steps_per_epoch
+    assert run.history["train_loss"].tolist() == pytest.approx(run.steps.groupby("epoch")["loss"].mean().tolist())
+    best_epoch = int(run.history["val_acc"].idxmax())
+    assert summary["best_epoch"] == best_epoch and summary["best_val_acc"] == run.history["val_acc"].max()
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == best_epoch + 1  # epochs completed when it was written
+    assert 0 <= summary["test_acc_best"] <= 1 and summary["wall_seconds"] > 0
+    assert not list((tmp_path / "run").glob("*.tmp")) and not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_a_finished_run_is_reported_not_retrained(tmp_path, small_config, small_splits):
+    train(small_config, tmp_path / "run", splits=small_splits)
+    mtime = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
+    with pytest.raises(RunFinished, match="already complete"):
+        train(small_config, tmp_path / "run", splits=small_splits)
+    assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns == mtime
+    longer = train(replace(small_config, epochs=4), tmp_path / "run", splits=small_splits)
+    assert longer["epochs_done"] == 4 and longer["resumed_from_epoch"] == 3
+
+
+def test_restart_trains_from_scratch(tmp_path, small_config, small_splits):
+    first = train(small_config, tmp_path / "run", splits=small_splits)
+    again = train(small_config, tmp_path / "run", splits=small_splits, restart=True)
+    assert again["resumed_from_epoch"] is None and again["test_acc"] == first["test_acc"]
+
+
+def test_resuming_with_other_options_is_refused(tmp_path, small_config, small_splits):
+    train(replace(small_config, epochs=1), tmp_path / "run", splits=small_splits)
+    with pytest.raises(runs.RunError, match=r"other options \(depth: stored 2, given 3; lr"):
+        train(replace(small_config, depth=3, lr=1e-3), tmp_path / "run", splits=small_splits)
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, small_config, small_splits):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(runs.RunError, match="is a file"):
+        train(small_config, tmp_path / "file", splits=small_splits)
+
+
+def test_checkpoints_load_without_code_execution(tmp_path, small_config, small_splits):
+    train(replace(small_config, epochs=1), tmp_path / "run", splits=small_splits, record=RecordConfig(every=0))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "epoch", "step", "rng", "best_val_acc", "history"}
+    assert not (tmp_path / "run" / runs.RECORDS).exists()
+
+
+def test_summary_and_config_are_plain_json(tmp_path, small_config, small_splits):
+    train(replace(small_config, epochs=1), tmp_path / "run", splits=small_splits)
+    for name in (runs.CONFIG, runs.SUMMARY):
+        json.loads((tmp_path / "run" / name).read_text())
