@@ -1,0 +1,156 @@
+"""Train-step time with the recorder at every=1 against no recorder, and against a naive recorder.
+
+Three copies of one DeepCNN (same initial weights, each with its own Adam) train side by
+side in one process on one synthetic batch: bare, with ``gradlab.recorder.Recorder``
+(all metrics, every step), and with the obvious naive recorder (plain torch ops and
+``.item()`` in every hook). Each repetition runs ``--steps`` steps of every variant in a
+rotating order; a variant's ratio is the median over repetitions of its time over the bare
+model's time in the same repetition (pairs close in time and a median shrug off the load
+spikes of a shared machine).
+
+    python benchmarks/recorder_overhead.py --reps 20 --steps 2 --depths 6 32 --blocks conv res --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from gradlab.models import build_model, probe_points
+from gradlab.recorder import Recorder
+
+
+class NaiveRecorder:
+    """The obvious implementation: module hooks that compute each statistic and call ``.item()``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.rows, self.handles = model, [], []
+
+    def __enter__(self) -> NaiveRecorder:
+        for probe in probe_points(self.model):
+            self.handles.append(probe.module.register_forward_hook(self._forward(probe.name)))
+            self.handles.append(probe.module.register_full_backward_hook(self._backward(probe.name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _forward(self, name: str):
+        def hook(module, args, output):
+            if not module.training or not torch.is_grad_enabled():
+                return
+            with torch.no_grad():
+                out = output.float()
+                dims = [d for d in range(out.dim()) if d != 1]
+                self.rows.append((name, "act_mean", out.mean().item()))
+                self.rows.append((name, "act_std", out.std(correction=0).item()))
+                self.rows.append((name, "act_nonpos_frac", (out <= 0).float().mean().item()))
+                self.rows.append((name, "act_chan_mean_sq", out.mean(dims).square().mean().item()))
+                self.rows.append((name, "act_chan_var", out.var(dims, correction=0).mean().item()))
+                norm = torch.linalg.vector_norm
+                self.rows.append((name, "param_norm", norm(torch.stack([norm(p) for p in module.parameters()])).item()))
+
+        return hook
+
+    def _backward(self, name: str):
+        def hook(module, grad_input, grad_output):
+            g_out = grad_output[0].float()
+            out_norm = torch.linalg.vector_norm(g_out).item()
+            self.rows.append((name, "grad_out_norm", out_norm))
+            self.rows.append((name, "nonfinite_grads", (~torch.isfinite(g_out)).sum().item()))
+            if grad_input and grad_input[0] is not None:
+                in_norm = torch.linalg.vector_norm(grad_input[0].float()).item()
+                self.rows.append((name, "grad_in_norm", in_norm))
+                self.rows.append((name, "grad_gain", in_norm / out_norm if out_norm else float("nan")))
+
+        return hook
+
+
+def train_steps(model, optimizer, x, y, steps: int, recorder=None) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each of ``steps`` optimizer steps."""
+    times = []
+    for _ in range(steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss = F.cross_entropy(model(x), y)
+        if recorder is not None and hasattr(recorder, "record_loss"):
+            recorder.record_loss(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return times
+
+
+def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str, int], float]:
+    """By clock (0: wall, 1: process CPU time): the bare model's median seconds per step, and
+    for the recorders the median over repetitions of their step time over the bare one's."""
+    torch.manual_seed(0)
+    base = build_model(block, depth, args.width)
+    models = {name: copy.deepcopy(base) for name in ("none", "recorder", "naive")}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    kept = []  # the recorder's flushed columns; a real sink would write them to disk
+    recorders = {
+        "none": None,
+        "recorder": Recorder(models["recorder"], every=1, optimizer=optimizers["recorder"], sink=kept.append),
+        "naive": NaiveRecorder(models["naive"]),
+    }
+    for r in recorders.values():
+        if r is not None:
+            r.__enter__()
+    try:
+        for name in models:  # warm-up: allocator, oneDNN primitives, the recorder's layouts
+            train_steps(models[name], optimizers[name], x, y, 2, recorders[name])
+        times = {name: [] for name in models}  # per repetition: (wall, cpu) seconds per step
+        names = list(models)
+        for rep in range(args.reps):
+            order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
+            for name in order:
+                steps = train_steps(models[name], optimizers[name], x, y, args.steps, recorders[name])
+                times[name].append(tuple(statistics.fmean(s[clock] for s in steps) for clock in (0, 1)))
+    finally:
+        for r in recorders.values():
+            if r is not None:
+                r.__exit__(None, None, None)
+    result = {("none", clock): statistics.median(t[clock] for t in times["none"]) for clock in (0, 1)}
+    for name in ("recorder", "naive"):  # ratios within each repetition, then their median
+        for clock in (0, 1):
+            result[name, clock] = statistics.median(t[clock] / b[clock] for t, b in zip(times[name], times["none"]))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20, help="repetitions; medians over them")
+    parser.add_argument("--steps", type=int, default=2, help="train steps per repetition and variant")
+    parser.add_argument("--depths", type=int, nargs="+", default=[6, 32])
+    parser.add_argument("--blocks", nargs="+", default=["conv", "res"])
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
+    args = parser.parse_args()
+    # The naive recorder's hook on conv1, whose input needs no gradient, warns once per step.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, width {args.width}, batch {args.batch}, "
+          f"{args.reps} reps x {args.steps} steps, medians")
+    print("step time over the bare model's, median over repetitions of the ratio within each;")
+    print("wall clock, and in brackets process CPU time, which other load on a shared machine disturbs less")
+    print(f"{'block':>7} {'depth':>5} {'bare ms':>9} {'recorder':>18} {'naive (.item())':>18}")
+    for block in args.blocks:
+        for depth in args.depths:
+            t = measure(block, depth, args)
+            cells = [f"{t[name, 0]:6.3f}x ({t[name, 1]:.3f}x)" for name in ("recorder", "naive")]
+            print(f"{block:>7} {depth:>5} {t['none', 0] * 1e3:9.1f} {cells[0]:>18} {cells[1]:>18}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,728 @@
+"""Forward and backward hooks on every probe point: gradient norms and activation statistics
+per block, every step, for a few percent of the step time.
+
+``Recorder`` registers its hooks on enter and removes every one of them on exit::
+
+    with Recorder(model, optimizer=opt) as rec:
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            rec.record_loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()  # the step advances here; without an optimizer, after each backward
+    df = rec.frame()  # step, epoch, layer, position, block, metric, value
+
+The trainer attaches the same object through ``RecorderCallback`` and its named events.
+
+How it stays cheap: the hooks of a step that the schedule skips return at once. On a
+recorded step every hook reduces its tensor to a few *moments* on the device (sums, sums
+of squares, counts; ``stats.py``), nothing more; at the end of the step the moments go
+into a preallocated device buffer with one ``index_copy_``. ``flush`` moves the buffer to
+the host in one copy, the only host sync, every ``flush_every`` recorded steps, and turns
+the moments into the published metrics in numpy. Gradient norms come from tensor hooks on
+the probe points' outputs and inputs; a block's input is usually the previous block's
+output, so one hook and one reduction serve both.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gradlab import stats
+from gradlab.models import ProbePoint, probe_points
+
+Schedule = Callable[[int], bool]
+Sink = Callable[[dict[str, np.ndarray]], Any]
+
+# The public record format: one row per (step, probe point, metric).
+COLUMNS = ("step", "epoch", "layer", "position", "block", "metric", "value")
+METRICS = (
+    # forward, on the probe point's output; channels are dim 1, statistics over batch and space
+    "act_mean",
+    "act_std",
+    "act_nonpos_frac",  # fraction <= 0: what the next ReLU kills
+    "act_chan_mean_sq",  # mean over channels of the squared channel mean (Brock et al. 2021)
+    "act_chan_var",  # mean over channels of the channel variance (Brock et al. 2021)
+    "branch_chan_var",  # res, resdown: the residual branch (conv2's output) before the addition
+    "skip_chan_var",  # res: the block input; resdown: conv3's output
+    # backward: L2 norms of the loss gradient with respect to output and input
+    "grad_out_norm",
+    "grad_in_norm",
+    "grad_gain",  # grad_in_norm / grad_out_norm
+    "grad_in_branch_norm",  # res, resdown: the part of the input gradient through the branch
+    "grad_in_skip_norm",  # res, resdown: the part through the skip path
+    "nonfinite_grads",  # count of inf and NaN entries in the output gradient
+    # parameters of the probe point, sub-modules included; the model row: all parameters
+    "param_grad_norm",
+    "param_norm",  # before the optimizer step
+    "update_ratio",  # ||delta theta|| / ||theta|| of the optimizer step
+    "loss",  # model row only
+)
+MODEL_LAYER = "model"  # layer and block of the per-step row; its position is -1
+RESIDUAL = ("res", "resdown")
+SCHEDULES = ("every", "log")
+
+# Moments kept on the device per probe point and step; ``_metrics`` derives METRICS from them.
+_FIELDS = (
+    "act_sum", "act_chan_sum_sq", "act_sumsq", "act_nonpos",  # stats.activation_moments
+    "branch_chan_sum_sq", "branch_sumsq",  # stats.channel_moments
+    "skip_chan_sum_sq", "skip_sumsq",
+    "grad_out_sumsq", "nonfinite",  # stats.grad_moments
+    "grad_in_sumsq", "grad_in_branch_sumsq", "grad_in_skip_sumsq",
+    "param_grad_sumsq", "param_sumsq", "update_sumsq",
+    "loss",
+)  # fmt: skip
+_F = {name: i for i, name in enumerate(_FIELDS)}
+_ACT, _BRANCH, _SKIP = 0, 1, 2  # groups of tensors whose sizes the host keeps for the metrics
+
+
+@functools.cache
+def _cells(row: int, fields: tuple[str, ...]) -> tuple[int, ...]:
+    """Flat indices of (row, field) cells in one step of the buffer."""
+    return tuple(row * len(_FIELDS) + _F[f] for f in fields)
+
+
+# ---------------------------------------------------------------------------------------
+# Schedules: which steps are recorded
+
+
+def every(n: int) -> Schedule:
+    """Record steps 0, n, 2n, ...; ``n = 0`` records nothing."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"every must be an integer >= 0 (0 disables recording), got {n!r}")
+    if n == 0:
+        return lambda step: False
+    return lambda step: step % n == 0
+
+
+def logspaced(per_decade: int = 10) -> Schedule:
+    """Record step 0 and the steps ``round(10 ** (k / per_decade))`` for k = 0, 1, 2, ...
+
+    Evenly spaced in log(step), about ``per_decade`` steps for every factor of 10; the
+    default gives 0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 63, 79, 100, 126, ...
+    Dense early, when the gradient flow changes fastest, and sparse later.
+    """
+    if isinstance(per_decade, bool) or not isinstance(per_decade, int) or per_decade < 1:
+        raise ValueError(f"per_decade must be an integer >= 1, got {per_decade!r}")
+
+    def scheduled(step: int) -> bool:
+        if step <= 1:
+            return step >= 0
+        k = round(per_decade * math.log10(step))
+        return any(math.floor(10 ** (j / per_decade) + 0.5) == step for j in (k - 1, k, k + 1))
+
+    return scheduled
+
+
+def _as_schedule(every_n: int | Schedule) -> Schedule:
+    return every_n if callable(every_n) else every(every_n)
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """What the recorder records and how often it moves records to the host."""
+
+    every: int = 1  # record every N-th step; 0 disables
+    schedule: str = "every"  # "every" | "log": 0, 1, 2, ..., 8, 10, 13, 16, 20, ... (every > 0 switches it on)
+    flush_every: int = 64  # recorded steps held on the device between host syncs
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise ValueError(f"every must be an integer >= 0 (0 disables recording), got {self.every!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {list(SCHEDULES)}")
+        if isinstance(self.flush_every, bool) or not isinstance(self.flush_every, int) or self.flush_every < 1:
+            raise ValueError(f"flush_every must be an integer >= 1, got {self.flush_every!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+    def make_schedule(self) -> Schedule:
+        """The schedule callable this configuration describes."""
+        if self.schedule == "log" and self.every > 0:
+            return logspaced()
+        return every(self.every)
+
+
+# ---------------------------------------------------------------------------------------
+# The recorder
+
+
+class _Tap:
+    """The roles of one hooked activation tensor: output of row ``out_of``, input of row ``in_of``."""
+
+    __slots__ = ("out_of", "in_of")
+
+    def __init__(self, out_of: int | None = None, in_of: int | None = None) -> None:
+        self.out_of, self.in_of = out_of, in_of
+
+
+class _StepState:
+    """What one recorded step has gathered so far: device moments and the cells they fill."""
+
+    def __init__(self, step: int, epoch: int, rows: int) -> None:
+        self.step, self.epoch = step, epoch
+        self.values: list[torch.Tensor] = []  # 1-D device tensors
+        self.cells: list[int] = []  # row * len(_FIELDS) + field, one per value entry
+        self.sizes = np.zeros((rows, 3, 2), dtype=np.int64)  # (numel, channels) per row and group
+        # The latest probe output, to notice an input that is the previous output: a weak
+        # reference (identity only, keeps nothing alive), its activation moments, its tap.
+        self.last_out: weakref.ref | None = None
+        self.last_moments: torch.Tensor | None = None
+        self.last_tap: _Tap | None = None
+        self.before: torch.Tensor | None = None  # the flat parameters before the optimizer step
+        self.grad_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # residual row -> (grad, moments)
+        self.relu_out: dict[int, torch.Tensor] = {}  # resdown row -> output of its leading ReLU
+        self.path_grad: dict[tuple[int, str], torch.Tensor] = {}  # (resdown row, conv) -> grad at the ReLU output
+
+    def add(self, values: torch.Tensor, row: int, fields: tuple[str, ...]) -> None:
+        self.values.append(values)
+        self.cells += _cells(row, fields)
+
+
+class Recorder:
+    """Forward and backward statistics of every probe point, on the steps ``every`` selects.
+
+    ``every``: an int N (record steps 0, N, 2N, ...; 0 records nothing) or a schedule
+    callable (``every``, ``logspaced``). ``optimizer``: when given, a step ends with
+    ``optimizer.step()`` and the parameter update is measured; without one, every backward
+    pass is one step. ``sink``: a callable that receives each flush's columns (a dict of
+    numpy arrays keyed by COLUMNS); without one the records are kept for ``frame()``.
+    ``probes``: the probe points, ``models.probe_points(model)`` by default.
+
+    A forward pass in training mode with gradients enabled belongs to step ``step``;
+    evaluation passes (``no_grad``, ``inference_mode``, ``model.eval()``) are not recorded.
+    If one step runs several forward passes, the last one's statistics are kept.
+
+    Device memory: the moment buffer (flush_every x probe points x moments), a scratch
+    buffer of two chunks of the largest activation (``stats.CHUNK``), and with an optimizer
+    a copy of the parameters for the update norm.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int | Schedule = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        sink: Sink | None = None,
+        flush_every: int = 64,
+        start_step: int = 0,
+        probes: Sequence[ProbePoint] | None = None,
+    ) -> None:
+        self.schedule: Schedule = _as_schedule(every)
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+        self.model, self.optimizer, self.sink, self.flush_every = model, optimizer, sink, flush_every
+        self.probes = list(probe_points(model) if probes is None else probes)
+        # Row 0 is the model's per-step row (position -1); row i + 1 is probe position i.
+        self._layers = np.array([MODEL_LAYER] + [p.name for p in self.probes], dtype=object)
+        self._blocks = np.array([MODEL_LAYER] + [p.block for p in self.probes], dtype=object)
+        self._positions = np.array([-1] + [p.position for p in self.probes], dtype=np.int64)
+        self._params = list(model.parameters())
+        self._state: _StepState | None = None  # the recorded step in progress
+        self.epoch = 0
+        self.step = start_step
+        self._active = False
+        self._handles: list[Any] = []  # module and optimizer hooks, from enter to exit
+        self._grad_handles: list[Any] = []  # tensor and graph-node hooks of the current backward
+        self._end_queued = False
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # stats' temporaries
+        self._layouts: dict[Any, Any] = {}  # cached device index tensors and owner matrices
+        self._buffer: torch.Tensor | None = None
+        self._meta: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # step, epoch, written, sizes
+        self._kept: list[dict[str, np.ndarray]] = []
+
+    # -- step and schedule ------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """Index of the current training step (settable, e.g. on resume)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        self._on = bool(self.schedule(self._step))  # asked once per step, not per hook
+        if self._state is not None:  # set during a step: renumber it, or drop it if unscheduled
+            if self._on:
+                self._state.step = self._step
+            else:
+                self._state = None
+
+    # -- enter and exit ----------------------------------------------------------------
+
+    def __enter__(self) -> Recorder:
+        if self._active:
+            raise RuntimeError("this Recorder is already active")
+        try:
+            for row, probe in enumerate(self.probes, start=1):
+                self._hook(probe.module, functools.partial(self._on_probe_forward, row))
+                if probe.block in RESIDUAL:
+                    self._hook(probe.module.conv2, functools.partial(self._on_branch_forward, row))
+                if probe.block == "resdown":
+                    self._hook(probe.module.conv1, functools.partial(self._on_path_forward, row, "conv1"))
+                    self._hook(probe.module.conv3, functools.partial(self._on_path_forward, row, "conv3"))
+            if self.optimizer is None:
+                self._hook(self.model, self._on_model_forward)
+            else:
+                self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_pre_step))
+                self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_post_step))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook and flush what is buffered; an unfinished step is dropped. Idempotent."""
+        was_active, self._active = self._active, False
+        self._remove_hooks()
+        self._state = None
+        self._end_queued = False
+        if was_active:
+            self.flush()
+
+    def _hook(self, module: nn.Module, fn: Callable[..., None]) -> None:
+        self._handles.append(module.register_forward_hook(fn))
+
+    def _remove_hooks(self) -> None:
+        self._remove_grad_hooks()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _remove_grad_hooks(self) -> None:
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles.clear()
+
+    # -- step bookkeeping --------------------------------------------------------------
+
+    def _live(self, module: nn.Module) -> bool:
+        return self._on and module.training and torch.is_grad_enabled()
+
+    def _begin(self) -> _StepState:
+        if self._state is None:
+            self._state = _StepState(self._step, self.epoch, len(self.probes) + 1)
+        return self._state
+
+    def _scratch_for(self, t: torch.Tensor) -> torch.Tensor:
+        """One scratch buffer per device and dtype, grown to the largest tensor seen."""
+        key = (t.device, t.dtype)
+        scratch = self._scratch.get(key)
+        if scratch is None or (scratch.numel() < 2 * t.numel() and scratch.numel() < stats.scratch_numel(t)):
+            scratch = self._scratch[key] = stats.new_scratch(t)
+        return scratch
+
+    def _end_step(self) -> None:
+        """Close the current step: write its moments to the buffer and advance ``step``."""
+        state, self._state = self._state, None
+        self._remove_grad_hooks()
+        if state is not None and state.values:
+            self._store(state)
+        self.step = self._step + 1
+
+    def _store(self, state: _StepState) -> None:
+        values = torch.cat(state.values)
+        key = tuple(state.cells)
+        layout = self._layouts.get((key, values.device))
+        if layout is None:
+            layout = self._layouts[(key, values.device)] = self._cell_layout(key, values.device)
+        keep, index, written = layout
+        if keep is not None:  # a cell written twice in one step: the last write wins
+            values = values[keep]
+        if self._buffer is None or self._buffer.device != values.device or self._buffer.dtype != values.dtype:
+            self.flush()
+            shape = (self.flush_every, len(self.probes) + 1, len(_FIELDS))
+            self._buffer = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        self._buffer[len(self._meta)].view(-1).index_copy_(0, index, values)
+        self._meta.append((state.step, state.epoch, written, state.sizes))
+        if len(self._meta) == self.flush_every:
+            self.flush()
+
+    def _cell_layout(self, cells: tuple[int, ...], device: torch.device) -> tuple[Any, torch.Tensor, np.ndarray]:
+        last = {cell: i for i, cell in enumerate(cells)}
+        keep = None
+        if len(last) != len(cells):
+            keep = torch.tensor(sorted(last.values()), device=device)
+            cells = tuple(cells[i] for i in sorted(last.values()))
+        written = np.zeros((len(self.probes) + 1) * len(_FIELDS), dtype=bool)
+        written[list(cells)] = True
+        # Built once per layout of cells, not per step: the copy to the device waits on it.
+        return keep, torch.tensor(cells, dtype=torch.long, device=device), written
+
+    # -- forward hooks -----------------------------------------------------------------
+
+    def _on_probe_forward(self, row: int, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._live(module) or not isinstance(output, torch.Tensor):
+            return
+        state = self._begin()
+        out = output.detach()
+        moments = stats.activation_moments(out, self._scratch_for(out))
+        state.add(moments, row, ("act_sum", "act_chan_sum_sq", "act_sumsq", "act_nonpos"))
+        state.sizes[row, _ACT] = (out.numel(), stats.channels(out))
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        same = x is not None and state.last_out is not None and state.last_out() is x
+        if self._blocks[row] == "res" and x is not None:  # the skip path is the block input itself
+            skip = state.last_moments[1:3] if same else stats.channel_moments(x.detach(), self._scratch_for(x))
+            state.add(skip, row, ("skip_chan_sum_sq", "skip_sumsq"))
+            state.sizes[row, _SKIP] = (x.numel(), stats.channels(x))
+        if x is not None and x.requires_grad:
+            if same and state.last_tap is not None and state.last_tap.in_of is None:
+                state.last_tap.in_of = row  # one hook serves the previous output and this input
+            else:
+                self._tap(x, _Tap(in_of=row))
+        state.last_out, state.last_moments = weakref.ref(output), moments
+        state.last_tap = self._tap(output, _Tap(out_of=row)) if output.requires_grad else None
+
+    def _on_branch_forward(self, row: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """conv2 of a res or resdown block: the residual branch before the addition."""
+        if not self._live(module):
+            return
+        state = self._begin()
+        out = output.detach()
+        state.add(stats.channel_moments(out, self._scratch_for(out)), row, ("branch_chan_sum_sq", "branch_sumsq"))
+        state.sizes[row, _BRANCH] = (out.numel(), stats.channels(out))
+
+    def _on_path_forward(self, row: int, conv: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """conv1 (branch) or conv3 (skip) of a resdown block, both fed by the block's leading ReLU."""
+        if not self._live(module):
+            return
+        state = self._begin()
+        if conv == "conv3":  # the skip path's output
+            out = output.detach()
+            state.add(stats.channel_moments(out, self._scratch_for(out)), row, ("skip_chan_sum_sq", "skip_sumsq"))
+            state.sizes[row, _SKIP] = (out.numel(), stats.channels(out))
+        if output.grad_fn is None or "Convolution" not in type(output.grad_fn).__name__:
+            return  # no graph, or a compiled graph whose nodes are not the modules' own
+        state.relu_out[row] = args[0].detach()  # saved by the ReLU for its backward anyway
+        # The convolution node's gradient with respect to its input: this path's share of
+        # the gradient at the ReLU output, before autograd adds the two paths together.
+        self._grad_handles.append(output.grad_fn.register_hook(functools.partial(self._on_path_grad, row, conv)))
+
+    def _on_model_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Without an optimizer the step ends with the backward pass; an unrecorded step needs
+        one hook to see that end (a recorded step's tensor hooks see it anyway)."""
+        if self._on or not module.training or not torch.is_grad_enabled():
+            return
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            self._grad_handles.append(output.register_hook(self._on_any_grad))
+
+    def _tap(self, tensor: torch.Tensor, tap: _Tap) -> _Tap:
+        self._grad_handles.append(tensor.register_hook(functools.partial(self._on_grad, tap)))
+        return tap
+
+    # -- backward hooks ----------------------------------------------------------------
+
+    def _queue_end(self) -> None:
+        if not self._end_queued:
+            self._end_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _on_any_grad(self, grad: torch.Tensor) -> None:
+        self._queue_end()
+
+    def _on_grad(self, tap: _Tap, grad: torch.Tensor) -> None:
+        self._queue_end()
+        state = self._state
+        if state is None:
+            return
+        g = grad.detach()
+        scratch = self._scratch_for(g)
+        moments = None
+        if tap.out_of is not None:
+            row = tap.out_of
+            moments = stats.grad_moments(g, scratch)
+            state.add(moments, row, ("grad_out_sumsq", "nonfinite"))
+            if self._blocks[row] in RESIDUAL:
+                state.grad_out[row] = (g, moments)
+        if tap.in_of is not None:
+            row = tap.in_of
+            sumsq = moments[:1] if moments is not None else stats.sumsq(g, scratch).reshape(1)
+            state.add(sumsq, row, ("grad_in_sumsq",))
+            if self._blocks[row] == "res" and row in state.grad_out:
+                # skip part = grad_out exactly (identity); branch part = grad_in - grad_out
+                grad_out, out_moments = state.grad_out.pop(row)
+                state.add(stats.diff_sumsq(g, grad_out, scratch).reshape(1), row, ("grad_in_branch_sumsq",))
+                state.add(out_moments[:1], row, ("grad_in_skip_sumsq",))
+            elif self._blocks[row] == "resdown":
+                self._resdown_parts(state, row, scratch)
+
+    def _on_path_grad(self, row: int, conv: str, grad_inputs: tuple, grad_outputs: tuple) -> None:
+        state = self._state
+        if state is not None and grad_inputs and grad_inputs[0] is not None:
+            state.path_grad[row, conv] = grad_inputs[0].detach()
+
+    def _resdown_parts(self, state: _StepState, row: int, scratch: torch.Tensor) -> None:
+        """Both paths pass the block's leading ReLU: each part is the ReLU mask times that path's gradient."""
+        relu_out = state.relu_out.pop(row, None)
+        branch = state.path_grad.pop((row, "conv1"), None)
+        skip = state.path_grad.pop((row, "conv3"), None)
+        if relu_out is None or branch is None or skip is None:
+            return
+        parts = (stats.relu_part_sumsq(branch, relu_out, scratch), stats.relu_part_sumsq(skip, relu_out, scratch))
+        state.add(torch.stack(parts), row, ("grad_in_branch_sumsq", "grad_in_skip_sumsq"))
+
+    def _on_backward_end(self) -> None:
+        self._end_queued = False
+        self._remove_grad_hooks()  # the graph is done: no tensor keeps a hook of ours
+        state = self._state
+        if state is not None:
+            state.grad_out.clear()
+            state.relu_out.clear()
+            state.path_grad.clear()
+        if self.optimizer is None:
+            if self._on:
+                self._param_moments(self._begin(), keep_before=False)
+            self._end_step()
+
+    # -- parameters and the optimizer ---------------------------------------------------
+
+    def _on_optimizer_pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._on:
+            self._param_moments(self._begin(), keep_before=True)
+
+    def _on_optimizer_post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        state = self._state
+        if self._on and state is not None and state.before is not None:
+            delta = torch.sub(state.before, self._flat_params(), out=state.before)  # before - after
+            self._add_param_rows(state, delta, None, "update_sumsq")
+        self._end_step()
+
+    def _param_moments(self, state: _StepState, keep_before: bool) -> None:
+        """Parameter and gradient norms per probe point and of the whole model.
+
+        All tensors are concatenated into one flat vector and reduced per tensor with one
+        segment sum: a handful of kernels instead of a few per tensor. With ``keep_before``
+        the flat parameters stay for the update norm after the optimizer step."""
+        if not self._params:
+            return
+        has_grad = tuple(p.grad is not None for p in self._params)
+        if any(has_grad):
+            grads = torch.cat([p.grad.reshape(-1) for p in self._params if p.grad is not None])
+            self._add_param_rows(state, grads, None if all(has_grad) else has_grad, "param_grad_sumsq")
+        before = self._flat_params()
+        self._add_param_rows(state, before, None, "param_sumsq")
+        state.before = before if keep_before else None
+
+    def _flat_params(self) -> torch.Tensor:
+        """All parameters in one new vector (reshape, not cached views: a model moved or cast
+        after the recorder was made has new parameter storage)."""
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    def _add_param_rows(
+        self, state: _StepState, flat: torch.Tensor, present: tuple[bool, ...] | None, field: str
+    ) -> None:
+        """Squared norms of the flat (present) parameters or gradients summed per probe point;
+        for gradients also over the whole model (row 0)."""
+        squares = stats.segment_sumsq(flat, self._param_lengths(present, flat.device))
+        rows, owners = self._param_rows(present, field == "param_grad_sumsq", squares.dtype, squares.device)
+        if rows:
+            state.values.append(owners @ squares)
+            state.cells += [row * len(_FIELDS) + _F[field] for row in rows]
+
+    def _present(self, present: tuple[bool, ...] | None) -> list[torch.nn.Parameter]:
+        return [p for i, p in enumerate(self._params) if present is None or present[i]]
+
+    def _param_lengths(self, present: tuple[bool, ...] | None, device: torch.device) -> torch.Tensor:
+        """Sizes of the parameters that ``present`` marks (None: all), on the device."""
+        key = ("lengths", present, device)
+        if key not in self._layouts:
+            # Built once per set of parameters: the copy to the device waits on it.
+            self._layouts[key] = torch.tensor([p.numel() for p in self._present(present)], device=device)
+        return self._layouts[key]
+
+    def _param_rows(
+        self, present: tuple[bool, ...] | None, with_model: bool, dtype: torch.dtype, device: torch.device
+    ) -> tuple[list[int], torch.Tensor]:
+        """Rows that own at least one of the parameters ``present`` marks, and the 0/1 matrix that
+        sums per-parameter values into those rows (row 0, ``with_model``: all of them)."""
+        key = ("rows", present, with_model, dtype, device)
+        if key not in self._layouts:
+            index = {id(p): i for i, p in enumerate(self._present(present))}
+            members = [list(index.values())] if with_model else [[]]
+            for probe in self.probes:
+                members.append([index[id(p)] for p in probe.module.parameters() if id(p) in index])
+            rows = [row for row, m in enumerate(members) if m]
+            owners = torch.zeros(len(rows), len(index), dtype=dtype)
+            for i, row in enumerate(rows):
+                owners[i, members[row]] = 1.0
+            self._layouts[key] = (rows, owners.to(device))
+        return self._layouts[key]
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Keep the step's loss (detached, on the device; no sync) when the step is recorded."""
+        if self._active and self._on:
+            self._begin().add(loss.detach().reshape(1), 0, ("loss",))
+
+    # -- flush and frame -----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Move every buffered step to the host in one copy and emit its rows."""
+        if not self._meta:
+            return
+        meta, self._meta = self._meta, []
+        # host sync: the one device -> host copy of this flush (astype copies out of the buffer)
+        raw = self._buffer[: len(meta)].cpu().numpy().astype(np.float64)
+        columns = self._columns(raw, meta)
+        if self.sink is not None:
+            self.sink(columns)
+        else:
+            self._kept.append(columns)
+
+    def _columns(self, raw: np.ndarray, meta: list) -> dict[str, np.ndarray]:
+        rows = len(self.probes) + 1
+        written = np.stack([m[2] for m in meta]).reshape(len(meta), rows, len(_FIELDS))
+        sizes = np.stack([m[3] for m in meta]).astype(np.float64)  # [steps, rows, group, (numel, channels)]
+        values, valid = _metrics(raw, written, sizes)
+        k, r, m = np.nonzero(valid)  # step-major, then position (model row first), then METRICS order
+        steps = np.array([s for s, *_ in meta], dtype=np.int64)
+        epochs = np.array([e for _, e, *_ in meta], dtype=np.int64)
+        return {
+            "step": steps[k],
+            "epoch": epochs[k],
+            "layer": self._layers[r],
+            "position": self._positions[r],
+            "block": self._blocks[r],
+            "metric": np.array(METRICS, dtype=object)[m],
+            "value": values[k, r, m],
+        }
+
+    def frame(self):
+        """The kept records as a pandas DataFrame with COLUMNS, sorted by step, position and
+        METRICS order (flushes first). With a sink the records went there, and this is empty."""
+        import pandas as pd  # lazily: the torch side never needs pandas
+
+        self.flush()
+        if self._kept:
+            columns = {c: np.concatenate([chunk[c] for chunk in self._kept]) for c in COLUMNS}
+        else:
+            columns = empty_columns()
+        metric_order = pd.Categorical(columns["metric"], categories=METRICS).codes
+        order = np.lexsort((metric_order, columns["position"], columns["step"]))
+        return pd.DataFrame({c: columns[c][order] for c in COLUMNS})
+
+
+def empty_columns() -> dict[str, np.ndarray]:
+    """Columns of a record table with no rows, with the dtypes of a flush."""
+    dtypes = {"step": np.int64, "epoch": np.int64, "position": np.int64, "value": np.float64}
+    return {c: np.zeros(0, dtype=dtypes.get(c, object)) for c in COLUMNS}
+
+
+def _metrics(raw: np.ndarray, written: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """METRICS values and validity, [steps, rows, metrics], from the moments [steps, rows, fields]."""
+    f = {name: raw[..., i] for name, i in _F.items()}
+    w = {name: written[..., i] for name, i in _F.items()}
+    numel, chans = sizes[..., 0], sizes[..., 1]
+
+    def chan_var(group: int, name: str) -> np.ndarray:
+        moments = f[f"{name}_chan_sum_sq"], f[f"{name}_sumsq"]
+        return stats.chan_var_from_moments(*moments, numel[..., group], chans[..., group])
+
+    values = np.full(raw.shape[:2] + (len(METRICS),), np.nan)
+    valid = np.zeros(values.shape, dtype=bool)
+    with np.errstate(all="ignore"):  # unwritten cells have zero sizes; 0/0 gains are NaN as arithmetic says
+        act = stats.activation_metrics(raw[..., :4], numel[..., _ACT], chans[..., _ACT])
+        grad_out, grad_in = np.sqrt(f["grad_out_sumsq"]), np.sqrt(f["grad_in_sumsq"])
+        param = np.sqrt(f["param_sumsq"])
+        derived = {
+            "branch_chan_var": (chan_var(_BRANCH, "branch"), w["branch_sumsq"]),
+            "skip_chan_var": (chan_var(_SKIP, "skip"), w["skip_sumsq"]),
+            "grad_out_norm": (grad_out, w["grad_out_sumsq"]),
+            "grad_in_norm": (grad_in, w["grad_in_sumsq"]),
+            "grad_gain": (grad_in / grad_out, w["grad_in_sumsq"] & w["grad_out_sumsq"]),
+            "grad_in_branch_norm": (np.sqrt(f["grad_in_branch_sumsq"]), w["grad_in_branch_sumsq"]),
+            "grad_in_skip_norm": (np.sqrt(f["grad_in_skip_sumsq"]), w["grad_in_skip_sumsq"]),
+            "nonfinite_grads": (f["nonfinite"], w["nonfinite"]),
+            "param_grad_norm": (np.sqrt(f["param_grad_sumsq"]), w["param_grad_sumsq"]),
+            "param_norm": (param, w["param_sumsq"]),
+            "update_ratio": (np.sqrt(f["update_sumsq"]) / param, w["update_sumsq"] & w["param_sumsq"]),
+            "loss": (f["loss"], w["loss"]),
+        }
+        for name, value in zip(METRICS[:5], act):
+            derived[name] = (value, w["act_sum"])
+    for i, name in enumerate(METRICS):
+        values[..., i], valid[..., i] = derived[name]
+    return values, valid
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer's adapter
+
+
+class RecorderCallback:
+    """Records a training run through the trainer's named events.
+
+    Creates the Recorder at fit start (continuing the trainer's step numbering on resume),
+    keeps its epoch, records each step's loss, flushes at every epoch end (before the
+    trainer writes its checkpoint) and removes every hook at fit end, or in ``close()``.
+    """
+
+    def __init__(self, config: RecordConfig | None = None, sink: Sink | None = None) -> None:
+        self.config = RecordConfig() if config is None else config
+        self.sink = sink
+        self.recorder: Recorder | None = None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.close()
+        if not self.config.enabled:
+            return  # no hooks at all: zero cost
+        recorder = Recorder(
+            trainer.model,
+            every=self.config.make_schedule(),
+            optimizer=trainer.optimizer,
+            sink=self.sink,
+            flush_every=self.config.flush_every,
+            start_step=trainer.step,
+        )
+        recorder.epoch = getattr(trainer, "epoch", 0)
+        self.recorder = recorder.__enter__()
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if self.recorder is not None:
+            self.recorder.epoch = epoch
+            self.recorder.step = trainer.step
+
+    def on_after_forward(self, trainer: Any, loss: torch.Tensor) -> None:
+        if self.recorder is not None:
+            if self.recorder.step != trainer.step:  # e.g. a step the trainer skipped
+                self.recorder.step = trainer.step
+            self.recorder.record_loss(loss)
+
+    def on_after_backward(self, trainer: Any) -> None:
+        pass  # the recorder's own hooks measured the backward pass
+
+    def on_after_step(self, trainer: Any) -> None:
+        pass  # the optimizer's step hooks closed the step
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.flush()
+
+    def on_fit_end(self, trainer: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks and flush; safe to call again, and after a failed run."""
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def frame(self):
+        """The records kept by the recorder (empty with a sink or before fit start)."""
+        if self.recorder is None:
+            import pandas as pd
+
+            return pd.DataFrame(empty_columns())
+        return self.recorder.frame()
