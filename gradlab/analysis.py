@@ -1,0 +1,551 @@
+"""Scale-free gradient-flow metrics and verdicts from long-format record frames.
+
+Pure pandas and numpy: this module never imports torch, so reports can be
+built on a machine without it. Every function takes the recorder's tidy table
+(``run, arch, depth, norm, seed, step, epoch, layer, position, block, metric,
+value``) and returns a tidy table. Work is vectorised (filter ``metric`` first,
+then groupby/pivot); there is no Python loop over rows or steps.
+
+Phases
+------
+``init``
+    The first recorded step of each run, taken per metric: the first step at
+    which that metric was recorded in that run. Step 0 need not be recorded,
+    and a metric that starts later (``update_ratio`` needs an optimizer step)
+    still gets an init value.
+``epoch1``
+    Every recorded step of epoch 0, reduced by the median over steps, which a
+    single spike cannot move.
+``end``
+    The last ``END_STEPS`` (3) recorded steps of each run (per metric),
+    reduced by the median, so one spiky final step cannot decide a verdict.
+    With log-spaced schedules these steps may lie far apart.
+
+When a phase spans several steps the median skips NaN values; a phase whose
+values are all NaN stays NaN.
+
+Gradient-flow measures (over the block stack ``layers.0 .. layers.{N-1}``)
+-------------------------------------------------------------------------
+``first_to_last``
+    ``grad_out_norm`` at ``layers.0`` divided by ``grad_out_norm`` at
+    ``layers.{N-1}``: the gradient at the first block relative to the last.
+    Above 1 it grows on its way back toward the input.
+``gain_geomean``
+    Geometric mean of the blocks' ``grad_gain`` (= grad_in / grad_out): the
+    per-block rate of growth (>1) or decay (<1).
+``log_slope``
+    Least-squares slope of log10 ``grad_out_norm`` against block position, in
+    decades per block (negative: larger toward the input).
+
+Verdict (on ``first_to_last``; the thresholds are module constants)
+------------------------------------------------------------------
+``n/a``
+    Fewer than 2 blocks (depth 0 or 1), or ``grad_out_norm`` not recorded at
+    the first or the last block: there is nothing to compare.
+``non-finite``
+    Either norm is NaN or inf, or both are exactly 0 (0/0). ``first_to_last``
+    is then NaN.
+``exploding``
+    ``first_to_last >= EXPLODING_RATIO`` (10); includes a last-block gradient
+    that underflows to exactly 0 while the first is positive (ratio inf).
+``vanishing``
+    ``first_to_last <= VANISHING_RATIO`` (0.1); includes a first-block
+    gradient of exactly 0 (ratio 0). An underflow to 0 is a result, not an
+    error.
+``stable``
+    Anything in between.
+
+No direction is assumed: BatchNorm nets without skips typically explode
+toward the input at init (Yang et al. 2019); nets without normalisation
+vanish (Glorot & Bengio 2010). The verdict says what the numbers say.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+PHASES = ("init", "epoch1", "end")
+END_STEPS = 3  # the end phase is the median of this many last recorded steps
+EXPLODING_RATIO = 10.0  # first_to_last at or above: exploding
+VANISHING_RATIO = 0.1  # first_to_last at or below: vanishing
+VERDICTS = ("non-finite", "exploding", "vanishing", "stable", "n/a")  # also the tie-break order
+ARCH_ORDER = ("conv", "res", "resdown", "skip")  # display order; other archs follow by name
+
+MODEL_LAYER = "model"  # the per-step rows (loss, total param_grad_norm)
+RUN_KEYS = ["run", "arch", "depth", "norm", "seed"]
+LAYER_KEYS = ["layer", "position", "block"]
+VALUE_COLUMNS = [*RUN_KEYS, *LAYER_KEYS, "metric", "value"]
+
+PROFILE_COLUMNS = [*RUN_KEYS, *LAYER_KEYS, "value", "relative"]
+FLOW_COLUMNS = [
+    "run", "phase", "arch", "depth", "norm", "seed",
+    "first_grad", "last_grad", "first_to_last", "gain_geomean", "log_slope", "verdict",
+]
+SCALING_COLUMNS = [
+    "phase", "arch", "norm", "depth", "n_seeds", "n_failed", "n_diverged",
+    "test_acc_mean", "test_acc_std", "best_val_acc_mean", "best_val_acc_std",
+    "final_train_acc_mean", "final_train_acc_std",
+    "first_to_last", "first_to_last_gstd", "gain_geomean", "gain_geomean_gstd",
+    "log_slope_mean", "log_slope_std", "verdict",
+]
+ACTIVATION_METRICS = ["act_chan_mean_sq", "act_chan_var", "branch_chan_var", "skip_chan_var"]
+SHARE_COLUMNS = [
+    *RUN_KEYS, *LAYER_KEYS,
+    "grad_in_branch_norm", "grad_in_skip_norm", "branch_share", "skip_to_branch",
+]
+LAYER_TABLE_METRICS = [
+    "grad_out_norm", "grad_in_norm", "grad_gain", "act_std", "param_grad_norm", "update_ratio",
+]
+LAYER_TABLE_COLUMNS = [
+    "layer", "block", "position", "grad_out_norm", "grad_in_norm", "grad_gain",
+    "relative", "act_std", "param_grad_norm", "update_ratio",
+]
+ACCURACIES = ["test_acc", "best_val_acc", "final_train_acc"]
+
+_PHASE_WORDS = {
+    "init": "at initialisation",
+    "epoch1": "over the first epoch",
+    "end": "at the end of training",
+}
+NORM_WORDS = {"batch": "batch norm", "none": "no normalisation"}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; known: {list(PHASES)}")
+
+
+def _empty(columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame(columns=list(columns))
+
+
+def _with_columns(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """Add any missing column as NaN (a missing metric or run field is not an error)."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        df = df.assign(**{c: np.nan for c in missing})
+    return df
+
+
+def _block_index(layer: pd.Series) -> pd.Series:
+    """i for ``layers.i``, NaN for stem, head and model rows."""
+    digits = layer.astype(str).str.extract(r"^layers\.(\d+)$", expand=False)
+    return pd.to_numeric(digits, errors="coerce")
+
+
+def sort_by_arch(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """``df`` sorted by the columns ``by``; arch in ARCH_ORDER, unknown archs after by name."""
+    if df.empty or "arch" not in by:
+        return df.sort_values(list(by), kind="stable") if not df.empty else df
+    archs = df["arch"].astype(str)
+    extra = sorted(set(archs) - set(ARCH_ORDER))
+    rank = archs.map({a: i for i, a in enumerate([*ARCH_ORDER, *extra])})
+    keys = ["_arch_rank" if c == "arch" else c for c in by]
+    return df.assign(_arch_rank=rank).sort_values(keys, kind="stable").drop(columns="_arch_rank")
+
+
+def run_table(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per run with ``run, arch, depth, norm, seed`` as recorded."""
+    if records.empty or "run" not in records.columns:
+        return _empty(RUN_KEYS)
+    present = [c for c in RUN_KEYS[1:] if c in records.columns]
+    meta = records.groupby("run", observed=True, sort=True)[present].first().reset_index()
+    return _with_columns(meta, RUN_KEYS)[RUN_KEYS]
+
+
+def phase_values(records: pd.DataFrame, phase: str, metrics: Sequence[str]) -> pd.DataFrame:
+    """One value per (run, layer, metric) for ``phase`` (see the module docstring).
+
+    Returns a long frame with columns ``VALUE_COLUMNS``. Metrics that were not
+    recorded simply have no rows. ``depth``, when not recorded, is inferred
+    from the highest ``layers.i`` seen (0 when there is none).
+    """
+    _check_phase(phase)
+    if records.empty or "metric" not in records.columns:
+        return _empty(VALUE_COLUMNS)
+    df = records.loc[records["metric"].isin(list(metrics))]
+    if df.empty:
+        return _empty(VALUE_COLUMNS)
+    df = _with_columns(df, ["step", "epoch", "position", "block", *RUN_KEYS[1:]])
+    by_run_metric = df.groupby(["run", "metric"], observed=True, sort=False)["step"]
+    if phase == "init":
+        df = df.loc[df["step"] == by_run_metric.transform("min")]
+    elif phase == "epoch1":
+        df = df.loc[df["epoch"] == 0]
+    else:
+        newest = by_run_metric.rank(method="dense", ascending=False)
+        df = df.loc[newest <= END_STEPS]
+    if df.empty:
+        return _empty(VALUE_COLUMNS)
+
+    values = (
+        df.groupby(["run", "layer", "metric"], observed=True, sort=False)["value"]
+        .median()
+        .reset_index()
+    )
+    layer_meta = (
+        df.groupby(["run", "layer"], observed=True, sort=False)[["position", "block"]]
+        .first()
+        .reset_index()
+    )
+    run_meta = (
+        df.groupby("run", observed=True, sort=False)[RUN_KEYS[1:]].first().reset_index()
+    )
+    out = values.merge(layer_meta, on=["run", "layer"], how="left").merge(
+        run_meta, on="run", how="left"
+    )
+    for column in ("run", "layer", "metric"):
+        out[column] = out[column].astype(str)
+    if out["depth"].isna().any():
+        inferred = _block_index(out["layer"]).groupby(out["run"]).transform("max") + 1
+        out["depth"] = out["depth"].fillna(inferred).fillna(0)
+    return out[VALUE_COLUMNS].reset_index(drop=True)
+
+
+def _relative_to_last(values: pd.DataFrame) -> pd.Series:
+    """``value`` divided by the value at the run's last block ``layers.{depth-1}``."""
+    index = _block_index(values["layer"])
+    is_last = index == pd.to_numeric(values["depth"], errors="coerce") - 1
+    last = values.loc[is_last].set_index("run")["value"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return values["value"] / values["run"].map(last)
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def gradient_profile(
+    records: pd.DataFrame, phase: str = "init", metric: str = "grad_out_norm"
+) -> pd.DataFrame:
+    """The whole gradient path of each run: stem, blocks and head, in forward order.
+
+    Columns ``PROFILE_COLUMNS``: run fields, ``layer, position, block``, the
+    phase-aggregated ``value`` of ``metric`` and ``relative`` = value / value
+    at the run's last block ``layers.{N-1}`` (NaN for a run without blocks).
+    Stem and head rows are normalised by the same last block. The ``model``
+    rows are left out.
+    """
+    values = phase_values(records, phase, [metric])
+    values = values.loc[values["layer"] != MODEL_LAYER]
+    if values.empty:
+        return _empty(PROFILE_COLUMNS)
+    values = values.assign(relative=_relative_to_last(values))
+    return values.sort_values(["run", "position"], kind="stable")[PROFILE_COLUMNS].reset_index(
+        drop=True
+    )
+
+
+def activation_profile(records: pd.DataFrame, phase: str = "init") -> pd.DataFrame:
+    """Per run and position: ``act_chan_mean_sq, act_chan_var`` and, for res/resdown
+    blocks, ``branch_chan_var, skip_chan_var`` (long format: ``metric, value``)."""
+    values = phase_values(records, phase, ACTIVATION_METRICS)
+    values = values.loc[values["layer"] != MODEL_LAYER]
+    if values.empty:
+        return _empty(VALUE_COLUMNS)
+    return values.sort_values(["run", "position", "metric"], kind="stable").reset_index(drop=True)
+
+
+def branch_skip_share(records: pd.DataFrame, phase: str = "init") -> pd.DataFrame:
+    """How the input gradient of each res/resdown block splits between branch and skip.
+
+    ``branch_share = b² / (b² + s²)`` with ``b = grad_in_branch_norm`` and
+    ``s = grad_in_skip_norm``: 1 means the gradient reaching the block input
+    comes all through the branch, 0 all through the skip. The two parts are
+    not orthogonal in general (‖b + s‖² ≠ b² + s²), so this is a share of the
+    squared part norms, not of the total; the raw norms and ``skip_to_branch
+    = s / b`` are given too. 0/0 gives NaN, s/0 gives inf. Only blocks that
+    recorded these metrics (res and resdown) appear.
+    """
+    parts = ["grad_in_branch_norm", "grad_in_skip_norm"]
+    values = phase_values(records, phase, parts)
+    if values.empty:
+        return _empty(SHARE_COLUMNS)
+    wide = values.pivot(index=["run", "layer"], columns="metric", values="value")
+    wide = _with_columns(wide.reset_index(), parts)
+    meta = values.drop_duplicates(["run", "layer"])[[*RUN_KEYS, *LAYER_KEYS]]
+    out = meta.merge(wide, on=["run", "layer"], how="left")
+    branch, skip = out["grad_in_branch_norm"], out["grad_in_skip_norm"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["branch_share"] = branch**2 / (branch**2 + skip**2)
+        out["skip_to_branch"] = skip / branch
+    return out.sort_values(["run", "position"], kind="stable")[SHARE_COLUMNS].reset_index(drop=True)
+
+
+def layer_table(records: pd.DataFrame, run: str, phase: str = "init") -> pd.DataFrame:
+    """The per-layer gradient-flow table of one run, in forward order.
+
+    Columns ``LAYER_TABLE_COLUMNS``; ``relative`` is grad_out_norm relative to
+    the last block. A metric the run did not record (``update_ratio`` without
+    an optimizer) is a NaN column. Raises ValueError for a run not in
+    ``records`` (unless ``records`` is empty: then the table is empty).
+    """
+    _check_phase(phase)
+    if records.empty or "run" not in records.columns:
+        return _empty(LAYER_TABLE_COLUMNS)
+    mine = records.loc[records["run"] == run]
+    if mine.empty:
+        known = sorted(map(str, pd.unique(records["run"])))
+        raise ValueError(f"unknown run {run!r}; known: {known}")
+    values = phase_values(mine, phase, LAYER_TABLE_METRICS)
+    values = values.loc[values["layer"] != MODEL_LAYER]
+    if values.empty:
+        return _empty(LAYER_TABLE_COLUMNS)
+    wide = values.pivot(index="layer", columns="metric", values="value").reset_index()
+    meta = values.drop_duplicates("layer")[["layer", "block", "position", "run", "depth"]]
+    table = _with_columns(meta.merge(wide, on="layer", how="left"), LAYER_TABLE_METRICS)
+    table["relative"] = _relative_to_last(table.assign(value=table["grad_out_norm"]))
+    table = table.sort_values("position", kind="stable")
+    return table[LAYER_TABLE_COLUMNS].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- flow summary
+
+
+def _verdicts(first: np.ndarray, last: np.ndarray, has_pair: np.ndarray):
+    """(first_to_last, verdict) arrays by the rule in the module docstring."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = first / last
+        non_finite = ~np.isfinite(first) | ~np.isfinite(last) | ((first == 0) & (last == 0))
+        verdict = np.select(
+            [~has_pair, non_finite, ratio >= EXPLODING_RATIO, ratio <= VANISHING_RATIO],
+            ["n/a", "non-finite", "exploding", "vanishing"],
+            default="stable",
+        )
+    return np.where(has_pair & ~non_finite, ratio, np.nan), verdict.astype(object)
+
+
+def _geometric_mean_by_run(values: pd.DataFrame) -> pd.Series:
+    """exp(mean ln value) per run; a NaN value makes its run's mean NaN."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = pd.Series(np.log(values["value"].to_numpy(float)), index=values["run"].to_numpy())
+    by_run = logs.groupby(level=0, sort=False)
+    mean = by_run.mean().where(~logs.isna().groupby(level=0, sort=False).any())
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(mean)
+
+
+def _log_slope_by_run(norms: pd.DataFrame) -> pd.Series:
+    """Least-squares slope of log10 value against block index, per run.
+
+    NaN unless the run has at least 2 blocks and every log10 is finite.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.log10(norms["value"].to_numpy(float))
+    points = pd.DataFrame({"x": norms["index"].to_numpy(float), "y": y, "finite": np.isfinite(y)})
+    run = norms["run"].to_numpy()
+    means = points[["x", "y"]].groupby(run, sort=False).transform("mean")
+    with np.errstate(invalid="ignore"):
+        dx, dy = points["x"] - means["x"], points["y"] - means["y"]
+        points["sxy"], points["sxx"] = dx * dy, dx * dx
+    sums = points.groupby(run, sort=False).agg(
+        sxy=("sxy", "sum"), sxx=("sxx", "sum"), n=("x", "size"), finite=("finite", "all")
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (sums["sxy"] / sums["sxx"]).where((sums["n"] >= 2) & sums["finite"])
+
+
+def _flow_phase(records: pd.DataFrame, phase: str) -> pd.DataFrame:
+    """``FLOW_COLUMNS`` for one phase: one row per run that recorded gradients."""
+    values = phase_values(records, phase, ["grad_out_norm", "grad_gain"])
+    values = values.loc[values["layer"] != MODEL_LAYER]
+    if values.empty:
+        return _empty(FLOW_COLUMNS)
+    index = _block_index(values["layer"])
+    depth = pd.to_numeric(values["depth"], errors="coerce")
+    blocks = values.assign(index=index, depth=depth).loc[index.notna() & (index < depth)]
+    norms = blocks.loc[blocks["metric"] == "grad_out_norm"]
+    first = norms.loc[norms["index"] == 0].set_index("run")["value"]
+    last = norms.loc[norms["index"] == norms["depth"] - 1].set_index("run")["value"]
+
+    out = values.drop_duplicates("run")[RUN_KEYS].reset_index(drop=True)
+    out.insert(1, "phase", phase)
+    out["first_grad"] = out["run"].map(first)
+    out["last_grad"] = out["run"].map(last)
+    has_pair = out["run"].isin(first.index) & out["run"].isin(last.index)
+    has_pair &= pd.to_numeric(out["depth"], errors="coerce") >= 2
+    out["first_to_last"], out["verdict"] = _verdicts(
+        out["first_grad"].to_numpy(float), out["last_grad"].to_numpy(float), has_pair.to_numpy()
+    )
+    gains = blocks.loc[blocks["metric"] == "grad_gain"]
+    out["gain_geomean"] = out["run"].map(_geometric_mean_by_run(gains))
+    out["log_slope"] = out["run"].map(_log_slope_by_run(norms))
+    return out[FLOW_COLUMNS]
+
+
+def flow_summary(
+    records: pd.DataFrame, runs: pd.DataFrame | None = None, phases: Sequence[str] = PHASES
+) -> pd.DataFrame:
+    """One row per (run, phase): ``FLOW_COLUMNS`` (see the module docstring).
+
+    ``first_grad`` and ``last_grad`` are the raw grad_out_norm at ``layers.0``
+    and ``layers.{N-1}``. When ``runs`` is given, its other columns (width,
+    status, accuracies, ...) are joined on ``run``. A run without gradient
+    records has no row here (``depth_scaling`` still counts it).
+    """
+    for phase in phases:
+        _check_phase(phase)
+    if not records.empty and "metric" in records.columns:
+        records = records.loc[records["metric"].isin(["grad_out_norm", "grad_gain"])]
+    frames = [_flow_phase(records, phase) for phase in phases]
+    frames = [f for f in frames if not f.empty]
+    flow = pd.concat(frames, ignore_index=True) if frames else _empty(FLOW_COLUMNS)
+    if runs is not None and not runs.empty:
+        extra = [c for c in runs.columns if c not in FLOW_COLUMNS]
+        runs_extra = runs[["run", *extra]].assign(run=runs["run"].astype(str))
+        flow = flow.merge(runs_extra, on="run", how="left")
+    elif runs is not None:
+        flow = _with_columns(flow, [c for c in runs.columns if c not in FLOW_COLUMNS])
+    if flow.empty:
+        return flow
+    phase_rank = flow["phase"].map({p: i for i, p in enumerate(PHASES)})
+    flow = flow.assign(_phase=phase_rank).sort_values(["run", "_phase"], kind="stable")
+    return flow.drop(columns="_phase").reset_index(drop=True)
+
+
+def _format_factor(x: float) -> str:
+    """A ratio for a sentence: 438, 1.3, 0.53, 4.1e+03, 2.0e-05."""
+    if 0.01 <= abs(x) < 1000:
+        return f"{x:.3g}"
+    return f"{x:.1e}"
+
+
+def describe_flow(row: Mapping | pd.Series) -> str:
+    """One plain sentence from one ``flow_summary`` row, e.g.
+
+    "conv, depth 32 (batch norm) at initialisation: the gradient grows
+    4.1e+03× from the last block to the first (×1.3 per block) — exploding."
+    """
+    arch, depth, norm = row.get("arch"), row.get("depth"), row.get("norm")
+    phase = row.get("phase", "init")
+    depth_text = f"depth {int(depth)}" if pd.notna(depth) else "depth ?"
+    norm_text = f" ({NORM_WORDS.get(norm, f'{norm} norm')})" if pd.notna(norm) else ""
+    subject = f"{arch}, {depth_text}{norm_text} {_PHASE_WORDS.get(phase, phase)}"
+    verdict = row.get("verdict", "n/a")
+    ratio = row.get("first_to_last", np.nan)
+    gain = row.get("gain_geomean", np.nan)
+    first, last = row.get("first_grad", np.nan), row.get("last_grad", np.nan)
+    per_block = f"×{_format_factor(gain)} per block" if np.isfinite(gain) else ""
+
+    if verdict == "n/a":
+        blocks = "no blocks" if depth == 0 else "too few blocks to compare first and last"
+        tail = f" ({per_block})" if per_block else ""
+        return f"{subject}: {blocks}{tail} — n/a."
+    if verdict == "non-finite":
+        return (
+            f"{subject}: the gradient norms at the first and last blocks are "
+            f"{first:g} and {last:g}, so they give no ratio — non-finite."
+        )
+    if ratio == 0:
+        return (
+            f"{subject}: the gradient underflows to exactly 0 at the first block "
+            f"(last block {last:.2g}) — vanishing."
+        )
+    if np.isinf(ratio):
+        return (
+            f"{subject}: the gradient is exactly 0 at the last block but "
+            f"{first:.2g} at the first — exploding."
+        )
+    rate = f" ({per_block})" if per_block else ""
+    if verdict == "exploding":
+        change, band = f"grows {_format_factor(ratio)}×", ""
+    elif verdict == "vanishing":
+        change, band = f"shrinks to {_format_factor(ratio)}×", ""
+    else:
+        change = f"changes only ×{_format_factor(ratio)}"
+        band = f", within {_format_factor(VANISHING_RATIO)}–{_format_factor(EXPLODING_RATIO)}×"
+    path = "from the last block to the first"
+    return f"{subject}: the gradient {change} {path}{rate}{band} — {verdict}."
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def depth_scaling(
+    records: pd.DataFrame, runs: pd.DataFrame | None = None, phase: str = "init"
+) -> pd.DataFrame:
+    """Per (arch, norm, depth): accuracy and gradient flow over seeds.
+
+    Columns ``SCALING_COLUMNS``. Accuracies: mean and sample std (ddof=1, NaN
+    for one seed) over the seeds' runs, NaN accuracies skipped.
+    ``first_to_last`` and ``gain_geomean`` are ratios, so they are geometric
+    means over seeds with ``*_gstd`` the geometric standard deviation factor
+    exp(std ln x) (≥ 1); ``log_slope`` is already a log, so arithmetic
+    mean/std. NaN ratios (non-finite or n/a seeds) are skipped; a ratio of 0
+    makes the geometric mean 0. ``verdict`` is the verdict of every seed when
+    they agree, else the most common one with its count, e.g.
+    "exploding (2/3)" (ties broken in ``VERDICTS`` order; seeds without
+    records do not vote). ``n_seeds`` counts the group's runs, ``n_failed``
+    and ``n_diverged`` their status. Without ``runs`` the run fields come
+    from ``records`` (accuracies NaN).
+    """
+    _check_phase(phase)
+    if runs is None:
+        runs = run_table(records)
+    if runs.empty:
+        return _empty(SCALING_COLUMNS)
+    if not records.empty and "metric" in records.columns:
+        records = records.loc[records["metric"].isin(["grad_out_norm", "grad_gain"])]
+    flow = _flow_phase(records, phase)
+    flow = flow[["run", "first_to_last", "gain_geomean", "log_slope", "verdict"]]
+    table = _with_columns(runs, ["arch", "norm", "depth", "status", *ACCURACIES])
+    table = table.assign(run=table["run"].astype(str)).merge(flow, on="run", how="left")
+    status = table["status"].astype(object)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table = table.assign(
+            _log_ratio=np.log(pd.to_numeric(table["first_to_last"]).to_numpy(float)),
+            _log_gain=np.log(pd.to_numeric(table["gain_geomean"]).to_numpy(float)),
+            _failed=(status == "failed").astype(int),
+            _diverged=(status == "diverged").astype(int),
+            log_slope=pd.to_numeric(table["log_slope"]),
+            **{a: pd.to_numeric(table[a], errors="coerce") for a in ACCURACIES},
+        )
+    keys = ["arch", "norm", "depth"]
+    aggregations = {
+        "n_seeds": ("run", "count"),
+        "n_failed": ("_failed", "sum"),
+        "n_diverged": ("_diverged", "sum"),
+        "_log_ratio_mean": ("_log_ratio", "mean"),
+        "_log_ratio_std": ("_log_ratio", "std"),
+        "_log_gain_mean": ("_log_gain", "mean"),
+        "_log_gain_std": ("_log_gain", "std"),
+        "log_slope_mean": ("log_slope", "mean"),
+        "log_slope_std": ("log_slope", "std"),
+    }
+    for accuracy in ACCURACIES:
+        aggregations[f"{accuracy}_mean"] = (accuracy, "mean")
+        aggregations[f"{accuracy}_std"] = (accuracy, "std")
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = table.groupby(keys, observed=True, dropna=False).agg(**aggregations).reset_index()
+        out["first_to_last"] = np.exp(out["_log_ratio_mean"])
+        out["first_to_last_gstd"] = np.exp(out["_log_ratio_std"])
+        out["gain_geomean"] = np.exp(out["_log_gain_mean"])
+        out["gain_geomean_gstd"] = np.exp(out["_log_gain_std"])
+    out["phase"] = phase
+    out = out.merge(_majority_verdict(table, keys), on=keys, how="left")
+    return sort_by_arch(out, keys)[SCALING_COLUMNS].reset_index(drop=True)
+
+
+def _majority_verdict(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The seeds' common verdict per group, or "<most common> (k/n)" when they disagree."""
+    voters = table.loc[table["verdict"].notna()]
+    if voters.empty:
+        return _empty([*keys, "verdict"])
+    votes = voters.groupby([*keys, "verdict"], observed=True, dropna=False).size()
+    votes = votes.rename("votes").reset_index()
+    votes["total"] = votes.groupby(keys, observed=True, dropna=False)["votes"].transform("sum")
+    rank = {v: i for i, v in enumerate(VERDICTS)}
+    votes["order"] = votes["verdict"].map(rank).fillna(len(VERDICTS))
+    votes = votes.sort_values(
+        [*keys, "votes", "order"], ascending=[*[True] * len(keys), False, True], kind="stable"
+    )
+    top = votes.drop_duplicates(keys).copy()
+    split = top["votes"] < top["total"]
+    share = top["votes"].astype(str) + "/" + top["total"].astype(str)
+    counted = top["verdict"] + " (" + share + ")"
+    top["verdict"] = counted.where(split, top["verdict"])
+    return top[[*keys, "verdict"]]

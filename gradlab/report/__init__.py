@@ -1,0 +1,1 @@
+"""The report side: reads run directories and record frames, never imports torch (text, figures, HTML)."""

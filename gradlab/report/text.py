@@ -1,0 +1,373 @@
+"""Terminal tables: one number format for people, four output formats.
+
+Numbers for people (``format_number``): 3 significant digits; magnitudes
+from 100 up to 1e5 are rounded to whole numbers ("4123"); scientific notation,
+written compactly as "4.12e3" / "2.5e-5", for |x| < 1e-3 or |x| >= 1e5;
+integers (Python or numpy ints) print in full; 0 -> "0", inf -> "inf",
+-inf -> "-inf", and a missing value (NaN, None) -> "–" (``MISSING``, an en
+dash: a gap in a table, not a number).
+
+Formats (``render``):
+``table``     aligned plain-text columns under a dashed header rule; numeric
+              columns right-aligned and formatted with ``format_number``.
+``markdown``  a GitHub pipe table with the same formatted cells.
+``csv``       full precision (floats round-trip), NaN as an empty field, inf
+              as "inf" (``pandas.read_csv`` reads both back).
+``json``      a list of row objects (records orientation), full precision; JSON
+              has no NaN or infinity, so NaN -> null and ±inf -> "inf" / "-inf".
+
+Human tables (table, markdown) may be pivoted for reading; machine formats
+(csv, json) always carry the tidy frames. ``report_text`` follows that rule:
+its csv is one section per table, each a ``# name`` line then a CSV block
+(read one with ``pandas.read_csv(..., comment="#")``), sections separated by a
+blank line; its json is one object with a key per section.
+"""
+from __future__ import annotations
+
+import json
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+
+from gradlab import analysis
+
+FORMATS = ("table", "markdown", "csv", "json")
+MISSING = "–"
+SEP = " · "  # between the parts of a display cell and of the header line
+
+
+def format_number(x) -> str:
+    """A number for people: 3 significant digits (see the module docstring)."""
+    if x is None or x is pd.NA:
+        return MISSING
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, Integral):
+        return str(int(x))
+    if not isinstance(x, Real):
+        return str(x)
+    x = float(x)
+    if math.isnan(x):
+        return MISSING
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    magnitude = abs(x)
+    if magnitude < 1e-3 or magnitude >= 1e5:
+        mantissa, exponent = f"{x:.2e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    if magnitude >= 100:
+        return f"{x:.0f}"
+    decimals = 2 - math.floor(math.log10(magnitude))
+    text = f"{x:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {list(FORMATS)}")
+
+
+def _flat(df: pd.DataFrame) -> pd.DataFrame:
+    """Named index levels become columns; multi-level column labels join with ' / '."""
+    if any(name is not None for name in df.index.names):
+        df = df.reset_index()
+    if isinstance(df.columns, pd.MultiIndex):
+        df = df.copy()
+        df.columns = [" / ".join(str(p) for p in label if str(p)) for label in df.columns]
+    return df
+
+
+def _is_number_column(series: pd.Series) -> bool:
+    dtype = series.dtype
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def _cell(value) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return MISSING
+    return format_number(value)
+
+
+def _grid(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool], list[int]]:
+    header = [str(c) for c in df.columns]
+    right = [_is_number_column(df[c]) for c in df.columns]
+    columns = [[_cell(v) for v in df[c].tolist()] for c in df.columns]
+    rows = [list(r) for r in zip(*columns)] if columns else []
+    widths = [max([len(h), *(len(v) for v in col)]) for h, col in zip(header, columns)]
+    return header, rows, right, widths
+
+
+def _pad(text: str, width: int, right: bool) -> str:
+    return text.rjust(width) if right else text.ljust(width)
+
+
+def _render_table(df: pd.DataFrame) -> str:
+    header, rows, right, widths = _grid(df)
+    lines = [
+        "  ".join(_pad(h, w, r) for h, w, r in zip(header, widths, right)),
+        "  ".join("-" * w for w in widths),
+        *("  ".join(_pad(v, w, r) for v, w, r in zip(row, widths, right)) for row in rows),
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _render_markdown(df: pd.DataFrame) -> str:
+    header, rows, right, widths = _grid(df)
+
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    header = [escape(h) for h in header]
+    rows = [[escape(v) for v in row] for row in rows]
+    widths = [max(3, w, *(len(r[i]) for r in rows), len(header[i])) for i, w in enumerate(widths)]
+    rule = [("-" * (w - 1) + ":") if r else ("-" * w) for w, r in zip(widths, right)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(_pad(c, w, r) for c, w, r in zip(cells, widths, right)) + " |"
+
+    return "\n".join([line(header), "| " + " | ".join(rule) + " |", *(line(row) for row in rows)])
+
+
+def _json_value(value):
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Real):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    return value if isinstance(value, str) else str(value)
+
+
+def json_records(df: pd.DataFrame) -> list[dict]:
+    """Rows as JSON-ready dicts (NaN -> None, ±inf -> "inf" / "-inf")."""
+    df = _flat(df)
+    columns = [str(c) for c in df.columns]
+    return [
+        {c: _json_value(v) for c, v in zip(columns, row)}
+        for row in df.itertuples(index=False, name=None)
+    ]
+
+
+def render(df: pd.DataFrame, fmt: str = "table") -> str:
+    """``df`` as text in ``fmt`` (one of ``FORMATS``; see the module docstring)."""
+    _check_format(fmt)
+    df = _flat(df)
+    if fmt == "table":
+        return _render_table(df)
+    if fmt == "markdown":
+        return _render_markdown(df)
+    if fmt == "csv":
+        return df.to_csv(index=False, lineterminator="\n").rstrip("\n")
+    return json.dumps(json_records(df), indent=2, allow_nan=False, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- depth scaling
+
+
+def _scaling_cell(row: dict) -> str:
+    """"test 41.2±0.8% · ratio 3100 · exploding" (± only with a std over seeds)."""
+    test, spread = row.get("test_acc_mean"), row.get("test_acc_std")
+    accuracy = f"test {format_number(100 * test)}" if pd.notna(test) else f"test {MISSING}"
+    if pd.notna(test) and pd.notna(spread):
+        accuracy += f"±{format_number(100 * spread)}"
+    verdict = row.get("verdict")
+    parts = [
+        accuracy + ("%" if pd.notna(test) else ""),
+        f"ratio {format_number(row.get('first_to_last'))}",
+        str(verdict) if pd.notna(verdict) else "no records",
+    ]
+    for status in ("failed", "diverged"):
+        count = row.get(f"n_{status}", 0)
+        if pd.notna(count) and count > 0:
+            parts.append(f"{int(count)} {status}")
+    return SEP.join(parts)
+
+
+def depth_scaling_table(scaling: pd.DataFrame) -> pd.DataFrame:
+    """The ``analysis.depth_scaling`` frame pivoted for reading.
+
+    Rows: depth (the index, named "depth"). Columns: arch, or "arch / norm" when
+    the frame holds more than one norm (and " / phase" when more than one
+    phase). Cells: "test 41.2±0.8% · ratio 3100 · exploding", plus failed or
+    diverged counts. An (arch, depth) that was not run shows ``MISSING``. For
+    table and markdown output; csv and json should carry ``scaling`` itself.
+    """
+    if scaling.empty:
+        return pd.DataFrame(index=pd.Index([], name="depth"))
+    frame = scaling.copy()
+    label = frame["arch"].astype(str)
+    if frame["norm"].nunique(dropna=False) > 1:
+        label = label + " / " + frame["norm"].astype(str)
+    if "phase" in frame and frame["phase"].nunique() > 1:
+        label = label + " / " + frame["phase"].astype(str)
+    frame["column"] = label
+    frame["cell"] = [_scaling_cell(row) for row in frame.to_dict("records")]
+    ordered = analysis.sort_by_arch(frame, ["arch", "norm", "depth"])
+    columns = list(dict.fromkeys(ordered["column"]))
+    table = frame.pivot(index="depth", columns="column", values="cell")
+    table = table.reindex(columns=columns).sort_index().fillna(MISSING)
+    table.columns.name = None
+    return table
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _axis_values(values: pd.Series) -> list:
+    """The sorted distinct values of a grid axis, as plain Python values."""
+    distinct = [_json_value(v) for v in pd.unique(values.dropna())]
+    return sorted(distinct, key=lambda v: (isinstance(v, str), v))
+
+
+def _join(values: list) -> str:
+    return ", ".join(str(v) for v in values) if values else MISSING
+
+
+def _header(records: pd.DataFrame, runs: pd.DataFrame) -> dict:
+    """The sweep at a glance: counts and the values of each grid axis."""
+    header = {"runs": int(len(runs))}
+    if "status" in runs and len(runs):
+        counts = runs["status"].value_counts()
+        header["status"] = {str(k): int(v) for k, v in counts.items()}
+    axes = {"blocks": "arch", "depths": "depth", "norms": "norm", "seeds": "seed"}
+    for key, column in axes.items():
+        if column in runs:
+            header[key] = _axis_values(runs[column])
+    for frame in (runs, records):
+        if "dataset" in frame:
+            header["dataset"] = _axis_values(frame["dataset"])
+            break
+    return header
+
+
+def _header_line(header: dict) -> str:
+    runs = f"{header['runs']} run" + ("" if header["runs"] == 1 else "s")
+    status = header.get("status", {})
+    if status and set(status) != {"complete"}:
+        runs += " (" + ", ".join(f"{n} {s}" for s, n in status.items()) + ")"
+    axes = ("blocks", "depths", "norms", "seeds", "dataset")
+    parts = [f"gradlab report: {runs}"]
+    parts += [f"{key}: {_join(header[key])}" for key in axes if key in header]
+    return SEP.join(parts)
+
+
+def _deepest_runs(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The deepest recorded run of each (arch, norm); ties go to the lowest seed, then run id.
+
+    Per norm as well as per arch, so that a sweep over norms shows both behaviours.
+    """
+    if records.empty or "run" not in records:
+        return pd.DataFrame(columns=analysis.RUN_KEYS)
+    recorded = set(map(str, pd.unique(records["run"])))
+    candidates = runs.assign(run=runs["run"].astype(str)).reindex(columns=analysis.RUN_KEYS)
+    candidates = candidates.loc[candidates["run"].isin(recorded)].sort_values(
+        ["depth", "seed", "run"], ascending=[False, True, True], na_position="last", kind="stable"
+    )
+    deepest = candidates.drop_duplicates(["arch", "norm"])
+    return analysis.sort_by_arch(deepest, ["arch", "norm"]).reset_index(drop=True)
+
+
+def _run_title(run: dict) -> str:
+    norm = analysis.NORM_WORDS.get(run["norm"], f"{run['norm']} norm")
+    return f"{run['run']} ({run['arch']}, depth {format_number(run['depth'])}, {norm})"
+
+
+def _sections(records: pd.DataFrame, runs: pd.DataFrame | None) -> dict:
+    """Everything the report shows, as tidy frames (see ``report_text``)."""
+    runs = analysis.run_table(records) if runs is None or runs.empty else runs
+    deepest = _deepest_runs(records, runs)
+    focus = records.loc[records["run"].isin(deepest["run"])] if len(deepest) else records.iloc[:0]
+    layers = [
+        analysis.layer_table(focus, run, "init").assign(run=run) for run in deepest["run"]
+    ]
+    flow = deepest[["run"]].merge(analysis.flow_summary(focus, phases=["init"]), on="run")
+    flow["sentence"] = [analysis.describe_flow(row) for row in flow.to_dict("records")]
+    return {
+        "header": _header(records, runs),
+        "depth_scaling": pd.concat(
+            [analysis.depth_scaling(records, runs, phase) for phase in ("init", "end")],
+            ignore_index=True,
+        ),
+        "deepest": deepest,
+        "layers": pd.concat(layers, ignore_index=True)
+        if layers
+        else pd.DataFrame(columns=[*analysis.LAYER_TABLE_COLUMNS, "run"]),
+        "flow": flow[[*analysis.FLOW_COLUMNS, "sentence"]],
+    }
+
+
+def _machine_report(sections: dict, fmt: str) -> str:
+    tables = {
+        "depth_scaling": sections["depth_scaling"],
+        "layers": sections["layers"][["run", *analysis.LAYER_TABLE_COLUMNS]],
+        "flow": sections["flow"],
+    }
+    if fmt == "json":
+        report = {"header": sections["header"]} | {n: json_records(t) for n, t in tables.items()}
+        return json.dumps(report, indent=2, allow_nan=False, ensure_ascii=False)
+    blocks = [f"# {_header_line(sections['header'])}"]
+    blocks += [f"# {name}\n{render(table, 'csv')}" for name, table in tables.items()]
+    return "\n\n".join(blocks) + "\n"
+
+
+def _human_report(sections: dict, fmt: str) -> str:
+    def title(text: str) -> str:
+        return f"## {text}" if fmt == "markdown" else f"{text}\n{'=' * len(text)}"
+
+    header = _header_line(sections["header"])
+    blocks = [f"# {header}" if fmt == "markdown" else header]
+    phase_titles = {
+        "init": "Depth scaling at initialisation (first recorded step)",
+        "end": "Depth scaling at the end of training "
+        f"(median of the last {analysis.END_STEPS} recorded steps)",
+    }
+    scaling = sections["depth_scaling"]
+    for phase, text in phase_titles.items():
+        frame = scaling.loc[scaling["phase"] == phase]
+        body = render(depth_scaling_table(frame), fmt) if len(frame) else "(no runs)"
+        blocks.append(f"{title(text)}\n\n{body}")
+    layers = sections["layers"]
+    for run in sections["deepest"].to_dict("records"):
+        table = layers.loc[layers["run"] == run["run"]].drop(columns="run")
+        text = f"Gradient flow per layer at initialisation: {_run_title(run)}"
+        blocks.append(f"{title(text)}\n\n{render(table, fmt)}")
+    if len(sections["flow"]):
+        bullet = "- " if fmt == "markdown" else ""
+        sentences = "\n".join(bullet + s for s in sections["flow"]["sentence"])
+        blocks.append(f"{title('Verdicts at initialisation')}\n\n{sentences}")
+    return "\n\n".join(blocks) + "\n"
+
+
+def report_text(
+    records: pd.DataFrame, runs: pd.DataFrame | None = None, fmt: str = "table"
+) -> str:
+    """The whole terminal report of a run or a sweep.
+
+    Sections: a header line (run count and status, blocks, depths, norms,
+    seeds, and dataset when a ``dataset`` column exists); the depth-scaling
+    table at init and at end; the per-layer gradient-flow table (at init) of
+    the deepest run of each arch (and norm); one ``describe_flow`` sentence
+    per such run. Without ``runs`` the run fields come from ``records``.
+    csv and json carry the tidy frames instead: "header" (json only; csv has
+    the header line as a comment), "depth_scaling" (with a phase column),
+    "layers" (with a run column) and "flow" (with a sentence column).
+    """
+    _check_format(fmt)
+    sections = _sections(records, runs)
+    if fmt in ("csv", "json"):
+        return _machine_report(sections, fmt)
+    return _human_report(sections, fmt)

@@ -1,0 +1,459 @@
+"""Sweeps: a grid of training runs, each an ordinary run directory, run locally or on Ray, resumable.
+
+    SWEEP_DIR/
+      sweep.json                              the grid, the base TrainConfig, the RecordConfig, cells, versions
+      runs/<block>-d<depth>-s<seed>[-<norm>]/ one run directory per cell: every single-run tool works on it
+
+Running the same sweep again skips complete cells, resumes partial ones from their ``last.pt``
+and reruns failed ones. A cell that fails (an exception, a non-finite training loss, a worker
+process that dies) is recorded as failed, with its reason, in its ``summary.json`` and in the
+results; the other cells go on.
+
+Executors:
+
+    local  ``jobs`` cells at once, each in a fresh spawned process with ``cpus // jobs`` torch
+           threads, so the workers do not oversubscribe the cores. On a machine with k > 1 visible
+           GPUs, worker slot i sees only GPU i % k (its CUDA_VISIBLE_DEVICES), so every cell on
+           that slot uses that one GPU. With one cell at a time the cells run in this process
+           instead (no start-up cost; an exception still fails only its cell).
+    ray    every cell is a Ray task asking for ``node_cpus // jobs`` CPUs (``jobs``: cells at once
+           per node) and, when the cell trains on CUDA, one GPU. The sweep folder must be on
+           storage every Ray worker sees; a worker that cannot see it fails its cell and says so.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, fields, replace
+from multiprocessing.connection import wait as wait_for_any
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import __version__, runs
+from .models import BLOCKS, NORMS
+from .train import Callback, RunFinished, TrainConfig, train_run
+
+SWEEP, RUNS = "sweep.json", "runs"
+EXECUTORS = ("local", "ray")
+DEFAULT_NORM = "batch"  # the notebook's; any other norm is part of the cell name
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The axes of a sweep; every combination is one cell (one run directory)."""
+
+    blocks: tuple[str, ...]  # BLOCKS names: conv | res | resdown | skip
+    depths: tuple[int, ...]  # blocks per network, each >= 0
+    seeds: tuple[int, ...] = (0,)  # each >= 0; seeds initialisation, the split and shuffling
+    norms: tuple[str, ...] = (DEFAULT_NORM,)  # batch | none
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # accept any sequence, store a tuple (hashable, and JSON writes it as a list)
+            value = getattr(self, f.name)
+            if isinstance(value, str):
+                raise ValueError(f"{f.name} must be a sequence of values, got the string {value!r}")
+            try:
+                object.__setattr__(self, f.name, tuple(value))
+            except TypeError:
+                raise ValueError(f"{f.name} must be a sequence of values, got {value!r}") from None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad list and value."""
+        for f in fields(self):
+            values = getattr(self, f.name)
+            if not values:
+                raise ValueError(f"{f.name} must not be empty")
+            for value in values:
+                if values.count(value) > 1:
+                    raise ValueError(f"{f.name} lists {value!r} more than once")
+        for block in self.blocks:
+            if block not in BLOCKS:
+                raise ValueError(f"blocks: unknown block {block!r}; known: {sorted(BLOCKS)}")
+        for norm in self.norms:
+            if norm not in NORMS:
+                raise ValueError(f"norms: unknown norm {norm!r}; known: {list(NORMS)}")
+        for name in ("depths", "seeds"):
+            for value in getattr(self, name):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{name}: each must be an integer >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: the run directory's name and its full training configuration."""
+
+    name: str  # <block>-d<depth>-s<seed>, plus -<norm> when the norm is not the default
+    config: TrainConfig
+
+
+def cell_name(config: TrainConfig) -> str:
+    name = f"{config.block}-d{config.depth}-s{config.seed}"
+    return name if config.norm == DEFAULT_NORM else f"{name}-{config.norm}"
+
+
+def expand(grid: SweepGrid, base: TrainConfig) -> list[Cell]:
+    """The cells in the order blocks x norms x depths x seeds; every configuration is validated
+    here, so a bad option (an odd width, say) surfaces before any cell trains."""
+    grid.validate()
+    cells = []
+    for block, norm, depth, seed in itertools.product(grid.blocks, grid.norms, grid.depths, grid.seeds):
+        config = replace(base, block=block, depth=depth, seed=seed, norm=norm)
+        name = cell_name(config)
+        try:
+            config.validate()
+        except ValueError as exc:
+            raise ValueError(f"cell {name}: {exc}") from None
+        cells.append(Cell(name, config))
+    return cells
+
+
+def cell_dir(out: str | os.PathLike, name: str) -> Path:
+    return Path(out) / RUNS / name
+
+
+def _read_summary(run_dir: Path) -> dict:
+    """The cell's summary.json, {} when it has none; a corrupt one reads as a failure."""
+    path = Path(run_dir) / runs.SUMMARY
+    if not path.is_file():
+        return {}
+    try:
+        return runs.read_json(path)
+    except runs.RunError as exc:
+        return {"status": "failed", "error": str(exc)}
+
+
+def cell_status(run_dir: str | os.PathLike) -> str:
+    """complete | running (partial: started, not finished, resumable) | failed | pending (not started)."""
+    summary = _read_summary(Path(run_dir))
+    if summary.get("status") == "failed":  # also a worker that died before writing config.json
+        return "failed"
+    if not runs.is_run_dir(run_dir):
+        return "pending"
+    return "complete" if summary.get("status") == "complete" else "running"
+
+
+def mark_failed(run_dir: str | os.PathLike, error: str) -> None:
+    """Record a failure train_run could not record itself (its process died, say).
+
+    Keeps a summary that already says failed (its reason is the first-hand one) or complete.
+    """
+    run_dir = Path(run_dir)
+    summary = _read_summary(run_dir)
+    if summary.get("status") in ("failed", "complete"):
+        return
+    summary.update(status="failed", error=error)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_json(run_dir / runs.SUMMARY, summary)
+    except OSError:  # the run directory itself is unusable; the result still says why
+        pass
+
+
+def _result(name: str, run_dir: Path, status: str, summary: dict | None = None, error: str | None = None,
+            seconds: float = 0.0) -> dict:
+    summary = summary or {}
+    return {"name": name, "status": status, "error": error, "test_acc": summary.get("test_acc"),
+            "seconds": seconds, "run_dir": str(run_dir)}
+
+
+class _FiniteLoss(Callback):
+    """Fails a diverged cell at the end of its first non-finite epoch, before that epoch is checkpointed.
+
+    Runs before train_run's checkpointer, so ``last.pt`` keeps the last finite epoch.
+    """
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
+        if not math.isfinite(metrics["train_loss"]):
+            raise FloatingPointError(f"non-finite training loss {metrics['train_loss']} in epoch {epoch}")
+
+
+def run_cell(cell: Cell, run_dir: str | os.PathLike, record=None, threads: int | None = None,
+             gpu: str | None = None) -> dict:
+    """Train one cell into ``run_dir``, resuming it; a failing cell returns status failed, never raises.
+
+    Top level, so that both executors can pickle it. ``threads``: torch's intra-op threads (None:
+    leave them). ``gpu``: the CUDA_VISIBLE_DEVICES value this process sees (None: leave it); it
+    only takes effect in a process that has not started CUDA yet, such as a fresh worker.
+    """
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    try:
+        summary = train_run(cell.config, run_dir, record=record, callbacks=[_FiniteLoss()])
+    except RunFinished:
+        return _result(cell.name, run_dir, "complete", _read_summary(run_dir), seconds=time.perf_counter() - start)
+    except Exception as exc:  # one cell's failure must not stop the sweep
+        error = f"{type(exc).__name__}: {exc}"
+        mark_failed(run_dir, error)  # train_run records failures inside training; this covers the rest
+        return _result(cell.name, run_dir, "failed", error=error, seconds=time.perf_counter() - start)
+    return _result(cell.name, run_dir, "complete", summary, seconds=time.perf_counter() - start)
+
+
+def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record=None, executor: str = "local",
+              jobs: int = 1, ray_address: str | None = None,
+              on_cell_done: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every cell of ``grid`` (``base`` gives the other options) into the sweep folder ``out``.
+
+    Complete cells are skipped, partial ones resumed, failed ones rerun. ``on_cell_done(result)``
+    is called in this process once per cell, skipped ones first, then as each cell finishes.
+    Returns one result per cell in grid order: name, status (complete | failed | skipped), error,
+    test_acc, seconds (spent on the cell by this call) and run_dir.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; known: {list(EXECUTORS)}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if ray_address is not None and executor != "ray":
+        raise ValueError(f"a Ray address ({ray_address!r}) needs the ray executor")
+    from .recorder import RecordConfig  # torch side; as in train_run
+
+    record = record if record is not None else RecordConfig()
+    base.validate()
+    cells = expand(grid, base)
+    out = Path(out).resolve()  # absolute: workers may start in another directory, or on another node
+    _write_sweep_json(out, grid, base, record, cells)
+
+    results: dict[str, dict] = {}
+
+    def done(result: dict) -> None:
+        if result["status"] == "failed":
+            mark_failed(result["run_dir"], result["error"])
+        results[result["name"]] = result
+        if on_cell_done is not None:
+            on_cell_done(result)
+
+    todo = []
+    for cell in cells:
+        run_dir = cell_dir(out, cell.name)
+        summary = _read_summary(run_dir)
+        if cell_status(run_dir) == "complete" and summary.get("epochs_done", 0) >= cell.config.epochs:
+            done(_result(cell.name, run_dir, "skipped", summary))
+        else:
+            todo.append((cell, run_dir))
+    if todo and executor == "ray":
+        _run_ray(todo, record, jobs, ray_address, out, base.device, done)
+    elif len(todo) == 1 or (todo and jobs == 1):
+        _run_here(todo, record, done)
+    elif todo:
+        _run_local(todo, record, min(jobs, len(todo)), base.device, done)
+    return [results[cell.name] for cell in cells]
+
+
+def _jsonable(obj) -> object:
+    return json.loads(json.dumps(obj))  # tuples become lists, as they are stored
+
+
+def _write_sweep_json(out: Path, grid: SweepGrid, base: TrainConfig, record, cells: Sequence[Cell]) -> None:
+    """Write sweep.json; refuse a folder holding another sweep (or a single run)."""
+    if out.exists() and not out.is_dir():
+        raise runs.RunError(f"{out}: exists and is a file; --out must name a sweep folder")
+    if runs.is_run_dir(out):
+        raise runs.RunError(f"{out}: is a run directory; a sweep needs a folder of its own")
+    content = _jsonable({
+        "grid": asdict(grid), "base": asdict(base), "record": asdict(record),
+        "cells": [cell.name for cell in cells],
+        "versions": {"gradlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    })
+    path = out / SWEEP
+    if path.exists():
+        stored = runs.read_json(path)
+        differences = _differences(stored, content, base)
+        if differences:
+            raise runs.RunError(f"{out}: holds a sweep with other options ({'; '.join(differences)}); "
+                                "use another --out")
+        if stored == content:
+            return  # leave the file (and its mtime) alone
+    (out / RUNS).mkdir(parents=True, exist_ok=True)
+    runs.write_json(path, content)
+
+
+def _differences(stored: dict, given: dict, base: TrainConfig) -> list[str]:
+    """What differs from the stored sweep, except the options a resumed run may change."""
+    found = []
+    for section in ("grid", "record"):
+        old, new = stored.get(section) or {}, given[section]
+        found += [f"{section}.{key}: stored {old.get(key)!r}, given {new.get(key)!r}"
+                  for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    found += [f"base.{difference}" for difference in base.differences(stored.get("base") or {})]
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# The local executor
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _run_here(todo: list[tuple[Cell, Path]], record, done: Callable[[dict], None]) -> None:
+    """One cell at a time in this process, with a lone worker's threads (every CPU)."""
+    threads = torch.get_num_threads()
+    try:
+        for cell, run_dir in todo:
+            done(run_cell(cell, run_dir, record, threads=_cpu_count()))
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting
+
+
+def _visible_gpus() -> list[str]:
+    """CUDA_VISIBLE_DEVICES entries a worker may be given: the parent's own list, else every GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [entry.strip() for entry in visible.split(",") if entry.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]  # counts without starting CUDA
+
+
+def _exit_with(parent_pid: int) -> None:
+    """End this worker when the sweep process dies (SIGKILL gives it no chance to stop us): an
+    orphan would go on writing into a cell that the rerun of the sweep is training again."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gradlab-parent-watch", daemon=True).start()
+
+
+def _cell_process(send, parent_pid: int, cell: Cell, run_dir: str, record, threads: int, gpu: str | None) -> None:
+    _exit_with(parent_pid)
+    try:
+        result = run_cell(cell, run_dir, record, threads, gpu)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the sweep process reports it
+        return
+    send.send(result)
+    send.close()
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
+        return f"worker process killed by {name}{hint}"
+    return f"worker process exited with code {exitcode} before the cell finished"
+
+
+def _run_local(todo: list[tuple[Cell, Path]], record, jobs: int, device: str, done: Callable[[dict], None]) -> None:
+    """One spawned process per cell, ``jobs`` at a time.
+
+    Not a ProcessPoolExecutor: one dead worker breaks the whole pool and fails every cell in
+    flight, while a process per cell pins a death on its own cell, returns all its memory (GPU
+    memory included) when the cell ends, and lets each slot keep its GPU. Spawn, not fork: a
+    forked torch (threads, CUDA) is unsafe. A worker is named ``gradlab-cell-<cell name>``.
+    """
+    threads = max(1, _cpu_count() // jobs)
+    gpus = _visible_gpus() if device != "cpu" else []
+    context = multiprocessing.get_context("spawn")
+    queue, free, running = deque(todo), list(range(jobs)), {}
+    try:
+        while queue or running:
+            while queue and free:
+                slot = free.pop(0)
+                cell, run_dir = queue.popleft()
+                gpu = gpus[slot % len(gpus)] if len(gpus) > 1 else None
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_cell_process, name=f"gradlab-cell-{cell.name}",
+                                          args=(send, os.getpid(), cell, str(run_dir), record, threads, gpu))
+                process.start()
+                send.close()  # the worker holds the only sending end: its death reads as end-of-file
+                running[process.sentinel] = (slot, cell, run_dir, process, receive, time.perf_counter())
+            for sentinel in wait_for_any(list(running)):
+                slot, cell, run_dir, process, receive, start = running.pop(sentinel)
+                process.join()
+                result = _receive(receive)
+                if result is None:
+                    result = _result(cell.name, run_dir, "failed", error=_death(process.exitcode),
+                                     seconds=time.perf_counter() - start)
+                free.append(slot)
+                done(result)
+    finally:  # interrupted or failing: stop the workers; their cells stay resumable
+        for _, _, _, process, receive, _ in running.values():
+            process.terminate()
+            process.join()
+            receive.close()
+
+
+def _receive(receive) -> dict | None:
+    try:
+        return receive.recv() if receive.poll() else None
+    except (EOFError, OSError):
+        return None
+    finally:
+        receive.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The Ray executor
+
+
+def _ray_cell(sweep_file: str, cell: Cell, run_dir: str, record, threads: int) -> dict:
+    """run_cell on a Ray worker, after checking that this node sees the sweep folder."""
+    if not Path(sweep_file).is_file():
+        error = (f"{sweep_file} is not visible on Ray node {platform.node()}: the sweep folder must be "
+                 "on storage every worker sees")
+        return _result(cell.name, Path(run_dir), "failed", error=error)
+    return run_cell(cell, run_dir, record, threads)
+
+
+def _run_ray(todo: list[tuple[Cell, Path]], record, jobs: int, address: str | None, out: Path, device: str,
+             done: Callable[[dict], None]) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("the ray executor needs the optional extra: pip install 'gradlab[ray]'") from None
+    started = not ray.is_initialized()
+    if started and address is None:  # a local instance for this sweep only
+        ray.init(num_cpus=_cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    elif started:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    pending: dict = {}
+    try:
+        node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+        node_cpus = [cpus for cpus in node_cpus if cpus > 0]
+        if not node_cpus:
+            raise ValueError("the Ray cluster has no node with a CPU to run cells on")
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        if device == "cuda" and cluster_gpus == 0:
+            raise ValueError("device 'cuda' was asked for but the Ray cluster has no GPU; use --device cpu or auto")
+        wants_gpu = device == "cuda" or (device == "auto" and cluster_gpus > 0)
+        threads = max(1, min(node_cpus) // jobs)  # fits on every node, so no cell waits for a bigger one
+        task = ray.remote(_ray_cell).options(num_cpus=threads, num_gpus=1 if wants_gpu else 0)
+        for cell, run_dir in todo:
+            ref = task.remote(str(out / SWEEP), cell, str(run_dir), record, threads)
+            pending[ref] = (cell, run_dir, time.perf_counter())
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                cell, run_dir, start = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # the worker died, or its node went away
+                    reason = (str(exc).strip().splitlines() or [""])[0]  # Ray appends a whole traceback
+                    error = f"Ray task failed: {type(exc).__name__}: {reason}"
+                    result = _result(cell.name, run_dir, "failed", error=error, seconds=time.perf_counter() - start)
+                done(result)
+    finally:
+        for ref in pending:  # interrupted: cancel what is left; those cells stay resumable
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()

@@ -1,0 +1,438 @@
+"""gradlab.analysis on constructed record frames whose answers are known by hand."""
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradlab import analysis
+from gradlab.analysis import (
+    activation_profile,
+    branch_skip_share,
+    depth_scaling,
+    describe_flow,
+    flow_summary,
+    gradient_profile,
+    layer_table,
+)
+
+RES_BLOCKS = ("res", "resdown")
+
+
+def make_records(
+    run="conv-d16-s0",
+    arch="conv",
+    depth=16,
+    gain=1.5,
+    norm="batch",
+    seed=0,
+    steps=(0,),
+    steps_per_epoch=10,
+    g_last=1e-2,
+    scale=None,
+    optimizer=True,
+):
+    """Records of one run whose grad_out_norm at block i is ``g_last * gain**(N-1-i)``.
+
+    Every probe point follows the same law through its block index i = position - 3
+    (stem i < 0, head i = N), so the stem and head extend the geometric profile.
+    ``scale(steps) -> factors`` multiplies every gradient norm at each step.
+    One step's rows are built in Python, then tiled over steps with numpy.
+    """
+    layers = ["conv1", "conv2", "conv3", *[f"layers.{i}" for i in range(depth)], "linear1"]
+    kinds = ["stem"] * 3 + [arch] * depth + ["head"]
+    rows = []
+    for position, (layer, kind) in enumerate(zip(layers, kinds)):
+        grad_out = g_last * gain ** (depth - 1 - (position - 3))
+        metrics = {
+            "act_mean": 0.1, "act_std": 1.0 + position, "act_nonpos_frac": 0.5,
+            "act_chan_mean_sq": 0.01 * position, "act_chan_var": 1.0 + position,
+            "grad_out_norm": grad_out, "grad_in_norm": grad_out * gain, "grad_gain": gain,
+            "param_grad_norm": 0.1 * grad_out, "param_norm": 3.0, "nonfinite_grads": 0.0,
+        }
+        if optimizer:
+            metrics["update_ratio"] = 1e-3
+        if kind in RES_BLOCKS:
+            metrics |= {
+                "branch_chan_var": 0.5, "skip_chan_var": 2.0,
+                "grad_in_branch_norm": 0.6 * grad_out * gain,
+                "grad_in_skip_norm": 0.8 * grad_out * gain,
+            }
+        rows += [(layer, position, kind, m, v) for m, v in metrics.items()]
+    rows += [("model", -1, "model", "loss", 2.3), ("model", -1, "model", "param_grad_norm", 1.0)]
+    one = pd.DataFrame(rows, columns=["layer", "position", "block", "metric", "value"])
+
+    steps = np.asarray(list(steps), dtype=int)
+    frame = one.iloc[np.tile(np.arange(len(one)), len(steps))].reset_index(drop=True)
+    frame.insert(0, "step", np.repeat(steps, len(one)))
+    frame.insert(1, "epoch", frame["step"] // steps_per_epoch)
+    if scale is not None:
+        grad = frame["metric"].str.startswith("grad_") & (frame["metric"] != "grad_gain")
+        factor = np.repeat(np.asarray(scale(steps), dtype=float), len(one))
+        frame["value"] = np.where(grad, frame["value"] * factor, frame["value"])
+    meta = {"run": run, "arch": arch, "depth": depth, "norm": norm, "seed": seed}
+    return frame.assign(**meta)[[*meta, *frame.columns]]
+
+
+def make_runs(records, **columns):
+    """The runs table matching ``records``: complete runs, accuracies from ``columns``."""
+    runs = analysis.run_table(records)
+    runs["width"] = 64
+    runs["status"] = "complete"
+    runs["epochs"] = 1
+    for name in ("final_train_acc", "best_val_acc", "test_acc"):
+        runs[name] = columns.get(name, np.nan)
+    return runs
+
+
+def set_value(records, layer, metric, value):
+    records = records.copy()
+    records.loc[(records["layer"] == layer) & (records["metric"] == metric), "value"] = value
+    return records
+
+
+def only_row(frame, **where):
+    mask = np.ones(len(frame), dtype=bool)
+    for column, value in where.items():
+        mask &= frame[column] == value
+    assert mask.sum() == 1, frame
+    return frame.loc[mask].iloc[0]
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+@pytest.mark.parametrize(
+    "gain, verdict",
+    [(1.5, "exploding"), (0.5, "vanishing"), (1.0, "stable"), (1.1, "stable")],
+)
+def test_flow_summary_of_a_geometric_profile(gain, verdict):
+    records = make_records(gain=gain, depth=16)
+    row = only_row(flow_summary(records), phase="init")
+    assert row["first_to_last"] == pytest.approx(gain**15, rel=1e-12)
+    assert row["gain_geomean"] == pytest.approx(gain, rel=1e-12)
+    assert row["log_slope"] == pytest.approx(-math.log10(gain), abs=1e-12)
+    assert row["first_grad"] == pytest.approx(1e-2 * gain**15)
+    assert row["last_grad"] == pytest.approx(1e-2)
+    assert row["verdict"] == verdict
+
+
+def test_thresholds_are_inclusive():
+    assert analysis.EXPLODING_RATIO == 10 and analysis.VANISHING_RATIO == 0.1
+    records = pd.concat(
+        [
+            make_records("up", gain=10.0, depth=2),
+            make_records("down", gain=0.1, depth=2),
+            make_records("in", gain=9.99, depth=2),
+        ]
+    )
+    verdicts = flow_summary(records, phases=["init"]).set_index("run")["verdict"]
+    assert verdicts.to_dict() == {"down": "vanishing", "in": "stable", "up": "exploding"}
+
+
+def test_exactly_zero_gradients_are_results_not_errors():
+    base = make_records(depth=4, gain=1.0)
+    first_zero = set_value(base, "layers.0", "grad_out_norm", 0.0).assign(run="first0")
+    last_zero = set_value(base, "layers.3", "grad_out_norm", 0.0).assign(run="last0")
+    both = set_value(set_value(base, "layers.0", "grad_out_norm", 0.0), "layers.3", "grad_out_norm", 0.0)
+    gain_zero = set_value(base, "layers.2", "grad_gain", 0.0).assign(run="gain0")
+    records = pd.concat([first_zero, last_zero, both.assign(run="both0"), gain_zero])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow = flow_summary(records, phases=["init"]).set_index("run")
+    assert flow.loc["first0", "first_to_last"] == 0
+    assert flow.loc["first0", "verdict"] == "vanishing"
+    assert flow.loc["last0", "first_to_last"] == np.inf
+    assert flow.loc["last0", "verdict"] == "exploding"
+    assert np.isnan(flow.loc["both0", "first_to_last"])
+    assert flow.loc["both0", "verdict"] == "non-finite"
+    assert flow.loc["gain0", "gain_geomean"] == 0
+    assert flow.loc["gain0", "verdict"] == "stable"
+    assert np.isnan(flow.loc["first0", "log_slope"])  # log10(0) is not a point
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_inputs(bad):
+    base = make_records(depth=4, gain=1.0)
+    records = pd.concat(
+        [
+            set_value(base, "layers.0", "grad_out_norm", bad).assign(run="first"),
+            set_value(base, "layers.3", "grad_out_norm", bad).assign(run="last"),
+            set_value(base, "layers.1", "grad_gain", bad).assign(run="gain"),
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow = flow_summary(records, phases=["init"]).set_index("run")
+        sentences = {run: describe_flow(row) for run, row in flow.iterrows()}
+    assert flow.loc[["first", "last"], "verdict"].tolist() == ["non-finite"] * 2
+    assert flow.loc[["first", "last"], "first_to_last"].isna().all()
+    assert flow.loc["gain", "verdict"] == "stable"
+    if np.isnan(bad):
+        assert np.isnan(flow.loc["gain", "gain_geomean"])
+    else:
+        assert flow.loc["gain", "gain_geomean"] == np.inf
+    assert sentences["first"].endswith("so they give no ratio — non-finite.")
+    assert sentences["last"].endswith("— non-finite.") and "stable" in sentences["gain"]
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_shallow_nets_have_no_first_to_last(depth):
+    records = make_records(depth=depth, gain=1.5)
+    row = only_row(flow_summary(records), phase="init")
+    assert np.isnan(row["first_to_last"]) and np.isnan(row["log_slope"])
+    assert row["verdict"] == "n/a"
+    if depth == 1:
+        assert row["gain_geomean"] == pytest.approx(1.5)
+    else:
+        assert np.isnan(row["gain_geomean"])
+    assert "n/a" in describe_flow(row)
+    profile = gradient_profile(records)
+    assert profile["layer"].tolist()[:3] == ["conv1", "conv2", "conv3"]
+    if depth == 0:
+        assert profile["relative"].isna().all()
+    else:
+        assert only_row(profile, layer="layers.0")["relative"] == 1
+
+
+# ------------------------------------------------------------------ phases
+
+
+def test_init_is_the_first_recorded_step():
+    records = make_records(depth=4, steps=[7, 20, 40], scale=lambda s: s.astype(float))
+    # update_ratio starts later: its init is its own first recorded step.
+    late = (records["metric"] == "update_ratio") & (records["step"] == 7)
+    records = records.loc[~late]
+    records.loc[records["metric"] == "update_ratio", "value"] = records["step"] * 1e-4
+    table = layer_table(records, "conv-d16-s0", "init")
+    assert only_row(table, layer="layers.3")["grad_out_norm"] == pytest.approx(1e-2 * 7)
+    assert only_row(table, layer="layers.3")["update_ratio"] == pytest.approx(20e-4)
+
+
+def test_epoch1_is_the_median_over_epoch_0_and_end_the_last_three_steps():
+    steps = np.arange(0, 30)  # epochs of 10 steps
+    spikes = {3: 1e6, 29: 1e6}  # a spike in epoch 0 and on the very last step
+
+    def scale(s):
+        return np.array([spikes.get(int(x), 1.0 + x) for x in s])
+
+    records = make_records(depth=4, gain=2.0, steps=steps, scale=scale)
+    profile = gradient_profile(records, phase="epoch1").set_index("layer")
+    epoch0 = [spikes.get(x, 1.0 + x) for x in range(10)]
+    assert profile.loc["layers.3", "value"] == pytest.approx(1e-2 * np.median(epoch0))
+    assert profile.loc["layers.0", "relative"] == pytest.approx(8.0)
+    end = gradient_profile(records, phase="end").set_index("layer")
+    assert end.loc["layers.3", "value"] == pytest.approx(1e-2 * np.median([28.0, 29.0, 1e6]))
+    phases = flow_summary(records)["phase"].tolist()
+    assert phases == ["init", "epoch1", "end"]
+
+
+def test_unknown_phase_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown phase 'start'.*init"):
+        gradient_profile(make_records(depth=2), phase="start")
+
+
+# ------------------------------------------------------------------ profiles
+
+
+def test_gradient_profile_covers_the_whole_path():
+    records = make_records(depth=16, gain=1.5)
+    profile = gradient_profile(records)
+    assert profile.columns.tolist() == analysis.PROFILE_COLUMNS
+    assert profile["position"].tolist() == list(range(20))  # no model row
+    relative = profile.set_index("layer")["relative"]
+    assert relative["layers.15"] == 1
+    assert relative["layers.0"] == pytest.approx(1.5**15)
+    assert relative["conv1"] == pytest.approx(1.5**18)
+    assert relative["linear1"] == pytest.approx(1 / 1.5)
+    grad_in = gradient_profile(records, metric="grad_in_norm").set_index("layer")
+    assert grad_in.loc["layers.15", "relative"] == 1
+
+
+def test_activation_profile_is_long_and_has_branch_metrics_only_for_res():
+    records = pd.concat([make_records("c", depth=3), make_records("r", arch="res", depth=3)])
+    profile = activation_profile(records)
+    assert profile.columns.tolist() == analysis.VALUE_COLUMNS
+    assert set(profile["metric"]) == set(analysis.ACTIVATION_METRICS)
+    assert "model" not in set(profile["layer"])
+    branch = profile.loc[profile["metric"] == "branch_chan_var"]
+    assert set(branch["run"]) == {"r"} and set(branch["block"]) == {"res"}
+    assert len(profile.loc[profile["run"] == "c"]) == 7 * 2
+
+
+def test_branch_skip_share_by_hand():
+    records = make_records("r", arch="resdown", depth=3, gain=1.0, g_last=1.0)
+    records = set_value(records, "layers.1", "grad_in_branch_norm", 0.0)
+    records = set_value(records, "layers.1", "grad_in_skip_norm", 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        share = branch_skip_share(records).set_index("layer")
+    assert share.index.tolist() == ["layers.0", "layers.1", "layers.2"]
+    assert share.loc["layers.0", "branch_share"] == pytest.approx(0.36)  # .6² / (.6² + .8²)
+    assert share.loc["layers.0", "skip_to_branch"] == pytest.approx(4 / 3)
+    assert share.loc["layers.0", "grad_in_branch_norm"] == pytest.approx(0.6)
+    assert np.isnan(share.loc["layers.1", "branch_share"])
+    assert branch_skip_share(make_records(depth=3)).empty  # plain blocks have no parts
+
+
+def test_layer_table_of_one_run_and_missing_metrics():
+    records = pd.concat(
+        [make_records("a", depth=4, gain=2.0, optimizer=False), make_records("b", depth=2)]
+    )
+    table = layer_table(records, "a", "init")
+    assert table.columns.tolist() == analysis.LAYER_TABLE_COLUMNS
+    assert table["layer"].tolist() == ["conv1", "conv2", "conv3", "layers.0", "layers.1",
+                                       "layers.2", "layers.3", "linear1"]
+    assert table["update_ratio"].isna().all()
+    row = only_row(table, layer="layers.0")
+    assert row["relative"] == pytest.approx(8.0)
+    assert row["grad_in_norm"] / row["grad_out_norm"] == pytest.approx(row["grad_gain"])
+    assert row["act_std"] == 4.0
+    with pytest.raises(ValueError, match="unknown run 'zz'.*'a', 'b'"):
+        layer_table(records, "zz", "init")
+
+
+def test_empty_inputs_give_empty_frames_with_columns():
+    empty = make_records(depth=2).iloc[:0]
+    assert gradient_profile(empty).columns.tolist() == analysis.PROFILE_COLUMNS
+    assert flow_summary(empty).columns.tolist() == analysis.FLOW_COLUMNS
+    assert activation_profile(empty).columns.tolist() == analysis.VALUE_COLUMNS
+    assert branch_skip_share(empty).columns.tolist() == analysis.SHARE_COLUMNS
+    assert layer_table(empty, "x", "init").columns.tolist() == analysis.LAYER_TABLE_COLUMNS
+    assert depth_scaling(empty, None).columns.tolist() == analysis.SCALING_COLUMNS
+    assert depth_scaling(pd.DataFrame(), None).empty
+    assert flow_summary(pd.DataFrame()).empty
+    # a metric that was never recorded is no KeyError either
+    assert gradient_profile(make_records(depth=2), metric="nope").empty
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+def test_depth_scaling_aggregates_seeds_by_hand():
+    gains, accs = [1.5, 2.0, 1.2], [0.40, 0.42, 0.47]
+    records = pd.concat(
+        [make_records(f"conv-d8-s{s}", depth=8, gain=g, seed=s) for s, g in enumerate(gains)]
+        + [make_records("res-d8-s0", arch="res", depth=8, gain=1.0)]
+    )
+    runs = make_runs(records)
+    runs["test_acc"] = runs["run"].map(
+        {f"conv-d8-s{s}": a for s, a in enumerate(accs)} | {"res-d8-s0": 0.6}
+    )
+    failed = {"run": "conv-d8-s3", "arch": "conv", "depth": 8, "norm": "batch", "seed": 3,
+              "status": "failed", "test_acc": np.nan}
+    runs = pd.concat([runs, pd.DataFrame([failed])], ignore_index=True)
+
+    scaling = depth_scaling(records, runs, phase="init")
+    assert scaling.columns.tolist() == analysis.SCALING_COLUMNS
+    assert scaling["arch"].tolist() == ["conv", "res"]
+    conv = only_row(scaling, arch="conv")
+    assert conv["n_seeds"] == 4 and conv["n_failed"] == 1 and conv["n_diverged"] == 0
+    assert conv["test_acc_mean"] == pytest.approx(np.mean(accs))
+    assert conv["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
+    ratios = np.array(gains) ** 7
+    assert conv["first_to_last"] == pytest.approx(np.exp(np.mean(np.log(ratios))))
+    assert conv["first_to_last_gstd"] == pytest.approx(np.exp(np.std(np.log(ratios), ddof=1)))
+    assert conv["gain_geomean"] == pytest.approx(np.exp(np.mean(np.log(gains))))
+    assert conv["log_slope_mean"] == pytest.approx(-np.mean(np.log10(gains)))
+    assert conv["verdict"] == "exploding (2/3)"  # 1.2**7 = 3.6 is stable; a failed run does not vote
+    res = only_row(scaling, arch="res")
+    assert res["verdict"] == "stable" and res["n_seeds"] == 1 and np.isnan(res["test_acc_std"])
+
+
+def test_depth_scaling_says_when_seeds_disagree():
+    records = pd.concat(
+        [make_records(f"s{s}", depth=6, gain=g, seed=s) for s, g in enumerate([2.0, 1.0, 1.8])]
+    )
+    scaling = depth_scaling(records, make_runs(records))
+    assert only_row(scaling, depth=6)["verdict"] == "exploding (2/3)"
+    tie = depth_scaling(records.loc[records["run"] != "s2"], None)
+    assert tie["verdict"].tolist() == ["exploding (1/2)"]  # ties follow VERDICTS order
+
+
+def test_depth_scaling_geometric_mean_with_a_zero_ratio():
+    base = make_records("a", depth=3, gain=2.0)
+    records = pd.concat([base, set_value(base, "layers.0", "grad_out_norm", 0.0).assign(run="b", seed=1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = depth_scaling(records, None).iloc[0]
+    assert row["first_to_last"] == 0
+    assert row["verdict"] == "vanishing (1/2)"  # ratio 4 is stable; the tie goes by VERDICTS order
+
+
+# ------------------------------------------------------------------ sentences
+
+
+@pytest.mark.parametrize(
+    "gain, words",
+    [
+        (1.5, ["grows 438×", "×1.5 per block", "— exploding."]),
+        (0.5, ["shrinks to 3.1e-05×", "×0.5 per block", "— vanishing."]),
+        (1.0, ["changes only ×1 from the last", "(×1 per block), within 0.1–10× — stable."]),
+    ],
+)
+def test_describe_flow_sentences(gain, words):
+    row = only_row(flow_summary(make_records(depth=16, gain=gain)), phase="init")
+    sentence = describe_flow(row)
+    assert sentence.startswith("conv, depth 16 (batch norm) at initialisation: the gradient")
+    for word in words:
+        assert word in sentence, sentence
+
+
+def test_describe_flow_zero_and_phase_words():
+    base = make_records(depth=4, gain=1.0, norm="none", steps=[0, 10, 20])
+    zero_first = flow_summary(set_value(base, "layers.0", "grad_out_norm", 0.0))
+    zero_last = flow_summary(set_value(base, "layers.3", "grad_out_norm", 0.0))
+    first = describe_flow(only_row(zero_first, phase="end"))
+    assert first.startswith("conv, depth 4 (no normalisation) at the end of training:")
+    assert "exactly 0 at the first block" in first and first.endswith("— vanishing.")
+    last = describe_flow(only_row(zero_last, phase="epoch1"))
+    assert "over the first epoch" in last and "exactly 0 at the last block" in last
+    assert last.endswith("— exploding.")
+    assert describe_flow(dict(arch="res", depth=0, norm="batch", verdict="n/a")).endswith(
+        "no blocks — n/a."
+    )
+
+
+# ------------------------------------------------------------------ hygiene
+
+
+def test_analysis_and_report_do_not_import_torch():
+    code = (
+        "import sys, gradlab.analysis, gradlab.report.text; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def big_sweep(n_runs=45, rows_per_run=50_000):
+    """A sweep-sized frame built by tiling: 45 runs of ~50k rows each."""
+    frames = []
+    for i in range(n_runs):
+        arch = ["conv", "res", "skip"][i % 3]
+        depth = [4, 16, 32][(i // 3) % 3]
+        one_step = len(make_records(arch=arch, depth=depth, steps=[0]))
+        steps = np.arange(max(1, rows_per_run // one_step)) * 5
+        frames.append(
+            make_records(f"{arch}-d{depth}-s{i // 9}", arch=arch, depth=depth, seed=i // 9,
+                         gain=1.0 + 0.01 * i, steps=steps, steps_per_epoch=200)
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_sweep_sized_frame_is_analysed_vectorised():
+    records = big_sweep()
+    assert len(records) > 2_000_000
+    runs = make_runs(records, test_acc=0.5)
+    flow = flow_summary(records, runs)
+    assert len(flow) == 45 * 3 and flow["verdict"].notna().all()
+    scaling = depth_scaling(records, runs, phase="end")
+    assert scaling["n_seeds"].sum() == 45
+    assert len(gradient_profile(records, phase="epoch1")) == sum(
+        3 + d + 1 for d in runs["depth"]
+    )

@@ -1,0 +1,111 @@
+"""The command line: real runs through click's runner; every bad input is one line and exit status 2."""
+import pickle
+
+import pytest
+from click.testing import CliRunner
+
+from gradlab.cli import main
+
+SMALL = ["--dataset", "synthetic", "--depth", "2", "--width", "8", "--epochs", "2", "--batch-size", "128",
+         "--subset", "512", "--lr", "3e-3", "--device", "cpu", "--eval-batch-size", "2048"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_train_prints_parameters_epochs_and_test_accuracy_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", *SMALL, "--block", "skip", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "parameters" in result.stdout and "note: synthetic data" in result.stdout
+    assert "test accuracy" in result.stdout and "epoch 1/2" not in result.stdout  # --quiet
+    again = invoke("train", *SMALL, "--block", "skip", "--out", out)
+    assert again.exit_code == 0 and "already complete" in again.stdout
+    three_epochs = [("3" if previous == "--epochs" else a) for previous, a in zip([None, *SMALL], SMALL)]
+    longer = invoke("train", *three_epochs, "--block", "skip", "--out", out)
+    assert longer.exit_code == 0, longer.output
+    assert "resuming after epoch 2" in longer.stdout and "epoch 3/3" in longer.stdout
+    report = invoke("report", out)
+    assert report.exit_code == 0, report.output
+    assert "skip" in report.stdout and "layers.1" in report.stdout
+
+
+def test_help_explains_every_option_with_its_default():
+    text = invoke("train", "--help").stdout
+    for option, default in [("--block", "conv"), ("--depth", "6"), ("--width", "32"), ("--epochs", "30"),
+                            ("--batch-size", "256"), ("--lr", "0.0001"), ("--seed", "0"), ("--record-every", "1")]:
+        assert option in text
+        assert f"[default: {default}" in text.split(option, 1)[1], option
+
+
+def _malicious_root(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    folder = tmp_path / "evil" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}))
+    return tmp_path / "evil"
+
+
+def _bad_inputs(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return {
+        "unknown block": (["--block", "dense"], "'dense' is not one of"),
+        "unknown norm": (["--norm", "layer"], "'layer' is not one of"),
+        "negative depth": (["--depth", "-1"], "-1 is not in the range"),
+        "odd width": (["--width", "7"], "width must be an even integer"),
+        "tiny width": (["--width", "1"], "1 is not in the range"),
+        "zero batch": (["--batch-size", "0"], "0 is not in the range"),
+        "zero epochs": (["--epochs", "0"], "0 is not in the range"),
+        "zero lr": (["--lr", "0"], "lr must be a finite number > 0"),
+        "nan lr": (["--lr", "nan"], "lr must be a finite number > 0"),
+        "negative lr": (["--lr", "-1e-3"], "lr must be a finite number > 0"),
+        "non-numeric depth": (["--depth", "deep"], "'deep' is not a valid integer"),
+        "out is a file": (["--out", afile], "is a file"),
+        "no data, offline": (["--dataset", "cifar10", "--data-root", empty], "GRADLAB_DATA"),
+        "malicious batch file": (["--dataset", "cifar10", "--data-root", _malicious_root(tmp_path)], "refus"),
+    }
+
+
+CASES = ["unknown block", "unknown norm", "negative depth", "odd width", "tiny width", "zero batch", "zero epochs",
+         "zero lr", "nan lr", "negative lr", "non-numeric depth", "out is a file", "no data, offline", "malicious batch file"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, monkeypatch, case):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    args, expected = _bad_inputs(tmp_path)[case]
+    options = dict(zip(SMALL[::2], SMALL[1::2]))
+    options["--out"] = str(tmp_path / "run")
+    options.update(zip(args[::2], args[1::2]))
+    result = invoke("train", *[x for kv in options.items() for x in kv])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradlab: error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_report_on_a_folder_that_is_no_run_is_one_line(tmp_path):
+    result = invoke("report", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "neither a run directory" in result.stderr
+
+
+def test_unknown_command_is_one_line():
+    result = invoke("trian")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1

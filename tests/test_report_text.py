@@ -1,0 +1,248 @@
+"""gradlab.report.text: number formatting, the four formats and the whole report."""
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_analysis import make_records, make_runs, set_value
+
+from gradlab import analysis
+from gradlab.report.text import (
+    FORMATS,
+    MISSING,
+    depth_scaling_table,
+    format_number,
+    render,
+    report_text,
+)
+
+
+@pytest.mark.parametrize(
+    "x, text",
+    [
+        (0, "0"),
+        (0.0, "0"),
+        (41.234, "41.2"),
+        (1.5, "1.5"),
+        (1.0, "1"),
+        (-2.5, "-2.5"),
+        (0.012345, "0.0123"),
+        (0.001, "0.001"),
+        (99.96, "100"),
+        (4123.4, "4123"),
+        (99999.4, "99999"),
+        (123456.0, "1.23e5"),
+        (4.1e3 * 1e3, "4.1e6"),
+        (0.000123, "1.23e-4"),
+        (2e-5, "2e-5"),
+        (-3.14159e-7, "-3.14e-7"),
+        (7, "7"),
+        (np.int64(123456), "123456"),
+        (np.float32(0.5), "0.5"),
+        (float("nan"), MISSING),
+        (None, MISSING),
+        (float("inf"), "inf"),
+        (-np.inf, "-inf"),
+    ],
+)
+def test_format_number(x, text):
+    assert format_number(x) == text
+
+
+@pytest.fixture
+def small():
+    return pd.DataFrame({"name": ["a", "bb"], "value": [1.5, 1234.5678], "n": [1, 10]})
+
+
+def test_render_table_aligns_numbers_right(small):
+    assert render(small, "table") == (
+        "name  value   n\n"
+        "----  -----  --\n"
+        "a       1.5   1\n"
+        "bb     1235  10"
+    )
+
+
+def test_render_markdown_is_a_pipe_table(small):
+    assert render(small, "markdown") == (
+        "| name | value |   n |\n"
+        "| ---- | ----: | --: |\n"
+        "| a    |   1.5 |   1 |\n"
+        "| bb   |  1235 |  10 |"
+    )
+    assert "a \\| b" in render(pd.DataFrame({"x": ["a | b"]}), "markdown")
+
+
+@pytest.fixture
+def awkward():
+    return pd.DataFrame(
+        {
+            "run": ["a", "b", "c", "d"],
+            "depth": [1, 2, 3, 4],
+            "value": [0.1 + 0.2, 1e-300, np.inf, np.nan],
+            "other": [-np.inf, 1 / 3, 2.0, 12345678.9],
+        }
+    )
+
+
+def test_render_csv_round_trips_full_precision(awkward):
+    back = pd.read_csv(io.StringIO(render(awkward, "csv")))
+    pd.testing.assert_frame_equal(back, awkward, check_dtype=False, check_exact=True)
+    assert back["depth"].dtype == np.int64
+
+
+def test_render_json_is_valid_records(awkward):
+    rows = json.loads(render(awkward, "json"))
+    assert rows[0] == {"run": "a", "depth": 1, "value": 0.1 + 0.2, "other": "-inf"}
+    assert rows[1]["value"] == 1e-300 and rows[1]["other"] == 1 / 3
+    assert rows[2]["value"] == "inf" and rows[3]["value"] is None
+
+
+def test_render_keeps_named_index_and_flattens_columns():
+    frame = pd.DataFrame({"depth": [4, 8], "conv": ["x", "y"]}).set_index("depth")
+    assert render(frame, "csv").splitlines()[0] == "depth,conv"
+    wide = pd.DataFrame([[1.0, 2.0]], columns=pd.MultiIndex.from_tuples([("a", "x"), ("a", "y")]))
+    assert render(wide, "table").splitlines()[0].split() == ["a", "/", "x", "a", "/", "y"]
+
+
+def test_unknown_format_lists_the_known_ones(small):
+    with pytest.raises(ValueError, match=r"unknown format 'xml'; known: \['table', 'markdown', 'csv', 'json'\]"):
+        render(small, "xml")
+    with pytest.raises(ValueError, match="unknown format"):
+        report_text(make_records(depth=2), None, "html")
+
+
+def test_render_of_an_empty_frame():
+    empty = pd.DataFrame(columns=["a", "b"])
+    assert render(empty, "table") == "a  b\n-  -"
+    assert json.loads(render(empty, "json")) == []
+
+
+# ------------------------------------------------------------------ depth scaling
+
+
+def sweep(norms=("batch",)):
+    """conv explodes (gain 1.5), res is stable (gain 1.0); depths 4 and 16; res-d4 missing."""
+    frames = []
+    for norm in norms:
+        for arch, gain in (("conv", 1.5), ("res", 1.0)):
+            for depth in (4, 16):
+                if arch == "res" and depth == 4:
+                    continue
+                frames.append(make_records(f"{arch}-{norm}-d{depth}-s0", arch=arch, depth=depth,
+                                           gain=gain, norm=norm, steps=[0, 10, 20]))
+    records = pd.concat(frames, ignore_index=True)
+    runs = make_runs(records)
+    runs["test_acc"] = np.where(runs["arch"] == "conv", 0.412, 0.6)
+    return records, runs
+
+
+def test_depth_scaling_table_pivots_for_people():
+    records, runs = sweep()
+    runs.loc[runs["run"] == "conv-batch-d4-s0", "status"] = "diverged"
+    table = depth_scaling_table(analysis.depth_scaling(records, runs))
+    assert table.index.name == "depth" and table.index.tolist() == [4, 16]
+    assert table.columns.tolist() == ["conv", "res"]
+    assert table.loc[16, "conv"] == "test 41.2% · ratio 438 · exploding"
+    assert table.loc[16, "res"] == "test 60% · ratio 1 · stable"
+    assert table.loc[4, "conv"] == "test 41.2% · ratio 3.38 · stable · 1 diverged"
+    assert table.loc[4, "res"] == MISSING
+    assert render(table, "table").splitlines()[0].split() == ["depth", "conv", "res"]
+
+
+def test_depth_scaling_table_with_two_norms():
+    records, runs = sweep(norms=("batch", "none"))
+    table = depth_scaling_table(analysis.depth_scaling(records, runs))
+    assert table.columns.tolist() == ["conv / batch", "conv / none", "res / batch", "res / none"]
+    assert depth_scaling_table(analysis.depth_scaling(records.iloc[:0], runs.iloc[:0])).empty
+
+
+# ------------------------------------------------------------------ the report
+
+
+@pytest.fixture
+def report_inputs():
+    records, runs = sweep()
+    # conv-d16 at the end: the last block underflows to 0 -> ratio inf, still "exploding"
+    end = records["step"] >= 10
+    zeroed = set_value(records.loc[end], "layers.15", "grad_out_norm", 0.0)
+    records = pd.concat([records.loc[~end], zeroed], ignore_index=True)
+    runs["dataset"] = "cifar10"
+    return records, runs
+
+
+def test_report_table(report_inputs):
+    text = report_text(*report_inputs, fmt="table")
+    lines = text.splitlines()
+    assert lines[0] == (
+        "gradlab report: 3 runs · blocks: conv, res · depths: 4, 16 · norms: batch · seeds: 0"
+        " · dataset: cifar10"
+    )
+    assert "Depth scaling at initialisation (first recorded step)" in text
+    assert "Depth scaling at the end of training (median of the last 3 recorded steps)" in text
+    assert "Gradient flow per layer at initialisation: conv-batch-d16-s0 (conv, depth 16, batch norm)" in text
+    assert "Gradient flow per layer at initialisation: res-batch-d16-s0 (res, depth 16, batch norm)" in text
+    assert "conv-batch-d4-s0 (" not in text  # only the deepest run of each arch
+    sentences = [line for line in lines if line.startswith(("conv, depth", "res, depth"))]
+    assert len(sentences) == 2
+    assert "grows 438×" in sentences[0] and sentences[0].endswith("exploding.")
+    assert sentences[1].endswith("stable.")
+    assert "test 41.2% · ratio inf · exploding" in text  # the end table
+
+
+def test_report_markdown(report_inputs):
+    text = report_text(*report_inputs, fmt="markdown")
+    assert text.startswith("# gradlab report: 3 runs")
+    assert "## Verdicts at initialisation" in text
+    assert "| depth | conv" in text and "| layers.15 |" in text.replace("  ", " ").replace("  ", " ")
+    assert "- conv, depth 16 (batch norm) at initialisation: the gradient grows 438×" in text
+
+
+def test_report_csv_sections_parse(report_inputs):
+    records, runs = report_inputs
+    text = report_text(records, runs, fmt="csv")
+    assert text.startswith("# gradlab report: 3 runs")
+    sections = {}
+    for block in text.strip().split("\n\n")[1:]:
+        name, _, body = block.partition("\n")
+        sections[name.removeprefix("# ")] = pd.read_csv(io.StringIO(body), comment="#")
+    assert list(sections) == ["depth_scaling", "layers", "flow"]
+    scaling = sections["depth_scaling"]
+    expected = pd.concat([analysis.depth_scaling(records, runs, p) for p in ("init", "end")])
+    np.testing.assert_array_equal(scaling["first_to_last"], expected["first_to_last"])
+    assert scaling.loc[(scaling["phase"] == "end") & (scaling["depth"] == 16)
+                       & (scaling["arch"] == "conv"), "first_to_last"].item() == np.inf
+    assert set(sections["layers"]["run"]) == {"conv-batch-d16-s0", "res-batch-d16-s0"}
+    assert len(sections["layers"]) == 2 * 20
+    assert sections["flow"]["sentence"].str.contains("— exploding.").sum() == 1
+
+
+def test_report_json_is_one_object(report_inputs):
+    report = json.loads(report_text(*report_inputs, fmt="json"))
+    assert list(report) == ["header", "depth_scaling", "layers", "flow"]
+    assert report["header"]["runs"] == 3 and report["header"]["dataset"] == ["cifar10"]
+    assert report["header"]["depths"] == [4, 16] and report["header"]["status"] == {"complete": 3}
+    end_conv = [r for r in report["depth_scaling"]
+                if r["phase"] == "end" and r["arch"] == "conv" and r["depth"] == 16]
+    assert end_conv[0]["first_to_last"] == "inf" and end_conv[0]["verdict"] == "exploding"
+    assert report["flow"][0]["first_to_last"] == pytest.approx(1.5**15)
+    assert {r["layer"] for r in report["layers"]} >= {"conv1", "layers.15", "linear1"}
+
+
+def test_report_of_one_run_without_runs_table():
+    text = report_text(make_records("solo", depth=5, gain=0.5, norm="none"), None)
+    assert text.startswith("gradlab report: 1 run · blocks: conv · depths: 5")
+    assert "solo (conv, depth 5, no normalisation)" in text
+    assert "shrinks to 0.0625× from the last block to the first (×0.5 per block) — vanishing." in text
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_report_of_nothing(fmt):
+    text = report_text(pd.DataFrame(), None, fmt=fmt)
+    if fmt == "json":
+        report = json.loads(text)
+        assert report["header"] == {"runs": 0, "blocks": [], "depths": [], "norms": [], "seeds": []}
+        assert report["flow"] == [] and report["depth_scaling"] == []
+    else:
+        assert "gradlab report: 0 runs · blocks: –" in text
