@@ -1,0 +1,738 @@
+"""Report figures: one function per figure, a tidy frame in, a matplotlib Figure out.
+
+Figure functions only draw. They read no files and compute no statistics beyond picking
+columns and reshaping (a pivot for a heatmap, a melt for two accuracy columns); the numbers
+come from ``gradlab.analysis``. A missing column gives a ``warnings.warn`` and a panel that
+says what is missing, never an exception; NaN and inf values never crash a figure.
+
+Figures are plain ``matplotlib.figure.Figure`` objects made without pyplot: no backend is
+chosen, nothing is registered globally and nothing has to be closed. ``Figure.savefig``
+renders through Agg, and Jupyter's inline backend displays them like any other figure.
+
+Every figure is drawn under one seaborn theme (``THEME``, applied by ``_themed`` inside an
+``rc_context``, so importing this module changes no global setting) and colours each block
+type with ``PALETTE`` everywhere; where depth is the hue, deeper nets get darker shades of
+their block type's colour (``depth_shades``).
+
+Log axes and exact zeros: a gradient that is exactly 0 is a result, so it is drawn at a
+floor one decade below the smallest positive value, with a ▼ marker, and the floor line is
+labelled "0"; +inf is drawn the same way at a ceiling with ▲ and "inf". NaN leaves a gap.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import textwrap
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.colors import LogNorm, to_rgb
+from matplotlib.figure import Figure
+
+from gradlab import analysis
+from gradlab.report.text import format_number
+
+# Okabe & Ito's colour-blind-safe palette; conv gets the alarm colour because it explodes.
+PALETTE = {"conv": "#D55E00", "res": "#0072B2", "resdown": "#009E73", "skip": "#CC79A7"}
+_EXTRA_COLOURS = ("#E69F00", "#56B4E9", "#F0E442", "#000000")  # for block types not in PALETTE
+THEME = {"context": "notebook", "style": "whitegrid", "font_scale": 0.85, "color_codes": False,
+         "rc": {"axes.titleweight": "bold", "figure.titleweight": "bold", "legend.frameon": False}}
+PHASE_LABELS = {"init": "at initialisation", "epoch1": "over the first epoch",
+                "end": "at the end of training"}
+METRIC_LABELS = {
+    "grad_out_norm": "gradient norm ‖∂L/∂output‖",
+    "act_std": "activation std",
+    "act_chan_mean_sq": "channel mean²",
+    "act_chan_var": "channel variance",
+    "branch_chan_var": "branch variance",
+    "skip_chan_var": "skip variance",
+}
+ACCURACY_LABELS = {"test_acc": "test accuracy", "best_val_acc": "best validation accuracy"}
+ZERO_MARKER, INF_MARKER = "v", "^"
+
+
+# ---------------------------------------------------------------- theme and colours
+
+
+def _themed(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Draw under ``THEME`` without leaving it behind in matplotlib's global rcParams."""
+
+    @functools.wraps(draw)
+    def themed(*args, **kwargs) -> Figure:
+        with mpl.rc_context():
+            sns.set_theme(**THEME)
+            return draw(*args, **kwargs)
+
+    return themed
+
+
+def arch_color(arch: str) -> str:
+    """The colour of a block type in every figure."""
+    if arch in PALETTE:
+        return PALETTE[arch]
+    return _EXTRA_COLOURS[sum(map(ord, str(arch))) % len(_EXTRA_COLOURS)]
+
+
+def _mix(colour: Sequence[float], other: Sequence[float], amount: float) -> tuple:
+    return tuple((1 - amount) * c + amount * o for c, o in zip(colour, other))
+
+
+def depth_shades(arch: str, depths: Iterable) -> dict:
+    """depth -> colour: shades of the block type's colour, light for shallow, dark for deep."""
+    depths = sorted(set(depths))
+    base = to_rgb(arch_color(arch))
+    if len(depths) == 1:
+        return {depths[0]: base}
+    light, dark = _mix(base, (1, 1, 1), 0.6), _mix(base, (0, 0, 0), 0.45)
+    steps = np.linspace(0, 1, len(depths))
+    return {d: _mix(light, dark, t) for d, t in zip(depths, steps)}
+
+
+def arch_order(archs: Iterable) -> list:
+    """Block types in ``analysis.ARCH_ORDER``, unknown ones after them by name."""
+    present = {str(a) for a in archs if pd.notna(a)}
+    known = [a for a in analysis.ARCH_ORDER if a in present]
+    return known + sorted(present - set(known))
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _missing(df: pd.DataFrame, columns: Sequence[str], figure: str) -> list[str]:
+    """The columns ``df`` lacks, with a warning naming them (the caller skips the panel)."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        warnings.warn(f"{figure}: missing column(s) {missing}; that panel is left empty", stacklevel=3)
+    return missing
+
+
+def _say(ax, text: str) -> None:
+    """An empty panel that says why it is empty."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4", wrap=True,
+            parse_math=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _numeric(series: pd.Series) -> pd.Series:
+    return pd.to_numeric(series, errors="coerce").astype(float)
+
+
+def _log_limits(values: pd.Series) -> tuple[float, float]:
+    """(floor, ceiling) for a log axis: a decade beyond the finite positive values."""
+    v = values.to_numpy(float)
+    positive = v[np.isfinite(v) & (v > 0)]
+    if positive.size == 0:
+        return 1e-12, 1.0
+    return 10.0 ** (math.floor(math.log10(positive.min())) - 1), 10.0 ** (math.ceil(math.log10(positive.max())) + 1)
+
+
+def _log_view(values: pd.Series, floor: float, ceiling: float, include: Sequence[float] = ()) -> tuple[float, float]:
+    """y limits for a log axis: the finite positive values, the floor when there are zeros, the
+    ceiling when there is +inf, and ``include`` (thresholds to keep in view), with a margin."""
+    v = _numeric(values).to_numpy(float)
+    shown = [*v[np.isfinite(v) & (v > 0)], *include]
+    if (v == 0).any():
+        shown.append(floor)
+    if (v == np.inf).any():
+        shown.append(ceiling)
+    if not shown:
+        return floor, ceiling
+    return min(shown) / 1.6, max(shown) * 1.6
+
+
+def _log_ticks(ax) -> None:
+    """Plain numbers on a log y axis ("0.1", "2", "1e-5"); 1-2-5 ticks when it spans under 2 decades."""
+    low, high = ax.get_ylim()
+    if low > 0 and high > 0 and math.log10(high / low) < 2:
+        ax.yaxis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: format_number(v)))
+    ax.yaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+
+
+def _for_log(values: pd.Series, floor: float, ceiling: float) -> pd.Series:
+    """0 -> floor, +inf -> ceiling, negative, -inf and NaN -> NaN (a gap)."""
+    v = _numeric(values)
+    v = v.mask(v == 0, floor).mask(v == np.inf, ceiling)
+    return v.where(v > 0)
+
+
+def _mark_clipped(ax, x: pd.Series, raw: pd.Series, floor: float, ceiling: float, colours) -> list[str]:
+    """▼ at the floor for exact zeros and ▲ at the ceiling for +inf; returns the notes to print."""
+    raw = _numeric(raw)
+    notes = []
+    for mask, level, marker, word in ((raw == 0, floor, ZERO_MARKER, "0"), (raw == np.inf, ceiling, INF_MARKER, "inf")):
+        if not mask.any():
+            continue
+        colour = colours[mask] if isinstance(colours, pd.Series) else colours
+        ax.scatter(x[mask], np.full(int(mask.sum()), level), marker=marker, s=40, c=colour, zorder=5,
+                   edgecolors="black", linewidths=0.5)
+        ax.axhline(level, color="0.5", linestyle=":", linewidth=1)
+        ax.annotate(word, (0, level), xycoords=("axes fraction", "data"), xytext=(2, 2),
+                    textcoords="offset points", fontsize=8, color="0.3")
+        notes.append(f"{'▼' if word == '0' else '▲'} exactly {word}, drawn at {format_number(level)}")
+    return notes
+
+
+def _unique_notes(notes: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(notes))
+
+
+def _figure(nrows: int, ncols: int, panel: tuple[float, float], **subplots) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(max(panel[0] * ncols, 4.0), panel[1] * nrows + 0.9), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **subplots)
+    return fig, axes
+
+
+def _percent(ax) -> None:
+    ax.yaxis.set_major_formatter(mpl.ticker.PercentFormatter(1.0, decimals=None))
+
+
+def _wrap(text: str, inches: float, points: float) -> str:
+    """``text`` wrapped line by line to fit ``inches`` at a font of ``points`` (bold, ~0.56 em a character)."""
+    width = max(20, int(inches * 72 / (0.56 * points)))
+    return "\n".join(textwrap.fill(line, width) if line else line for line in text.split("\n"))
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    size = mpl.rcParams["figure.titlesize"]
+    points = mpl.font_manager.FontProperties(size=size).get_size_in_points()
+    fig.suptitle(_wrap(text, fig.get_figwidth() - 0.2, points), parse_math=False)
+
+
+def _panel_title(ax, text: str, colour=None) -> None:
+    points = mpl.font_manager.FontProperties(size=10).get_size_in_points()
+    inches = 0.92 * ax.figure.get_figwidth() / ax.get_subplotspec().get_gridspec().ncols
+    colour = {"color": colour} if colour is not None else {}
+    ax.set_title(_wrap(text, inches, points), fontsize=10, loc="left", parse_math=False, **colour)
+
+
+def _depth_ints(series: pd.Series) -> pd.Series:
+    return _numeric(series).round().astype("Int64")
+
+
+# ---------------------------------------------------------------- 1. gradient flow
+
+
+def _verdict_lines(verdicts: pd.DataFrame | None, phase, arch: str, several_norms: bool) -> list[str]:
+    """"depth 8: ×41 toward the input — exploding", one per norm (formatting, no statistics)."""
+    if verdicts is None or verdicts.empty or not {"arch", "verdict"} <= set(verdicts.columns):
+        return []
+    rows = verdicts.loc[verdicts["arch"].astype(str) == arch]
+    if phase is not None and "phase" in rows:
+        rows = rows.loc[rows["phase"] == phase]
+    lines = []
+    for row in rows.to_dict("records"):
+        depth = row.get("depth")
+        ratio = row.get("first_to_last", np.nan)
+        head = f"depth {format_number(int(depth))}" if pd.notna(depth) else "depth ?"
+        if several_norms and pd.notna(row.get("norm")):
+            head += f" ({analysis.NORM_WORDS.get(row['norm'], row['norm'])})"
+        change = f"×{format_number(ratio)} toward input — " if pd.notna(ratio) else ""
+        lines.append(f"{head}: {change}{row['verdict']}")
+    return lines
+
+
+def _verdict_bands(ax, floor: float, ceiling: float) -> None:
+    """analysis's thresholds on a ratio axis: shaded beyond them, a dashed line at ×1."""
+    ax.axhspan(analysis.EXPLODING_RATIO, ceiling, color="0.5", alpha=0.1, linewidth=0, zorder=0)
+    ax.axhspan(floor, analysis.VANISHING_RATIO, color="0.5", alpha=0.1, linewidth=0, zorder=0)
+    ax.axhline(1, color="0.45", linewidth=1, linestyle="--", zorder=1)
+    where = ax.get_yaxis_transform()
+    ax.text(0.99, analysis.EXPLODING_RATIO * 1.2, f"exploding (≥ ×{format_number(analysis.EXPLODING_RATIO)})",
+            transform=where, ha="right", va="bottom", fontsize=8, color="0.3")
+    ax.text(0.99, analysis.VANISHING_RATIO / 1.2, f"vanishing (≤ ×{format_number(analysis.VANISHING_RATIO)})",
+            transform=where, ha="right", va="top", fontsize=8, color="0.3")
+
+
+@_themed
+def gradient_flow(profile: pd.DataFrame, verdicts: pd.DataFrame | None = None, title: str | None = None,
+                  y: str = "relative") -> Figure:
+    """Gradient norm against position, one line per run (hue: depth), one panel per block type.
+
+    ``profile`` is ``analysis.gradient_profile`` output (``arch, depth, run, position`` and
+    ``y``; optional ``phase`` (one row of panels per phase), ``norm`` (line style) and
+    ``block`` (the stem is shaded)). ``y="relative"`` (the norm divided by the norm at the
+    last block) puts every line through 1 at its last block, so the height of its left end is
+    the first-to-last ratio and the exploding and vanishing bands apply; ``y="value"`` draws
+    the raw norms. ``verdicts`` holds ``flow_summary`` or ``depth_scaling`` rows (``phase,
+    arch, depth, first_to_last, verdict``) printed under each panel's title. Log y, shared axes.
+    """
+    need = ["arch", "depth", "run", "position", y]
+    if _missing(profile, need, "gradient_flow") or profile.empty:
+        fig, axes = _figure(1, 1, (6, 3.5))
+        _say(axes[0, 0], "no gradient records")
+        return fig
+    df = profile.assign(depth=_depth_ints(profile["depth"]), position=_numeric(profile["position"]))
+    phases = [p for p in analysis.PHASES if "phase" in df and p in set(df["phase"])] or [None]
+    archs = arch_order(df["arch"])
+    several_norms = "norm" in df and df["norm"].nunique() > 1
+    floor, ceiling = _log_limits(df[y])
+    thresholds = (analysis.VANISHING_RATIO, analysis.EXPLODING_RATIO) if y == "relative" else ()
+    low, high = _log_view(df[y], floor, ceiling, thresholds)
+    df["shown"] = _for_log(df[y], floor, ceiling)
+    # one block type: the phases side by side rather than stacked in one narrow column
+    side_by_side = len(archs) == 1
+    shape = (1, len(phases)) if side_by_side else (len(phases), len(archs))
+    fig, axes = _figure(*shape, (4.6 if side_by_side else 4.0, 3.3), sharex=True, sharey=True)
+    notes = []
+    for i, phase in enumerate(phases):
+        for j, arch in enumerate(archs):
+            ax = axes[0, i] if side_by_side else axes[i, j]
+            first_row, first_column = (True, i == 0) if side_by_side else (i == 0, j == 0)
+            ax.set_yscale("log")
+            ax.set_ylim(low, high)
+            if y == "relative":
+                _verdict_bands(ax, low, high)
+            data = df.loc[df["arch"].astype(str) == arch]
+            if phase is not None:
+                data = data.loc[data["phase"] == phase]
+            data = data.dropna(subset=["depth"])
+            shades = depth_shades(arch, data["depth"].tolist() or [0])
+            if "block" in data and (data["block"] == "stem").any():
+                stem = data.loc[data["block"] == "stem", "position"]
+                ax.axvspan(stem.min() - 0.5, stem.max() + 0.5, color="0.85", alpha=0.5, linewidth=0, zorder=0)
+                ax.text(stem.mean(), 0.02, "stem", transform=ax.get_xaxis_transform(), ha="center", fontsize=8,
+                        color="0.4")
+            if data["shown"].notna().any():
+                sns.lineplot(data=data, x="position", y="shown", hue="depth", palette=shades,
+                             hue_order=sorted(shades), units="run", estimator=None,
+                             style="norm" if several_norms else None, marker="o", markersize=4,
+                             linewidth=2, legend="full" if first_row else False, ax=ax)
+                colours = data["depth"].map(shades)
+                notes += _mark_clipped(ax, data["position"], data[y], floor, ceiling, colours)
+            else:
+                _say(ax, "no finite values")
+            if ax.get_legend() is not None:
+                ax.legend(title="depth", fontsize=8, title_fontsize=8, loc="best", ncol=min(len(shades), 3))
+            header = arch if phase is None else f"{arch} — {PHASE_LABELS.get(phase, phase)}"
+            lines = _verdict_lines(verdicts, phase, arch, several_norms)
+            _panel_title(ax, "\n".join([header, *lines]), arch_color(arch))
+            ax.set_xlabel("")
+            if first_column:
+                ax.set_ylabel("gradient norm ÷ norm at last block" if y == "relative" else "gradient norm")
+            else:
+                ax.set_ylabel("")
+    for ax in axes.flat:
+        _log_ticks(ax)
+    label = "probe point position: input (stem) on the left → blocks → output head on the right; " \
+            "the gradient travels right to left"
+    fig.supxlabel(_wrap("\n".join([label, *_unique_notes(notes)]), fig.get_figwidth(), 8), fontsize=9)
+    _suptitle(fig, title or "Gradient norm through the network")
+    return fig
+
+
+# ---------------------------------------------------------------- 2. depth scaling
+
+
+def _depth_axis(ax, depths: pd.Series) -> None:
+    """Log-2 x for depths spanning a factor of 4 or more, else linear; ticks at the depths run."""
+    values = sorted(set(depths.dropna().astype(int)))
+    if values and values[0] > 0 and values[-1] / values[0] >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(values)
+    ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda x, _: format_number(int(round(x)))))
+    ax.xaxis.set_minor_locator(mpl.ticker.NullLocator())
+    ax.set_xlabel("depth (blocks)")
+
+
+@_themed
+def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None, title: str | None = None) -> Figure:
+    """First-to-last gradient ratio against depth, one colour per block type, log y.
+
+    ``scaling`` is ``analysis.depth_scaling`` output (``arch, depth, first_to_last``; optional
+    ``phase``: one panel per phase; ``norm``: line style). ``flow`` (``flow_summary`` rows)
+    adds one dot per seed. The exploding and vanishing bands use analysis's thresholds.
+    """
+    need = ["arch", "depth", "first_to_last"]
+    if _missing(scaling, need, "depth_scaling_ratio") or scaling.empty:
+        fig, axes = _figure(1, 1, (6, 3.5))
+        _say(axes[0, 0], "no depth-scaling data")
+        return fig
+    df = scaling.assign(depth=_numeric(scaling["depth"]))
+    phases = [p for p in analysis.PHASES if "phase" in df and p in set(df["phase"])] or [None]
+    values = [df["first_to_last"]]
+    if flow is not None and not _missing(flow, [*need, "phase"] if phases != [None] else need, "depth_scaling_ratio"):
+        values.append(flow["first_to_last"])
+    else:
+        flow = None
+    everything = pd.concat(values, ignore_index=True)
+    floor, ceiling = _log_limits(everything)
+    low, high = _log_view(everything, floor, ceiling, (analysis.VANISHING_RATIO, analysis.EXPLODING_RATIO))
+    archs = arch_order(df["arch"])
+    several_norms = "norm" in df and df["norm"].nunique() > 1
+    fig, axes = _figure(1, len(phases), (4.6, 3.6), sharey=True)
+    notes = []
+    for j, phase in enumerate(phases):
+        ax = axes[0, j]
+        ax.set_yscale("log")
+        ax.set_ylim(low, high)
+        _verdict_bands(ax, low, high)
+        data = df if phase is None else df.loc[df["phase"] == phase]
+        data = data.assign(shown=_for_log(data["first_to_last"], floor, ceiling))
+        if data["shown"].notna().any():
+            sns.lineplot(data=data, x="depth", y="shown", hue="arch", palette={a: arch_color(a) for a in archs},
+                         hue_order=[a for a in archs if a in set(data["arch"])],
+                         style="norm" if several_norms else None, units="norm" if several_norms else None,
+                         estimator=None, marker="o", linewidth=2, legend=j == len(phases) - 1, ax=ax)
+            colours = data["arch"].map(arch_color)
+            notes += _mark_clipped(ax, data["depth"], data["first_to_last"], floor, ceiling, colours)
+        if flow is not None:
+            seeds = flow if phase is None else flow.loc[flow["phase"] == phase]
+            seeds = seeds.assign(depth=_numeric(seeds["depth"]), shown=_for_log(seeds["first_to_last"], floor, ceiling))
+            ax.scatter(seeds["depth"], seeds["shown"], s=14, c=seeds["arch"].astype(str).map(arch_color).tolist(),
+                       alpha=0.45, linewidths=0, zorder=3)
+        _depth_axis(ax, df["depth"])
+        ax.set_ylabel("gradient ratio first block / last block" if j == 0 else "")
+        ax.set_title(PHASE_LABELS.get(phase, "") if phase else "")
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="block", fontsize=8)
+    for ax in axes.flat:
+        _log_ticks(ax)
+    notes = _unique_notes(notes)
+    if flow is not None:
+        notes.insert(0, "line: geometric mean over seeds · dots: single seeds")
+    if notes:
+        fig.supxlabel("\n".join(notes), fontsize=8)
+    _suptitle(fig, title or "How much the gradient grows from the last block to the first, by depth")
+    return fig
+
+
+@_themed
+def accuracy_vs_depth(runs: pd.DataFrame, chance: float | None = None, title: str | None = None,
+                      metrics: Sequence[str] = ("test_acc", "best_val_acc")) -> Figure:
+    """Accuracy against depth per block type: one panel per accuracy column, one dot per run,
+    a line through the mean over seeds (seaborn's estimator). ``chance`` draws a dotted line."""
+    fig, axes = _figure(1, len(metrics), (4.3, 3.4), sharey=True)
+    base = _missing(runs, ["arch", "depth"], "accuracy_vs_depth")
+    for j, metric in enumerate(metrics):
+        ax = axes[0, j]
+        ax.set_title(ACCURACY_LABELS.get(metric, metric))
+        if base or _missing(runs, [metric], "accuracy_vs_depth"):
+            _say(ax, f"no {metric} column")
+            continue
+        data = runs.assign(depth=_numeric(runs["depth"]), acc=_numeric(runs[metric]).where(lambda s: np.isfinite(s)))
+        data = data.dropna(subset=["acc", "depth"])
+        if data.empty:
+            _say(ax, "no finished runs")
+            continue
+        archs = arch_order(data["arch"])
+        palette = {a: arch_color(a) for a in archs}
+        several_norms = "norm" in data and data["norm"].nunique() > 1
+        sns.lineplot(data=data, x="depth", y="acc", hue="arch", hue_order=archs, palette=palette,
+                     style="norm" if several_norms else None, errorbar=None, linewidth=2, ax=ax,
+                     legend=j == len(metrics) - 1)
+        sns.scatterplot(data=data, x="depth", y="acc", hue="arch", hue_order=archs, palette=palette,
+                        s=28, alpha=0.6, legend=False, ax=ax)
+        if chance is not None:
+            ax.axhline(chance, color="0.4", linestyle=":", linewidth=1)
+            ax.annotate("chance", (1, chance), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                        textcoords="offset points", ha="right", fontsize=8, color="0.35")
+        _depth_axis(ax, data["depth"])
+        _percent(ax)
+        ax.set_ylabel("accuracy" if j == 0 else "")
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="block", fontsize=8)
+    _suptitle(fig, title or "Accuracy against depth (line: mean over seeds; dots: runs)")
+    return fig
+
+
+# ---------------------------------------------------------------- 3. per-run heatmaps
+
+
+def _log_colour_scale(values: np.ndarray) -> LogNorm | None:
+    """One log colour scale over the finite positive ``values`` (None when there are none)."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size == 0:
+        return None
+    low, high = float(positive.min()), float(positive.max())
+    if low == high:
+        low, high = low / 1.1, high * 1.1
+    return LogNorm(vmin=low, vmax=high)
+
+
+def _log_colourbar(fig: Figure, mesh, axes, label: str, zeros: bool) -> None:
+    bar = fig.colorbar(mesh, ax=axes, extend="min" if zeros else "neither", shrink=0.9, aspect=30)
+    decades = math.log10(mesh.norm.vmax / mesh.norm.vmin)
+    subs = (1.0,) if decades > 3 else (1.0, 2.0, 5.0) if decades > 1 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    bar.ax.yaxis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=subs))
+    bar.ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: format_number(v)))
+    bar.ax.yaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+    bar.set_label(label + (" (black: exactly 0)" if zeros else ""))
+
+
+@_themed
+def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm", "act_std"),
+                 labels: Mapping[str, str] | None = None, title: str | None = None) -> Figure:
+    """Probe point × training step: one row of panels per run, one column per metric.
+
+    ``records``: long record rows (``run, step, layer, position, metric, value``), runs in
+    the order they first appear; ``labels`` maps a run to its row title. Each column has one
+    log colour scale shared by all runs, so runs compare at a glance. Exact zeros are black
+    (below the scale), NaN and inf light grey.
+    """
+    need = ["run", "step", "layer", "position", "metric", "value"]
+    runs = list(dict.fromkeys(records["run"])) if "run" in records else []
+    fig, axes = _figure(max(len(runs), 1), len(metrics), (4.6, 2.5))
+    if _missing(records, need, "run_heatmaps") or not runs:
+        for ax in axes.flat:
+            _say(ax, "no per-step records")
+        return fig
+    cmaps = {"grad_out_norm": "rocket", "act_std": "mako"}
+    for j, metric in enumerate(metrics):
+        rows = records.loc[(records["metric"] == metric) & (records["layer"] != analysis.MODEL_LAYER)]
+        grids = {run: rows.loc[rows["run"] == run].pivot_table(index=["position", "layer"], columns="step",
+                                                               values="value", aggfunc="first")
+                 for run in runs}
+        values = [g.to_numpy(float).ravel() for g in grids.values() if g.size]
+        norm = _log_colour_scale(np.concatenate(values)) if values else None
+        cmap = sns.color_palette(cmaps.get(metric, "viridis"), as_cmap=True).with_extremes(under="black", bad="0.85")
+        mesh, zeros = None, False
+        for i, run in enumerate(runs):
+            ax = axes[i, j]
+            ax.grid(False)
+            grid = grids[run].sort_index(level="position")
+            heading = METRIC_LABELS.get(metric, metric)
+            _panel_title(ax, f"{(labels or {}).get(run, run)}\n{heading}" if j == 0 else f"\n{heading}")
+            if grid.empty or norm is None:
+                _say(ax, f"{metric} not recorded" if grid.empty else "no finite positive values")
+                continue
+            shown = grid.to_numpy(float)
+            zeros |= bool((shown == 0).any())
+            shown = np.where(shown == 0, norm.vmin / 10, shown)
+            shown = np.ma.masked_invalid(np.where(np.isinf(shown), np.nan, shown))
+            mesh = ax.pcolormesh(grid.columns.to_numpy(float), np.arange(len(grid)), shown, cmap=cmap, norm=norm,
+                                 shading="nearest", rasterized=True)
+            names = grid.index.get_level_values("layer").tolist()
+            every = max(1, math.ceil(len(names) / 14))
+            ax.set_yticks(np.arange(len(names))[::every], names[::every], fontsize=7)
+            ax.set_ylim(len(names) - 0.5, -0.5)  # the input at the top, the head at the bottom
+            ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+            ax.set_xlabel("training step" if i == len(runs) - 1 else "")
+        if mesh is not None:
+            _log_colourbar(fig, mesh, axes[:, j], f"{METRIC_LABELS.get(metric, metric)} (log)", zeros)
+    _suptitle(fig, title or "Per probe point over training")
+    return fig
+
+
+# ---------------------------------------------------------------- 4. signal propagation
+
+
+@_themed
+def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Figure:
+    """Activation statistics against position (Brock et al. 2021's signal-propagation plots).
+
+    ``activation`` is ``analysis.activation_profile`` output (``run, arch, position, metric,
+    value``). Panels: channel mean², channel variance, and branch (solid) versus skip (dashed)
+    variance of residual blocks. Hue: block type; one line per run; log y.
+    """
+    panels = [("channel mean²", ["act_chan_mean_sq"]), ("channel variance", ["act_chan_var"]),
+              ("residual branch vs skip variance", ["branch_chan_var", "skip_chan_var"])]
+    fig, axes = _figure(1, len(panels), (4.0, 3.4), sharex=True)
+    if _missing(activation, ["run", "arch", "position", "metric", "value"], "signal_propagation"):
+        for ax in axes[0]:
+            _say(ax, "no activation statistics")
+        return fig
+    df = activation.assign(position=_numeric(activation["position"]))
+    floor, ceiling = _log_limits(df["value"])
+    df["shown"] = _for_log(df["value"], floor, ceiling)
+    archs = arch_order(df["arch"])
+    palette = {a: arch_color(a) for a in archs}
+    parts = {"branch_chan_var": "branch", "skip_chan_var": "skip"}
+    notes = []
+    for j, (label, metrics) in enumerate(panels):
+        ax = axes[0, j]
+        ax.set_yscale("log")
+        ax.set_title(label)
+        data = df.loc[df["metric"].isin(metrics)]
+        if data["shown"].notna().sum() == 0:
+            _say(ax, "not recorded" if len(metrics) == 1 else "no residual blocks")
+            continue
+        data = data.assign(part=data["metric"].map(parts))
+        sns.lineplot(data=data, x="position", y="shown", hue="arch", palette=palette,
+                     hue_order=[a for a in archs if a in set(data["arch"])], units="run", estimator=None,
+                     style="part" if len(metrics) > 1 else None,
+                     style_order=["branch", "skip"] if len(metrics) > 1 else None,
+                     linewidth=1.8, legend=True, ax=ax)
+        notes += _mark_clipped(ax, data["position"], data["value"], floor, ceiling, data["arch"].map(arch_color))
+        ax.set_xlabel("")
+        ax.set_ylabel("value (log)" if j == 0 else "")
+        if ax.get_legend() is not None:
+            ax.legend(fontsize=7, loc="best")
+    for ax in axes.flat:
+        if ax.get_yscale() == "log":
+            _log_ticks(ax)
+    fig.supxlabel("\n".join(["probe point position: input → output", *_unique_notes(notes)]), fontsize=9)
+    _suptitle(fig, title or "Signal propagation: activation statistics through the network")
+    return fig
+
+
+# ---------------------------------------------------------------- 5. branch versus skip
+
+
+@_themed
+def branch_skip(share: pd.DataFrame, title: str | None = None) -> Figure:
+    """Share of each residual block's input gradient (squared norms) through the branch.
+
+    ``share`` is ``analysis.branch_skip_share`` output (``arch, depth, run, position,
+    branch_share``; optional ``phase``: one column of panels per phase). One row of panels
+    per block type, hue depth; 0 means everything flows through the skip path, 1 through the
+    branch.
+    """
+    need = ["arch", "depth", "run", "position", "branch_share"]
+    if _missing(share, need, "branch_skip") or share.empty:
+        fig, axes = _figure(1, 1, (6, 3.2))
+        _say(axes[0, 0], "no residual blocks")
+        return fig
+    df = share.assign(depth=_depth_ints(share["depth"]), position=_numeric(share["position"]),
+                      branch_share=_numeric(share["branch_share"]).where(lambda s: np.isfinite(s)))
+    phases = [p for p in analysis.PHASES if "phase" in df and p in set(df["phase"])] or [None]
+    archs = arch_order(df["arch"])
+    fig, axes = _figure(len(archs), len(phases), (4.8, 2.9), sharex=True, sharey=True)
+    for i, arch in enumerate(archs):
+        for j, phase in enumerate(phases):
+            ax = axes[i, j]
+            data = df.loc[df["arch"].astype(str) == arch].dropna(subset=["depth"])
+            if phase is not None:
+                data = data.loc[data["phase"] == phase]
+            ax.axhspan(-0.03, 0.5, color="0.5", alpha=0.08, linewidth=0, zorder=0)
+            ax.axhline(0.5, color="0.45", linestyle="--", linewidth=1)
+            ax.text(0.99, 0.03, "mostly through the skip", transform=ax.transAxes, ha="right", fontsize=8, color="0.35")
+            ax.text(0.99, 0.93, "mostly through the branch", transform=ax.transAxes, ha="right", fontsize=8,
+                    color="0.35")
+            if data["branch_share"].notna().any():
+                shades = depth_shades(arch, data["depth"].tolist())
+                sns.lineplot(data=data, x="position", y="branch_share", hue="depth", palette=shades,
+                             hue_order=sorted(shades), units="run", estimator=None, marker="o", markersize=4,
+                             linewidth=2, legend="full" if j == len(phases) - 1 else False, ax=ax)
+                if ax.get_legend() is not None:
+                    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="depth", fontsize=8,
+                                    title_fontsize=8)
+            else:
+                _say(ax, "no finite shares")
+            ax.set_ylim(-0.03, 1.03)
+            heading = arch if phase is None else f"{arch} — {PHASE_LABELS.get(phase, phase)}"
+            _panel_title(ax, heading, arch_color(arch))
+            ax.set_xlabel("")
+            ax.set_ylabel("branch share of ‖∂L/∂input‖²" if j == 0 else "")
+    fig.supxlabel("block position: input → output", fontsize=9)
+    _suptitle(fig, title or "Residual blocks: how the input gradient splits between branch and skip")
+    return fig
+
+
+# ---------------------------------------------------------------- 6. training curves
+
+
+def _panels(frames: Sequence[pd.DataFrame]) -> list[tuple[str, object]]:
+    """(arch, norm) pairs in display order; norm is None when the frames hold one norm or none."""
+    keys = pd.concat([f.reindex(columns=["arch", "norm"]) for f in frames], ignore_index=True).dropna(subset=["arch"])
+    keys = keys.assign(arch=keys["arch"].astype(str))
+    several_norms = keys["norm"].nunique() > 1
+    pairs = keys.drop_duplicates() if several_norms else keys.drop_duplicates("arch").assign(norm=None)
+    rank = {a: i for i, a in enumerate(arch_order(pairs["arch"]))}
+    pairs = pairs.assign(_rank=pairs["arch"].map(rank)).sort_values(["_rank", "norm"], kind="stable")
+    return list(zip(pairs["arch"], pairs["norm"]))
+
+
+def _panel_rows(frame: pd.DataFrame, arch: str, norm) -> pd.DataFrame:
+    mine = frame.loc[frame["arch"].astype(str) == arch]
+    return mine if norm is None or "norm" not in mine else mine.loc[mine["norm"] == norm]
+
+
+@_themed
+def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | None = None,
+                    columns: int = 4) -> Figure:
+    """The notebook's two plots for many runs: loss per step (upper panel) and accuracy per
+    epoch (lower panel; train solid, validation dashed), one pair of panels per block type
+    (and norm, when there are several), at most ``columns`` pairs a row; hue depth, one line
+    per run.
+
+    ``steps``: ``run, arch, depth, step, loss``; ``history``: ``run, arch, depth, epoch,
+    train_acc, val_acc`` (epoch counted from 0, drawn from 1); ``norm`` optional.
+    """
+    panels = _panels([steps, history])
+    ncols = max(1, min(len(panels), columns))
+    fig, axes = _figure(2 * max(1, math.ceil(len(panels) / ncols)), ncols, (3.9, 2.6))
+    if not panels:
+        for ax in axes.flat:
+            _say(ax, "no runs")
+        return fig
+    has_steps = not _missing(steps, ["run", "arch", "depth", "step", "loss"], "training_curves")
+    has_history = not _missing(history, ["run", "arch", "depth", "epoch", "train_acc", "val_acc"], "training_curves")
+    for k, (arch, norm) in enumerate(panels):
+        top, bottom = axes[2 * (k // ncols), k % ncols], axes[2 * (k // ncols) + 1, k % ncols]
+        heading = arch if norm is None else f"{arch} — {analysis.NORM_WORDS.get(norm, norm)}"
+        _panel_title(top, heading, arch_color(arch))
+        mine_steps = _panel_rows(steps, arch, norm) if has_steps else steps.iloc[:0]
+        mine_history = _panel_rows(history, arch, norm) if has_history else history.iloc[:0]
+        depths = pd.concat([_depth_ints(f["depth"]) for f in (mine_steps, mine_history) if "depth" in f])
+        shades = depth_shades(arch, depths.dropna().tolist() or [0])
+        data = mine_steps.assign(depth=_depth_ints(mine_steps["depth"]),
+                                 loss=_numeric(mine_steps["loss"]).where(lambda s: np.isfinite(s))) \
+            if has_steps else None
+        if data is not None and data["loss"].notna().any():
+            sns.lineplot(data=data, x="step", y="loss", hue="depth", palette=shades, hue_order=sorted(shades),
+                         units="run", estimator=None, linewidth=1.2, legend="full", ax=top)
+            top.legend(title="depth", fontsize=7, title_fontsize=7, loc="upper right", ncol=min(len(shades), 3))
+            top.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        else:
+            _say(top, "no finite losses" if has_steps else "no loss per step")
+        top.set_xlabel("step")
+        top.set_ylabel("training loss" if k % ncols == 0 else "")
+        if has_history:
+            data = mine_history[["run", "depth", "epoch", "train_acc", "val_acc"]].melt(
+                id_vars=["run", "depth", "epoch"], value_vars=["train_acc", "val_acc"],
+                var_name="split", value_name="accuracy")
+            data = data.assign(depth=_depth_ints(data["depth"]), epoch=_numeric(data["epoch"]) + 1,
+                               split=data["split"].map({"train_acc": "train", "val_acc": "validation"}),
+                               accuracy=_numeric(data["accuracy"]).where(lambda s: np.isfinite(s)))
+        if has_history and data["accuracy"].notna().any():
+            sns.lineplot(data=data, x="epoch", y="accuracy", hue="depth", palette=shades, hue_order=sorted(shades),
+                         style="split", style_order=["train", "validation"], units="run", estimator=None,
+                         marker="o", markersize=4, linewidth=1.5, legend=k == 0, ax=bottom)
+            if bottom.get_legend() is not None:
+                bottom.legend(fontsize=7, loc="best", ncol=2)
+            bottom.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+            _percent(bottom)
+        else:
+            _say(bottom, "no finite accuracies" if has_history else "no accuracy per epoch")
+        bottom.set_xlabel("epoch")
+        bottom.set_ylabel("accuracy" if k % ncols == 0 else "")
+    for k in range(len(panels), axes.shape[0] // 2 * ncols):
+        axes[2 * (k // ncols), k % ncols].axis("off")
+        axes[2 * (k // ncols) + 1, k % ncols].axis("off")
+    _suptitle(fig, title or "Training curves: loss per step, train and validation accuracy per epoch")
+    return fig
+
+
+# ---------------------------------------------------------------- 7. sample inputs
+
+
+@_themed
+def sample_grid(images: np.ndarray, labels: Sequence[str], title: str | None = None, columns: int = 4) -> Figure:
+    """A grid of uint8 images ([n, 3, H, W] or [n, H, W, 3]) with their class names."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[0] == 0 or 3 not in (images.shape[1], images.shape[-1]):
+        warnings.warn(f"sample_grid: expected images [n, 3, H, W] or [n, H, W, 3], got shape {images.shape}",
+                      stacklevel=2)
+        fig, axes = _figure(1, 1, (4, 2))
+        _say(axes[0, 0], "no sample images")
+        return fig
+    if images.shape[1] == 3 and images.shape[-1] != 3:
+        images = images.transpose(0, 2, 3, 1)
+    n = images.shape[0]
+    rows = math.ceil(n / columns)
+    fig = Figure(figsize=(1.7 * min(n, columns), 1.9 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, min(n, columns), squeeze=False)
+    labels = list(labels) + [""] * max(0, n - len(labels))
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k], interpolation="nearest")
+            ax.set_title(str(labels[k]), fontsize=10, parse_math=False)  # names come from files
+    _suptitle(fig, title or "Sample test images")
+    return fig

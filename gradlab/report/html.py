@@ -1,0 +1,668 @@
+"""One self-contained HTML page of a run or a sweep: text, tables and figures, nothing external.
+
+``build_report(path)`` reads a run or sweep directory through ``gradlab.runs``, computes the
+analysis frames (``gradlab.analysis``), draws the figures (``gradlab.report.figures``) and
+returns a ``Report``; ``Report.to_html()`` renders it with jinja2 (autoescaped: every run
+name and config value is text, never markup). ``write_report(path, out)`` does both and
+writes the file.
+
+The page needs nothing but itself: CSS in a ``<style>`` block, figures as PNG data URIs
+rendered at ``FIGURE_DPI`` (2× a 96-dpi screen, shown at half their pixel size, so they stay
+crisp on high-density screens), no scripts, fonts or links to anything outside the file.
+
+Bounded work for big sweeps:
+- records are read one run at a time and only for the metrics a figure needs, then cut to
+  the rows the ``init`` and ``end`` phases read (``_phase_rows``), so the sweep-wide frames
+  hold at most 1 + ``analysis.END_STEPS`` steps per run;
+- the per-step heatmaps read two metrics of at most ``MAX_HEATMAP_RUNS`` runs (beyond that,
+  the deepest run of each block type and norm);
+- gradient-flow panels show at most ``MAX_DEPTHS`` depths per block type, training curves at
+  most ``MAX_CURVE_RUNS`` runs; the page says what it left out.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from gradlab import __version__, analysis
+from gradlab.report import figures
+from gradlab.report.text import MISSING, depth_scaling_table, format_number
+from gradlab.runs import RECORD_COLUMNS, Run, Sweep, load_sweep
+
+FIGURE_DPI = 192  # 2 × 96: PNGs shown at half their pixel width
+SCREEN_DPI = 96
+MAX_HEATMAP_RUNS = 8  # more runs than this: the deepest of each (block type, norm)
+MAX_DEPTHS = 6  # depths per block type in the gradient-flow and branch/skip panels
+MAX_SEED_LINES = 12  # more lines than this per panel: only the lowest seed is drawn
+MAX_CURVE_RUNS = 24  # training curves beyond this: lowest seed, then a selection of depths
+REPORTS_FOLDER = "reports"
+PHASES = ("init", "end")  # the report's two moments: at initialisation, at the end of training
+PHASE_METRICS = ["grad_out_norm", "grad_gain", *analysis.ACTIVATION_METRICS,
+                 "grad_in_branch_norm", "grad_in_skip_norm"]
+HEATMAP_METRICS = ("grad_out_norm", "act_std")
+SAMPLES = "samples.npz"  # written by gradlab.train._write_samples: uint8 images and class names
+
+SECTIONS = {  # id -> heading; every page has all of them, in this order
+    "run": "1 · What was run",
+    "gradient-flow": "2 · Gradient flow",
+    "depth-scaling": "3 · Depth scaling",
+    "heatmaps": "4 · Per-run heatmaps",
+    "signal-propagation": "5 · Signal propagation",
+    "branch-skip": "6 · Residual branch versus skip path",
+    "training-curves": "7 · Training curves",
+    "samples": "8 · Sample inputs",
+    "depth-table": "9 · Depth-scaling table",
+}
+
+
+# ---------------------------------------------------------------- the report object
+
+
+@dataclass
+class Image:
+    """One figure as a PNG data URI, with the width (CSS pixels) to show it at."""
+
+    uri: str
+    alt: str
+    width: int
+
+
+@dataclass
+class Table:
+    caption: str
+    columns: list[str]
+    rows: list[list[str]]
+    row_classes: list[str] = field(default_factory=list)  # one CSS class per row ("" for none)
+    collapsed: bool = False  # inside <details>: long tables stay out of the way
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    lead: str = ""  # what to notice, in one or two sentences
+    images: list[Image] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # selections, caveats, what a sweep would add
+
+
+@dataclass
+class Report:
+    """Everything the page shows; ``to_html`` renders it, Jupyter shows it inline."""
+
+    title: str
+    facts: list[tuple[str, str]]
+    banners: list[str]  # prominent warnings: synthetic data, failed runs, unreadable cells
+    sections: list[Section]
+    build_seconds: float = 0.0
+
+    def to_html(self) -> str:
+        return _TEMPLATE.render(report=self, version=__version__)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def section(self, id: str) -> Section:
+        return next(s for s in self.sections if s.id == id)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _one_run(sweep: Sweep, run: Run) -> Sweep:
+    return replace(sweep, runs=[run], unreadable={})
+
+
+def _phase_rows(records: pd.DataFrame) -> pd.DataFrame:
+    """The rows the ``init`` and ``end`` phases read (analysis's definitions): each (run,
+    metric)'s first recorded step and its last ``END_STEPS`` recorded steps."""
+    if records.empty:
+        return records
+    steps = records.groupby(["run", "metric"], observed=True, sort=False)["step"]
+    first = records["step"] == steps.transform("min")
+    last = steps.rank(method="dense", ascending=False) <= analysis.END_STEPS
+    return records.loc[first | last]
+
+
+def _phase_records(sweep: Sweep) -> pd.DataFrame:
+    """Every run's phase rows of ``PHASE_METRICS``, read one run at a time."""
+    frames = [_phase_rows(_one_run(sweep, run).records(metrics=PHASE_METRICS)) for run in sweep.runs]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*analysis.RUN_KEYS,
+                                                                                    *RECORD_COLUMNS])
+
+
+def _identity(run: Run) -> dict:
+    train = run.train
+    return {"run": run.name, "arch": train.get("block"), "depth": train.get("depth"),
+            "norm": train.get("norm"), "seed": train.get("seed")}
+
+
+def _curves(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(steps, history) of ``runs`` with the run identity in front."""
+    steps = [r.steps.assign(**_identity(r)) for r in runs if not r.steps.empty]
+    history = [r.history.assign(**_identity(r)) for r in runs if not r.history.empty]
+    empty = pd.DataFrame(columns=[*analysis.RUN_KEYS])
+    return (pd.concat(steps, ignore_index=True) if steps else empty,
+            pd.concat(history, ignore_index=True) if history else empty)
+
+
+def _samples(runs: list[Run]) -> tuple[np.ndarray, list[str]] | None:
+    for run in runs:
+        path = run.path / SAMPLES
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as stored:
+                return stored["images"], [str(x) for x in stored["labels"]]
+    return None
+
+
+# ---------------------------------------------------------------- selections
+
+
+def _spread(values: list, k: int) -> list:
+    """At most ``k`` of the sorted ``values``, evenly spread, always the first and the last."""
+    values = sorted(values)
+    if len(values) <= k:
+        return values
+    picks = np.unique(np.round(np.linspace(0, len(values) - 1, k)).astype(int))
+    return [values[i] for i in picks]
+
+
+def _depth_selection(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Runs of at most ``MAX_DEPTHS`` depths per (arch, norm) and, when panels would get more
+    than ``MAX_SEED_LINES`` lines, only the lowest seed; plus a sentence saying so."""
+    if runs.empty:
+        return runs, ""
+    keep, notes = [], []
+    for (arch, norm), group in runs.groupby(["arch", "norm"], sort=False, dropna=False):
+        depths = _spread(group["depth"].dropna().unique().tolist(), MAX_DEPTHS)
+        if len(depths) < group["depth"].nunique():
+            notes.append(f"{arch}: depths {', '.join(format_number(int(d)) for d in depths)}")
+        keep.append(group.loc[group["depth"].isin(depths)])
+    chosen = pd.concat(keep)
+    per_panel = chosen.groupby(["arch"], sort=False).size().max()
+    if per_panel > MAX_SEED_LINES:
+        lowest = chosen.groupby(["arch", "norm", "depth"], dropna=False)["seed"].transform("min")
+        chosen = chosen.loc[chosen["seed"] == lowest]
+        notes.append("one line per depth (the lowest seed)")
+    note = f"Showing {len(chosen)} of {len(runs)} runs — " + "; ".join(notes) + "." if notes else ""
+    return chosen, note
+
+
+def _deepest(runs: pd.DataFrame) -> pd.DataFrame:
+    """The deepest run of each (arch, norm); ties go to the lowest seed, then the run name."""
+    if runs.empty:
+        return runs
+    ordered = runs.sort_values(["depth", "seed", "run"], ascending=[False, True, True], kind="stable")
+    return analysis.sort_by_arch(ordered.drop_duplicates(["arch", "norm"]), ["arch", "norm"])
+
+
+def _curve_selection(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    if len(runs) <= MAX_CURVE_RUNS:
+        return runs, ""
+    lowest = runs.groupby(["arch", "norm", "depth"], dropna=False)["seed"].transform("min")
+    chosen, how = runs.loc[runs["seed"] == lowest], ["the lowest seed"]
+    groups = chosen.groupby(["arch", "norm"], dropna=False).ngroups
+    per_group = max(2, MAX_CURVE_RUNS // max(groups, 1))
+    if len(chosen) > MAX_CURVE_RUNS:
+        parts = []
+        for _, group in chosen.groupby(["arch", "norm"], sort=False, dropna=False):
+            parts.append(group.loc[group["depth"].isin(_spread(group["depth"].unique().tolist(), per_group))])
+        chosen = pd.concat(parts)
+        how.append(f"at most {per_group} depths per block type, evenly spread from shallowest to deepest")
+    return chosen, f"Showing {len(chosen)} of {len(runs)} runs: {' and '.join(how)}."
+
+
+# ---------------------------------------------------------------- text
+
+
+def _join(values) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    distinct = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+    return ", ".join(format_number(v) if not isinstance(v, str) else v for v in distinct) or MISSING
+
+
+def _ratio(x) -> str:
+    return f"×{format_number(x)}" if pd.notna(x) else MISSING
+
+
+def _verdict_sentence(rows: pd.DataFrame) -> str:
+    """"conv explodes toward the input (×41); res (×1.3) and skip (×2) stay within ×0.1–×10",
+    with "at depth N" after each ratio unless the rows share one depth (the caller says it)."""
+    if rows.empty:
+        return "no gradient records"
+    several_norms = rows["norm"].nunique() > 1
+    one_depth = rows["depth"].nunique() == 1
+    band = f"×{format_number(analysis.VANISHING_RATIO)}–×{format_number(analysis.EXPLODING_RATIO)}"
+    parts = []
+    for verdict in ["exploding", "vanishing", "stable", "non-finite", "n/a"]:
+        mine = rows.loc[rows["verdict"].astype(str).str.split(" ").str[0] == verdict]
+        if mine.empty:
+            continue
+        names = []
+        for row in mine.to_dict("records"):
+            name = row["arch"] + (f" ({analysis.NORM_WORDS.get(row['norm'], row['norm'])})" if several_norms else "")
+            where = "" if one_depth else f" at depth {format_number(int(row['depth']))}"
+            names.append(f"{name} ({_ratio(row['first_to_last'])}{where})")
+        one = len(names) == 1
+        listed = names[0] if one else ", ".join(names[:-1]) + " and " + names[-1]
+        verbs = {"exploding": f"{'explodes' if one else 'explode'} toward the input",
+                 "vanishing": f"{'vanishes' if one else 'vanish'} toward the input",
+                 "stable": f"{'stays' if one else 'stay'} within {band}",
+                 "non-finite": "non-finite", "n/a": "too shallow to tell"}
+        parts.append(f"{listed} {verbs[verdict]}")
+    return "; ".join(parts)
+
+
+def _deepest_verdicts(scaling: pd.DataFrame) -> pd.DataFrame:
+    """The depth-scaling row (seeds pooled) of the deepest depth of each (phase, arch, norm)."""
+    rows = scaling.dropna(subset=["verdict"])
+    if rows.empty:
+        return rows
+    rows = rows.sort_values("depth", ascending=False, kind="stable").drop_duplicates(["phase", "arch", "norm"])
+    return analysis.sort_by_arch(rows, ["phase", "arch", "norm"])
+
+
+def _png(fig, alt: str, dpi: int) -> Image:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    width = int(round(fig.get_figwidth() * SCREEN_DPI))
+    fig.clear()  # the Figure was made without pyplot: dropping it frees it, nothing to close
+    return Image("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), alt, width)
+
+
+def _table(frame: pd.DataFrame, caption: str, index_name: str | None = None, collapsed: bool = False,
+           row_classes: list[str] | None = None) -> Table:
+    if index_name is not None:
+        frame = frame.reset_index().rename(columns={frame.index.name or "index": index_name})
+    cells = [[v if isinstance(v, str) else format_number(v) for v in row]
+             for row in frame.itertuples(index=False, name=None)]
+    return Table(caption, [str(c) for c in frame.columns], cells, row_classes or [], collapsed)
+
+
+# ---------------------------------------------------------------- the sections
+
+
+def _header(sweep: Sweep, runs: pd.DataFrame, path: Path) -> tuple[list[tuple[str, str]], list[str], Table]:
+    """The facts list (what, how, on what, how long), the banners and the run list."""
+    configs = [r.config for r in sweep.runs]
+
+    def each(section: str, key: str) -> str:
+        """The distinct values of ``config[section][key]`` over the runs, joined."""
+        return _join([(c.get(section) or {}).get(key) for c in configs])
+
+    synthetic = any(bool(c.get("synthetic")) for c in configs)
+    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items()) if len(runs) else ""
+    kind = "single run" if not sweep.config and len(sweep.runs) == 1 else "sweep"
+    what = f"{path.name} ({kind}: {len(runs)} run{'s' if len(runs) != 1 else ''}{', ' + counts if counts else ''})"
+    machine = f"{_join([c.get('device') for c in configs])} · {each('hardware', 'processor')} · " \
+              f"{each('hardware', 'cpu_count')} CPUs"
+    if each("hardware", "cuda") != MISSING:
+        machine += f" · GPU {each('hardware', 'cuda')}"
+    dataset = ("SYNTHETIC DATA (seeded noise with learnable labels, not real images)" if synthetic
+               else _join([c.get("dataset") for c in configs]))
+    if any((c.get("train") or {}).get("subset") for c in configs):
+        dataset += f" · first {each('train', 'subset')} training images"
+    wall = pd.to_numeric(runs["wall_seconds"], errors="coerce") if len(runs) else pd.Series(dtype=float)
+    facts = [
+        ("Report of", what),
+        ("Blocks", _join(runs["arch"])),
+        ("Depths", _join(runs["depth"])),
+        ("Norms", _join([analysis.NORM_WORDS.get(n, n) for n in runs["norm"]])),
+        ("Seeds", _join(runs["seed"])),
+        ("Epochs", each("train", "epochs")),
+        ("Width · batch · learning rate", f"{each('train', 'width')} · {each('train', 'batch_size')} · "
+                                          f"{each('train', 'lr')}"),
+        ("Dataset", dataset),
+        ("Hardware", machine),
+        ("Versions", f"gradlab {each('versions', 'gradlab')} · torch {each('versions', 'torch')} · "
+                     f"Python {each('versions', 'python')}"),
+        ("Wall time", f"{format_number(wall.sum())} s of training in total, longest run {format_number(wall.max())} s"
+         if wall.notna().any() else MISSING),
+    ]
+    banners = []
+    if synthetic:
+        banners.append("Synthetic data: these runs trained on seeded noise images, not on CIFAR-10. "
+                       "Accuracies say nothing about real images; gradient flow at initialisation still does.")
+    bad = runs.loc[runs["status"].isin(["failed", "diverged"])] if len(runs) else runs
+    if len(bad):
+        banners.append(f"{len(bad)} run(s) failed or diverged: {', '.join(bad['run'].astype(str))}. "
+                       "They are marked in the run list; their figures stop where their records stop.")
+    running = runs.loc[runs["status"] == "running"] if len(runs) else runs
+    if len(running):
+        banners.append(f"{len(running)} run(s) still running or interrupted: {', '.join(running['run'].astype(str))}.")
+    cells = sweep.config.get("cells") or []
+    if len(cells) > len(sweep.runs) + len(sweep.unreadable):
+        waiting = len(cells) - len(sweep.runs) - len(sweep.unreadable)
+        banners.append(f"{waiting} of the sweep's {len(cells)} cells have not started yet; this page shows the others.")
+    for name, why in sweep.unreadable.items():
+        banners.append(f"Skipped {name}: {why}")
+    columns = ["run", "arch", "depth", "norm", "seed", "status", "epochs_done", "final_train_acc",
+               "best_val_acc", "test_acc", "wall_seconds", "error"]
+    listing = runs.reindex(columns=columns)
+    for column in ("final_train_acc", "best_val_acc", "test_acc"):
+        listing[column] = [f"{format_number(100 * v)}%" if pd.notna(v) else MISSING
+                           for v in pd.to_numeric(listing[column], errors="coerce")]
+    classes = [s if s in ("failed", "diverged", "running") else "" for s in listing["status"].astype(str)]
+    table = _table(listing, f"All {len(runs)} runs", collapsed=len(runs) > 12, row_classes=classes)
+    return facts, banners, table
+
+
+def _gradient_flow(profile, scaling, runs, dpi) -> Section:
+    section = Section("gradient-flow", SECTIONS["gradient-flow"])
+    if profile.empty:
+        section.notes.append("No gradient records: these runs were trained with recording off (--record-every 0).")
+        return section
+    shown, note = _depth_selection(runs.loc[runs["run"].isin(set(profile["run"]))])
+    verdicts = _deepest_verdicts(scaling.loc[scaling["depth"].isin(set(shown["depth"]))])
+    lines = []
+    for phase in PHASES:
+        rows = verdicts.loc[verdicts["phase"] == phase]
+        if len(rows):
+            depth = f" (depth {format_number(int(rows['depth'].iloc[0]))})" if rows["depth"].nunique() == 1 else ""
+            lines.append(f"{figures.PHASE_LABELS[phase].capitalize()}{depth}: {_verdict_sentence(rows)}.")
+    section.lead = (
+        "Each line is one network: the norm of the loss gradient at each probe point, input on the left, "
+        "output on the right. The gradient starts at the output and travels left; a line that climbs "
+        "toward the left means gradients grow (explode) on their way to the input, one that falls means "
+        "they vanish. Flat lines are healthy.")
+    fig = figures.gradient_flow(profile.loc[profile["run"].isin(set(shown["run"]))], verdicts=verdicts,
+                                title="\n".join(lines))
+    section.images.append(_png(fig, "Gradient norm against position, per block type, at initialisation and at "
+                                    "the end of training. " + " ".join(lines), dpi))
+    section.notes += [n for n in [note] if n]
+    section.notes.append(f"Verdicts compare the gradient at the first block with the last block: ×"
+                         f"{format_number(analysis.EXPLODING_RATIO)} or more is exploding, ×"
+                         f"{format_number(analysis.VANISHING_RATIO)} or less vanishing. The end of training is "
+                         f"the median of the last {analysis.END_STEPS} recorded steps.")
+    return section
+
+
+def _depth_scaling(scaling, flow, runs, chance, dpi) -> Section:
+    section = Section("depth-scaling", SECTIONS["depth-scaling"])
+    if runs.empty:
+        section.notes.append("No runs yet.")
+        return section
+    if runs["depth"].nunique() < 2:
+        depth = _join(runs["depth"])
+        section.notes.append(
+            f"This report covers one depth ({depth}). A sweep over depths — for example "
+            "`gradlab sweep --blocks conv,res,skip --depths 2,8,32` — adds the gradient ratio and the "
+            "accuracy against depth for each block type, the picture of how trainability scales.")
+        return section
+    section.lead = ("Top: how many times larger the gradient is at the first block than at the last, for each "
+                    "depth. Lines that rise with depth are exploding nets; lines that stay near ×1 keep "
+                    "their gradients usable at any depth. Bottom: what that does to accuracy.")
+    if scaling["first_to_last"].notna().any():
+        fig = figures.depth_scaling_ratio(scaling, flow=flow)
+        section.images.append(_png(fig, "First-to-last gradient ratio against depth per block type.", dpi))
+    else:
+        section.notes.append("No gradient ratios (no records, or every net has fewer than 2 blocks).")
+    fig = figures.accuracy_vs_depth(runs, chance=chance)
+    section.images.append(_png(fig, "Test and best validation accuracy against depth per block type.", dpi))
+    return section
+
+
+def _heatmaps(sweep: Sweep, runs: pd.DataFrame, dpi: int) -> Section:
+    section = Section("heatmaps", SECTIONS["heatmaps"])
+    section.lead = ("Each row is a probe point (input at the top), each column a training step; colour is "
+                    "the gradient norm (left) and the activation standard deviation (right), on a log "
+                    "scale. A vertical colour gradient means the scale changes with depth; a horizontal "
+                    "one, that training changes it.")
+    recorded = runs.loc[runs["has_records"]]
+    if recorded.empty:
+        section.notes.append("No per-step records to draw.")
+        return section
+    chosen = recorded if len(recorded) <= MAX_HEATMAP_RUNS else _deepest(recorded)
+    if len(chosen) < len(recorded):
+        section.notes.append(f"Showing {len(chosen)} of {len(recorded)} runs: the deepest run of each block "
+                             "type and norm (lowest seed).")
+    by_name = {r.name: r for r in sweep.runs}
+    frames, labels = [], {}
+    for row in chosen.to_dict("records"):
+        columns = ["step", "layer", "position", "metric", "value"]
+        records = by_name[row["run"]].records(metrics=list(HEATMAP_METRICS), columns=columns)
+        frames.append(records.assign(run=row["run"]))
+        norm = analysis.NORM_WORDS.get(row["norm"], row["norm"])
+        labels[row["run"]] = f"{row['run']}: {row['arch']}, depth {format_number(int(row['depth']))}, {norm}"
+        if row["status"] in ("failed", "diverged"):
+            labels[row["run"]] += f" ({row['status']})"
+    fig = figures.run_heatmaps(pd.concat(frames, ignore_index=True), HEATMAP_METRICS, labels=labels,
+                               title="Gradient norm and activation std per probe point and step")
+    section.images.append(_png(fig, "Heatmaps of gradient norm and activation std per probe point and training "
+                                    f"step for {', '.join(chosen['run'])}.", dpi))
+    return section
+
+
+def _signal(activation: pd.DataFrame, runs: pd.DataFrame, dpi: int) -> Section:
+    section = Section("signal-propagation", SECTIONS["signal-propagation"])
+    section.lead = ("How the forward signal changes through the net at initialisation (Brock et al. 2021): "
+                    "the squared channel mean grows when activations drift off zero; the channel variance "
+                    "shows whether the signal blows up or dies; in residual blocks the branch variance "
+                    "against the skip variance says which path carries the signal.")
+    if activation.empty:
+        section.notes.append("No activation statistics recorded.")
+        return section
+    chosen = _deepest(runs.loc[runs["run"].isin(set(activation["run"]))])
+    fig = figures.signal_propagation(activation.loc[activation["run"].isin(set(chosen["run"]))])
+    section.images.append(_png(fig, "Activation channel mean squared, channel variance and branch versus skip "
+                                    "variance against position.", dpi))
+    section.notes.append(f"The deepest run of each block type{' and norm' if runs['norm'].nunique() > 1 else ''}: "
+                         f"{', '.join(chosen['run'])}.")
+    return section
+
+
+def _branch_skip(share: pd.DataFrame, runs: pd.DataFrame, dpi: int) -> Section:
+    section = Section("branch-skip", SECTIONS["branch-skip"])
+    if share.empty and runs["arch"].isin(["res", "resdown"]).any():
+        section.notes.append("No branch/skip gradient records for the residual runs (recording was off).")
+        return section
+    if share.empty:
+        section.notes.append("No residual blocks (res or resdown) in this report, so there is no branch/skip "
+                             "split to show. A sweep with --blocks res adds it.")
+        return section
+    section.lead = ("For each residual block, the share of the squared input-gradient norm that came through "
+                    "the residual branch rather than the identity skip. Near 0 the skip path carries the "
+                    "gradient, which is why residual nets keep it from exploding.")
+    shown, note = _depth_selection(runs.loc[runs["run"].isin(set(share["run"]))])
+    fig = figures.branch_skip(share.loc[share["run"].isin(set(shown["run"]))])
+    section.images.append(_png(fig, "Branch share of the input gradient per residual block.", dpi))
+    section.notes += [n for n in [note] if n]
+    section.notes.append("Shares of b² / (b² + s²) for branch part b and skip part s; the parts are not "
+                         "orthogonal, so this is a share of squared part norms, not of the total.")
+    return section
+
+
+def _training(sweep: Sweep, runs: pd.DataFrame, dpi: int) -> Section:
+    section = Section("training-curves", SECTIONS["training-curves"])
+    section.lead = ("The training loss at every step (top) and the train (solid) and validation (dashed) "
+                    "accuracy after every epoch (bottom); darker lines are deeper nets.")
+    chosen, note = _curve_selection(runs)
+    by_name = {r.name: r for r in sweep.runs}
+    steps, history = _curves([by_name[name] for name in chosen["run"]])
+    if steps.empty and history.empty:
+        section.notes.append("No finished epochs yet.")
+        return section
+    fig = figures.training_curves(steps, history)
+    section.images.append(_png(fig, "Training loss per step and accuracy per epoch, per block type.", dpi))
+    section.notes += [n for n in [note] if n]
+    return section
+
+
+def _samples_section(sweep: Sweep, synthetic: bool, dpi: int) -> Section:
+    section = Section("samples", SECTIONS["samples"])
+    samples = _samples(sweep.runs)
+    if samples is None:
+        section.notes.append(f"No {SAMPLES} in the run directories.")
+        return section
+    images, labels = samples
+    kind = "synthetic" if synthetic else "test"
+    section.lead = f"The first {len(labels)} {kind} images the nets were evaluated on, with their class names."
+    fig = figures.sample_grid(images, labels, title=f"Sample {kind} images")
+    section.images.append(_png(fig, "Sample images: " + ", ".join(labels) + ".", dpi))
+    return section
+
+
+def _depth_table(scaling: pd.DataFrame) -> Section:
+    section = Section("depth-table", SECTIONS["depth-table"])
+    section.lead = ("Per depth and block type: test accuracy (mean ± std over seeds), the first-to-last "
+                    "gradient ratio (geometric mean over seeds) and the verdict.")
+    titles = {"init": "at initialisation", "end": f"at the end of training (median of the last "
+                                                  f"{analysis.END_STEPS} recorded steps)"}
+    for phase in PHASES:
+        rows = scaling.loc[scaling["phase"] == phase]
+        if len(rows):
+            section.tables.append(_table(depth_scaling_table(rows), f"Depth scaling {titles[phase]}",
+                                         index_name="depth"))
+    if not section.tables:
+        section.notes.append("No runs to tabulate.")
+    return section
+
+
+# ---------------------------------------------------------------- building
+
+
+def _chance(sweep: Sweep) -> float | None:
+    classes = [len(r.config.get("classes") or []) for r in sweep.runs]
+    classes = [c for c in classes if c]
+    return 1 / max(classes) if classes else None
+
+
+def build_report(path, dpi: int = FIGURE_DPI) -> Report:
+    """Read the run or sweep directory ``path`` and draw every section of the page."""
+    start = time.perf_counter()
+    path = Path(path).resolve()  # "." has a name once resolved
+    sweep = load_sweep(path)
+    runs = sweep.table()
+    records = _phase_records(sweep)
+    runs["has_records"] = runs["run"].isin(set(records["run"]))
+    profile = pd.concat([analysis.gradient_profile(records, p).assign(phase=p) for p in PHASES], ignore_index=True)
+    flow = analysis.flow_summary(records, phases=PHASES)
+    scaling = pd.concat([analysis.depth_scaling(records, runs.drop(columns="has_records"), p) for p in PHASES],
+                        ignore_index=True)
+    activation = analysis.activation_profile(records, "init")
+    share = pd.concat([analysis.branch_skip_share(records, p).assign(phase=p) for p in PHASES], ignore_index=True)
+    del records
+
+    facts, banners, listing = _header(sweep, runs, path)
+    header = Section("run", SECTIONS["run"], tables=[listing])
+    synthetic = any(bool(r.config.get("synthetic")) for r in sweep.runs)
+    sections = [
+        header,
+        _gradient_flow(profile, scaling, runs, dpi),
+        _depth_scaling(scaling, flow, runs, _chance(sweep), dpi),
+        _heatmaps(sweep, runs, dpi),
+        _signal(activation, runs, dpi),
+        _branch_skip(share, runs, dpi),
+        _training(sweep, runs, dpi),
+        _samples_section(sweep, synthetic, dpi),
+        _depth_table(scaling),
+    ]
+    title = f"gradlab report: {path.name}"
+    report = Report(title, facts, banners, sections)
+    report.build_seconds = time.perf_counter() - start
+    return report
+
+
+def default_html_path(path) -> Path:
+    """``reports/<name>.html`` for the run or sweep directory ``path``."""
+    return Path(REPORTS_FOLDER) / f"{Path(path).resolve().name}.html"
+
+
+def write_report(path, out_file=None, dpi: int = FIGURE_DPI) -> Path:
+    """Build the report of ``path`` and write it to ``out_file`` (default ``default_html_path``)."""
+    out = Path(out_file) if out_file is not None else default_html_path(path)
+    html = build_report(path, dpi=dpi).to_html()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------- the page
+
+_CSS = """
+:root { --ink: #1d2327; --muted: #5b6770; --rule: #d9dee2; --warn: #9a3412; --warn-bg: #fff4e5; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+       color: var(--ink); background: #fafbfc; }
+main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 64px; background: #fff; }
+h1 { font-size: 1.6rem; margin: 0 0 4px; }
+h2 { font-size: 1.25rem; margin: 40px 0 8px; padding-top: 12px; border-top: 1px solid var(--rule); }
+nav { font-size: .9rem; margin: 8px 0 16px; color: var(--muted); }
+nav a { color: inherit; margin-right: 12px; white-space: nowrap; }
+.banner { background: var(--warn-bg); color: var(--warn); border-left: 5px solid var(--warn);
+          padding: 10px 14px; margin: 10px 0; font-weight: 600; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 18px; margin: 12px 0; }
+dl.facts dt { color: var(--muted); }
+dl.facts dd { margin: 0; }
+.lead { max-width: 60em; }
+.note { color: var(--muted); font-size: .9rem; max-width: 60em; }
+figure { margin: 14px 0; }
+figure img { max-width: 100%; height: auto; display: block; }
+table { border-collapse: collapse; font-size: .85rem; margin: 8px 0 16px; font-variant-numeric: tabular-nums; }
+caption { text-align: left; font-weight: 600; padding: 4px 0; }
+th, td { border-bottom: 1px solid var(--rule); padding: 3px 10px; text-align: left; vertical-align: top; }
+th { background: #f1f3f5; }
+tr.failed td, tr.diverged td { background: #fde8e8; }
+tr.running td { background: #fff8e1; }
+details summary { cursor: pointer; color: var(--muted); }
+footer { margin-top: 48px; color: var(--muted); font-size: .8rem; }
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ report.title }}</title>
+<style>{{ css|safe }}</style>{# our own constant: escaping would break CSS quotes #}
+</head>
+<body>
+<main>
+<h1>{{ report.title }}</h1>
+<nav>{% for s in report.sections %}<a href="#{{ s.id }}">{{ s.title }}</a> {% endfor %}</nav>
+{% for text in report.banners %}<div class="banner">{{ text }}</div>
+{% endfor %}
+{% for s in report.sections %}
+<section id="{{ s.id }}">
+<h2>{{ s.title }}</h2>
+{% if s.id == "run" %}
+<dl class="facts">{% for key, value in report.facts %}<dt>{{ key }}</dt><dd>{{ value }}</dd>{% endfor %}</dl>
+{% endif %}
+{% if s.lead %}<p class="lead">{{ s.lead }}</p>{% endif %}
+{% for image in s.images %}<figure><img src="{{ image.uri }}" alt="{{ image.alt }}" width="{{ image.width }}"></figure>
+{% endfor %}
+{% for note in s.notes %}<p class="note">{{ note }}</p>
+{% endfor %}
+{% for t in s.tables %}
+{% if t.collapsed %}<details><summary>{{ t.caption }}</summary>{% endif %}
+<table>
+{% if not t.collapsed %}<caption>{{ t.caption }}</caption>{% endif %}
+<thead><tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in t.rows %}{% set css = t.row_classes[loop.index0] if t.row_classes else "" %}
+<tr{% if css %} class="{{ css }}"{% endif %}>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}
+</tbody>
+</table>
+{% if t.collapsed %}</details>{% endif %}
+{% endfor %}
+</section>
+{% endfor %}
+<footer>Made by gradlab {{ version }} in {{ "%.1f"|format(report.build_seconds) }} s.
+Self-contained: no scripts, fonts or requests beyond this file.</footer>
+</main>
+</body>
+</html>
+"""
+
+_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
+    _PAGE, globals={"css": _CSS})

@@ -1,0 +1,301 @@
+"""gradlab.report.html: one self-contained page of a tiny real sweep, parsed and in a real browser.
+
+The sweep is trained for real once per module (conv, res, skip x depths 1, 3 on 400 synthetic
+images, a few seconds); a copy adds a hostile cell whose folder name, error message and
+hardware string are markup, to show that everything read from files is escaped.
+"""
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, replace
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradlab.report import html as report_html
+from gradlab.report.html import SECTIONS, build_report, default_html_path, write_report
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+HOSTILE_NAME = "<img src=x onerror=alert(1)>"  # a folder name cannot hold "/", so no </script> here
+HOSTILE_ERROR = "<script>alert(1)</script>"
+HOSTILE_PROCESSOR = "<b onmouseover=alert(2)>x86</b>"
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, small_splits) -> Path:
+    """A sweep folder laid out as gradlab.sweep writes it: sweep.json and runs/<cell>/."""
+    import torch
+
+    from gradlab.sweep import cell_name
+    from gradlab.train import TrainConfig, train_run
+
+    out = tmp_path_factory.mktemp("report") / "tiny-sweep"
+    base = TrainConfig(dataset="synthetic", width=4, epochs=2, batch_size=100, lr=3e-3, device="cpu",
+                       eval_batch_size=4096)
+    cells = []
+    threads = torch.get_num_threads()
+    # Width-4 nets: one thread is fastest, and on a shared CPU two threads spin-wait for each
+    # other (measured: 3 s with one thread, 25-45 s with two while another process runs).
+    torch.set_num_threads(1)
+    try:
+        for block in ("conv", "res", "skip"):
+            for depth in (1, 3):
+                config = replace(base, block=block, depth=depth)
+                cells.append(cell_name(config))
+                train_run(config, out / "runs" / cells[-1], splits=small_splits)
+    finally:
+        torch.set_num_threads(threads)
+    grid = {"blocks": ["conv", "res", "skip"], "depths": [1, 3], "seeds": [0], "norms": ["batch"]}
+    (out / "sweep.json").write_text(json.dumps({"grid": grid, "base": asdict(base), "cells": cells}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hostile_dir(sweep_dir, tmp_path_factory) -> Path:
+    """The sweep plus a failed copy of one run under a name (and with strings) that are markup."""
+    out = tmp_path_factory.mktemp("hostile") / "hostile-sweep"
+    shutil.copytree(sweep_dir, out)
+    cell = out / "runs" / HOSTILE_NAME
+    shutil.copytree(out / "runs" / "conv-d3-s0", cell)
+    summary = json.loads((cell / "summary.json").read_text())
+    summary.update(status="failed", error=HOSTILE_ERROR)
+    (cell / "summary.json").write_text(json.dumps(summary))
+    config = json.loads((cell / "config.json").read_text())
+    config["hardware"]["processor"] = HOSTILE_PROCESSOR
+    (cell / "config.json").write_text(json.dumps(config))
+    sweep = json.loads((out / "sweep.json").read_text())
+    sweep["cells"].append(HOSTILE_NAME)
+    (out / "sweep.json").write_text(json.dumps(sweep))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(sweep_dir):
+    return build_report(sweep_dir)
+
+
+@pytest.fixture(scope="module")
+def page(report) -> tuple[str, float]:
+    """(html, seconds to build and render it) of the clean sweep's report."""
+    start = time.perf_counter()
+    html = report.to_html()
+    return html, report.build_seconds + time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def hostile_page(hostile_dir, tmp_path_factory) -> Path:
+    return write_report(hostile_dir, tmp_path_factory.mktemp("html") / "hostile.html")
+
+
+class Page(HTMLParser):
+    """Every tag with its attributes, the ids and the visible text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def ids(self) -> list[str]:
+        return [attrs["id"] for _, attrs in self.tags if "id" in attrs]
+
+    def all(self, tag: str) -> list[dict]:
+        return [attrs for name, attrs in self.tags if name == tag]
+
+
+def test_every_section_is_present_in_order(page):
+    ids = Page(page[0]).ids()
+    assert [i for i in ids if i in SECTIONS] == list(SECTIONS)
+
+
+def test_the_page_is_self_contained(page):
+    html = page[0]
+    parsed = Page(html)
+    for attrs in parsed.all("img"):
+        assert attrs["src"].startswith("data:image/png;base64,")
+        assert attrs["alt"]
+    for _, attrs in parsed.tags:
+        for name in ("src", "href"):
+            if name in attrs:
+                assert not attrs[name].startswith(("http://", "https://", "//")), attrs[name]
+        if "href" in attrs:
+            assert attrs["href"].startswith("#"), attrs["href"]  # only in-page links
+    assert not parsed.all("script") and not parsed.all("link") and not parsed.all("iframe")
+    assert "@import" not in html and "url(" not in html
+    style = html.split("<style>")[1].split("</style>")[0]
+    assert '"Segoe UI"' in style  # our CSS is inserted as is, not escaped
+    assert len(parsed.all("img")) >= 7
+    assert len(html) < 6_000_000
+
+
+def test_the_report_is_fast(page):
+    html, seconds = page
+    assert seconds < 15
+
+
+def test_the_header_says_what_was_run(page):
+    text = " ".join(Page(page[0]).text)
+    assert "SYNTHETIC DATA" in text  # stated prominently: in the facts and in a banner
+    assert "Synthetic data: these runs trained on seeded noise" in text
+    for fact in ("conv, res, skip", "1, 3", "batch norm", "gradlab 0.1.0", "torch ", "Wall time", "cpu"):
+        assert fact in text, fact
+
+
+def test_the_headline_figure_states_the_verdicts(report):
+    flow = report.section("gradient-flow")
+    assert len(flow.images) == 1
+    assert "At initialisation (depth 3):" in flow.images[0].alt
+    assert any(word in flow.images[0].alt for word in ("stays within", "stay within", "explode", "vanish"))
+    assert report.to_html() == report._repr_html_()
+
+
+def test_the_depth_scaling_table_is_an_html_table(page):
+    parsed = Page(page[0])
+    headers = [t for t in parsed.text if t.startswith("Depth scaling at")]
+    assert len(headers) == 2
+    assert "ratio" in " ".join(parsed.text) and "n/a" in " ".join(parsed.text)  # depth 1: nothing to compare
+
+
+def test_strings_from_files_are_escaped(hostile_page):
+    html = hostile_page.read_text(encoding="utf-8")
+    for raw in (HOSTILE_NAME, HOSTILE_ERROR, HOSTILE_PROCESSOR):
+        assert raw not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    parsed = Page(html)
+    assert not parsed.all("script") and not parsed.all("b")
+    assert all(attrs["src"].startswith("data:") for attrs in parsed.all("img"))
+    text = "".join(parsed.text)
+    assert HOSTILE_NAME in text and HOSTILE_ERROR in text  # shown as text
+
+
+def test_a_failed_run_is_marked(hostile_page):
+    html = hostile_page.read_text(encoding="utf-8")
+    assert '<tr class="failed">' in html
+    assert "1 run(s) failed or diverged" in html
+
+
+def test_a_single_run_says_what_a_sweep_would_add(sweep_dir, tmp_path):
+    report = build_report(sweep_dir / "runs" / "res-d3-s0")
+    assert [s.id for s in report.sections] == list(SECTIONS)
+    scaling = report.section("depth-scaling")
+    assert not scaling.images and "A sweep over depths" in scaling.notes[0]
+    assert report.section("branch-skip").images  # a res run has a branch/skip split
+    assert report.section("samples").images and report.section("training-curves").images
+
+
+def test_a_sweep_without_residual_blocks_says_so(sweep_dir):
+    report = build_report(sweep_dir / "runs" / "conv-d3-s0")
+    assert "No residual blocks" in report.section("branch-skip").notes[0]
+
+
+def test_runs_without_records_and_a_sweep_not_started_still_make_every_section(sweep_dir, tmp_path):
+    quiet = tmp_path / "quiet"
+    shutil.copytree(sweep_dir, quiet)
+    for records in quiet.glob("runs/*/records.parquet"):
+        shutil.rmtree(records)
+    report = build_report(quiet)
+    assert [s.id for s in report.sections] == list(SECTIONS)
+    assert "recording off" in report.section("gradient-flow").notes[0]
+    assert report.section("training-curves").images and report.section("depth-scaling").images
+
+    waiting = tmp_path / "waiting"
+    (waiting / "runs").mkdir(parents=True)
+    (waiting / "sweep.json").write_text(json.dumps({"cells": ["conv-d2-s0", "res-d2-s0"]}))
+    report = build_report(waiting)
+    assert [s.id for s in report.sections] == list(SECTIONS)
+    assert "2 of the sweep's 2 cells have not started yet" in report.banners[0]
+    assert "<section id=\"depth-table\">" in report.to_html()
+
+
+def test_write_report_defaults_to_the_reports_folder(sweep_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_html_path(sweep_dir) == Path("reports") / "tiny-sweep.html"
+    out = write_report(sweep_dir / "runs" / "skip-d1-s0")
+    assert out == Path("reports") / "skip-d1-s0.html" and out.is_file()
+
+
+def test_big_sweeps_are_capped_and_say_so():
+    rows = [{"run": f"{a}-d{d}-s{s}-{n}", "arch": a, "depth": d, "norm": n, "seed": s}
+            for a in ("conv", "res", "resdown", "skip") for n in ("batch", "none")
+            for d in (1, 2, 4, 8, 16, 32, 64, 128) for s in (0, 1)]
+    runs = pd.DataFrame(rows)  # 128 runs
+    shown, note = report_html._depth_selection(runs)
+    assert shown.groupby(["arch", "norm"])["depth"].nunique().max() <= report_html.MAX_DEPTHS
+    assert shown.groupby("arch").size().max() <= report_html.MAX_SEED_LINES
+    assert {1, 128} <= set(shown["depth"]) and note.startswith(f"Showing {len(shown)} of 128 runs")
+    curves, note = report_html._curve_selection(runs)
+    assert len(curves) <= report_html.MAX_CURVE_RUNS and (curves["seed"] == 0).all()
+    assert note.startswith(f"Showing {len(curves)} of 128 runs")
+    deepest = report_html._deepest(runs)
+    assert len(deepest) == 8 and set(deepest["depth"]) == {128}
+
+
+def test_phase_rows_keep_what_init_and_end_read():
+    from gradlab import analysis
+
+    frame = pd.DataFrame({"run": "r", "metric": "grad_out_norm", "layer": "layers.0", "step": np.arange(10),
+                          "value": np.arange(10.0)})
+    kept = report_html._phase_rows(frame)
+    assert kept["step"].tolist() == [0, *range(10 - analysis.END_STEPS, 10)]
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+def _chromium() -> None:
+    """Fail on CI, skip elsewhere, when the system Chromium or playwright is missing."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        message = "playwright is not installed: pip install -e '.[dev]'"
+    else:
+        if CHROMIUM.is_file():
+            return
+        message = f"no {CHROMIUM}: apt-get install -y chromium (Debian's package; never a downloaded browser)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.mark.browser
+def test_the_page_in_a_real_browser(hostile_page, tmp_path):
+    _chromium()
+    from playwright.sync_api import sync_playwright
+
+    url = hostile_page.resolve().as_uri()
+    errors, requests, dialogs = [], [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page(viewport={"width": 1280, "height": 900})
+            tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            tab.on("pageerror", lambda error: errors.append(str(error)))
+            tab.on("request", lambda request: requests.append(request.url))
+            tab.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            tab.goto(url, wait_until="load")
+            widths = tab.evaluate("Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
+            ids = tab.evaluate("Array.from(document.querySelectorAll('section[id]'), s => s.id)")
+            shown = tab.evaluate("document.querySelector('#run').innerText")
+            tab.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert dialogs == []  # no alert(1): the hostile strings stayed text
+    assert [r for r in requests if not r.startswith("data:")] == [url]
+    assert len(widths) >= 7 and all(w > 0 for w in widths), widths
+    assert ids == list(SECTIONS)
+    assert HOSTILE_NAME in shown and HOSTILE_ERROR in shown
+    assert (tmp_path / "report.png").stat().st_size > 10_000
