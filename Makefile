@@ -50,7 +50,7 @@ $(CHROMIUM):
 	fi
 
 demo: $(VENV)/.base $(DATA_STAMP)
-	$(VENV)/bin/gradlab train --block res --depth 4 --epochs 1 --subset 5000 --out runs/demo --restart
+	$(VENV)/bin/gradlab demo
 
 test: $(VENV)/.dev $(DATA_STAMP) browser
 	$(PY) -m pytest

@@ -278,5 +278,143 @@ def report(path: str, fmt: str, html_file: str | None) -> None:
         click.echo(f"gradlab: warning: skipped {name}: {why}", err=True)
 
 
+def _print_profiles(flow, profile, fmt: str = "table") -> None:
+    """The ratio table, then the deepest networks' profiles side by side, one panel per norm."""
+    from . import analysis
+    from .report.text import profile_bars, ratio_table, render
+
+    click.echo("First-to-last gradient ratio at initialisation (first block / last block; above 10: exploding, "
+               "below 0.1: vanishing)")
+    click.echo(render(ratio_table(flow), fmt))
+    for norm, group in flow.groupby("norm", sort=False):
+        deepest = analysis.sort_by_arch(group.loc[group["depth"] == group["depth"].max()], ["arch"])
+        click.echo(f"\nGradient norm along the depth-{int(group['depth'].max())} networks, "
+                   f"{analysis.NORM_WORDS.get(norm, norm)}:")
+        click.echo(profile_bars(profile, deepest["run"].tolist()))
+
+
+def _print_flow(records, runs_table, fmt: str) -> None:
+    """The probe's terminal report: ratio table, profiles with bars, signal propagation, sentences."""
+    from . import analysis
+    from .report.text import render
+
+    flow = analysis.flow_summary(records, runs_table, phases=("init",))
+    if fmt in ("csv", "json"):
+        click.echo(render(flow, fmt))
+        return
+    _print_profiles(flow, analysis.gradient_profile(records, "init"), fmt)
+    signal = analysis.activation_profile(records, "init")
+    blocks = signal.loc[signal["layer"].str.startswith("layers.")]
+    if not blocks.empty:
+        last = blocks.loc[blocks.groupby("run")["position"].transform("max") == blocks["position"]]
+        table = last.pivot_table(index="run", columns="metric", values="value", aggfunc="first").reset_index()
+        click.echo("\nSignal propagation at the last block (Brock et al. 2021: channel mean² and channel variance):")
+        click.echo(render(table, fmt))
+    click.echo("")
+    for row in analysis.sort_by_arch(flow, ["arch", "norm", "depth"]).to_dict("records"):
+        click.echo(analysis.describe_flow(row))
+
+
+@main.command()
+@click.option("--blocks", default="conv,res,skip", show_default=True, help="Block types, comma separated.")
+@click.option("--depths", default="2,8,32,64", show_default=True, help="Depths (blocks per network), comma separated.")
+@click.option("--norm", "norms", default="batch", show_default=True,
+              help="Normalisations, comma separated: batch, none (none shows the classic vanishing gradient).")
+@click.option("--width", type=click.IntRange(min=2), default=32, show_default=True, help="Channels, even.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
+@click.option("--batches", type=click.IntRange(min=1), default=3, show_default=True, help="Batches averaged per network.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and the choice of batches.")
+@click.option("--dataset", type=click.Choice(["cifar10", "synthetic"]), default="cifar10", show_default=True,
+              help="cifar10, or synthetic noise with learnable labels.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Folder holding cifar-10-batches-py. Default: $GRADLAB_DATA, else ~/.cache/gradlab/data.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when present.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also store the measurements as a sweep directory (gradlab report reads it). Default: none, or a temporary one for --html.")
+@click.option("--html", "html_file", default=None, metavar="FILE", help="Write the HTML report of the probe to FILE.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True, help="Output format of the terminal report.")
+def probe(blocks, depths, norms, width, batch_size, batches, seed, dataset, data_root, device, out, html_file, fmt) -> None:
+    """Gradient flow at initialisation, without training: seconds, even at depth 64.
+
+    Builds each network, runs forward and backward on real CIFAR-10 batches (averaged) and prints
+    the first-to-last gradient ratio, the profile along depth and a verdict per network.
+    """
+    import tempfile
+
+    from .probe import ProbeConfig, probe as run_probe
+
+    try:
+        config = ProbeConfig(blocks=_name_list(blocks), depths=_int_list(depths), norms=_name_list(norms), width=width,
+                             batch_size=batch_size, batches=batches, seed=seed, dataset=dataset,
+                             data_root=data_root, device=device)
+        with tempfile.TemporaryDirectory(prefix="gradlab-probe-") as scratch:
+            store = out or (scratch if html_file else None)
+            records, runs_table, synthetic = run_probe(config, out=store)
+            if synthetic and fmt in ("table", "markdown"):
+                click.echo("note: synthetic data (seeded noise with learnable labels), not CIFAR-10")
+            _print_flow(records, runs_table, fmt)
+            if html_file:
+                from .report.html import write_report
+
+                click.echo(f"wrote {write_report(store, html_file)}")
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+@main.command()
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Folder holding cifar-10-batches-py. Default: $GRADLAB_DATA, else ~/.cache/gradlab/data "
+                   "(downloaded when absent; offline without data the demo runs on synthetic data and says so).")
+@click.option("--out", "html", type=click.Path(dir_okay=False), default="reports/demo.html", show_default=True,
+              help="Where to write the HTML report.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
+              help="Where the probed and trained networks are stored (rerunning resumes).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when present.")
+def demo(data_root, html, work_dir, device) -> None:
+    """The gradient-flow lesson in about a minute on a laptop CPU.
+
+    Probes plain (conv), residual (res) and skip networks at depths 2, 8 and 32 at initialisation,
+    trains a depth-2 and a depth-16 network of each kind briefly, prints what was measured and
+    writes an HTML report.
+    """
+    import pandas as pd
+
+    from . import analysis
+    from .demo import DemoConfig, run_demo
+    from .report.text import format_number, render
+
+    config = DemoConfig(data_root=data_root, html=html, work_dir=work_dir, device=device)
+    try:
+        result = run_demo(config, on_progress=lambda m: click.echo(f"· {m}", err=True))
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    if result.synthetic:
+        click.echo(f"NOTE: no CIFAR-10 here ({result.data_note}); this demo ran on SYNTHETIC data, not CIFAR-10.")
+    flow = result.probe_flow
+    click.echo("\n1. At initialisation: how the gradient changes on its way back from the last block to the first\n")
+    _print_profiles(flow, result.probe_profile)
+    trained = result.trained
+    click.echo(f"\n2. Training briefly ({config.epochs} epochs on {config.subset} images), shallow against deep\n")
+    shown = pd.DataFrame({"network": trained["run"],
+                          "loss first → last step": [f"{format_number(a)} → {format_number(b)}"
+                                                     for a, b in zip(trained["first_loss"], trained["last_loss"])],
+                          "train acc": trained["final_train_acc"].map(_pct), "test acc": trained["test_acc"].map(_pct),
+                          "gradient at init": trained["verdict_init"], "at end": trained["verdict_end"]})
+    click.echo(render(shown, "table"))
+    click.echo("\n3. What was measured\n")
+    for row in analysis.sort_by_arch(flow.loc[flow["depth"] == flow["depth"].max()], ["arch", "norm"]).to_dict("records"):
+        click.echo("   " + analysis.describe_flow(row))
+    for arch, group in trained.groupby("arch", sort=False):
+        shallow, deep = group.loc[group["depth"].idxmin()], group.loc[group["depth"].idxmax()]
+        change = deep["test_acc"] - shallow["test_acc"]
+        click.echo(f"   {arch}, trained: depth {deep['depth']} reached {_pct(deep['test_acc'])} test accuracy, "
+                   f"depth {shallow['depth']} {_pct(shallow['test_acc'])} "
+                   f"({'+' if change >= 0 else '−'}{abs(change) * 100:.1f} points with depth; chance is 10%).")
+    click.echo(f"\nHTML report: {result.html}")
+    total = sum(result.seconds.values())
+    click.echo(f"({total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + ")")
+
+
 if __name__ == "__main__":
     main()

@@ -317,9 +317,12 @@ def train_run(config: TrainConfig, out: str | os.PathLike, record=None, callback
         trainer.callbacks = own[:-1] + list(callbacks) + own[-1:]
         _fit(trainer)
         summary["test_acc_last"] = trainer.evaluate("test")
-        best = copy.deepcopy(trainer.model)
-        best.load_state_dict(load_checkpoint(run_dir / runs.BEST, map_location=trainer.device)["model"])
-        summary["test_acc_best"] = trainer.evaluate("test", best)
+        if trainer.best_epoch == trainer.epoch - 1:  # the last epoch was the best: same weights
+            summary["test_acc_best"] = summary["test_acc_last"]
+        else:
+            best = copy.deepcopy(trainer.model)
+            best.load_state_dict(load_checkpoint(run_dir / runs.BEST, map_location=trainer.device)["model"])
+            summary["test_acc_best"] = trainer.evaluate("test", best)
         summary["test_acc"] = summary["test_acc_best"]  # the model chosen by validation accuracy
         summary["status"] = "complete"
     except Exception as exc:

@@ -371,3 +371,61 @@ def report_text(
     if fmt in ("csv", "json"):
         return _machine_report(sections, fmt)
     return _human_report(sections, fmt)
+
+
+# ---------------------------------------------------------------- the lesson in characters
+
+BAR_WIDTH = 16  # characters for the widest bar
+MAX_ROWS = 12  # block rows shown per profile; deeper stacks are sampled evenly (first and last kept)
+
+
+def _bar(value: float, low: float, high: float) -> str:
+    """A log-scale bar: ``low`` draws one character, ``high`` BAR_WIDTH; 0 and non-finite are marked."""
+    if not np.isfinite(value):
+        return "!" + " " * (BAR_WIDTH - 1)
+    if value <= 0:
+        return " " * BAR_WIDTH  # exactly zero: no bar (the number beside it says 0)
+    span = max(high - low, 1e-12)
+    n = 1 + round((BAR_WIDTH - 1) * (np.clip(np.log10(value), low, high) - low) / span)
+    return "█" * n + " " * (BAR_WIDTH - n)
+
+
+def profile_bars(profile: pd.DataFrame, run_names: list[str]) -> str:
+    """Side by side, one column per run: the blocks' gradient norm relative to the last block.
+
+    ``profile`` is ``analysis.gradient_profile``; rows are the blocks from the first (nearest
+    the input) to the last, sampled to MAX_ROWS; bars share one log scale across all columns.
+    """
+    blocks = profile.loc[profile["layer"].str.startswith("layers.") & profile["run"].isin(run_names)]
+    if blocks.empty:
+        return ""
+    table = blocks.pivot(index="position", columns="run", values="relative").reindex(columns=run_names)
+    if len(table) > MAX_ROWS:
+        picks = np.unique(np.linspace(0, len(table) - 1, MAX_ROWS).round().astype(int))
+        table = table.iloc[picks]
+    finite = table.to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    high = float(np.log10(finite.max())) if finite.size else 0.0
+    low = max(float(np.log10(finite.min())) if finite.size else -1.0, high - 20)  # at most 20 decades
+    first = table.index.min()
+    cell = 9 + BAR_WIDTH
+    lines = ["block".ljust(7) + "".join(name.ljust(cell + 2) for name in run_names)]
+    for position, row in table.iterrows():
+        label = f"{position - first + 1:>5}  "
+        lines.append(label + "".join(f"{format_number(v):>8} {_bar(v, low, high)}  " for v in row.to_numpy(dtype=float)))
+    lines.append(f"(block 1 is nearest the input; values are ‖∂L/∂out‖ relative to the last block; "
+                 f"bars on a log scale, {format_number(10 ** low)} to {format_number(10 ** high)}; 0 is exactly zero)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def ratio_table(flow: pd.DataFrame) -> pd.DataFrame:
+    """Rows depth, columns arch (and norm): "ratio · verdict" of ``analysis.flow_summary`` rows."""
+    frame = flow.copy()
+    frame["column"] = frame["arch"].astype(str)
+    if frame["norm"].nunique() > 1:
+        frame["column"] = frame["column"] + " / " + frame["norm"].astype(str)
+    frame["cell"] = [f"{format_number(r)} · {v}" for r, v in zip(frame["first_to_last"], frame["verdict"])]
+    order = list(dict.fromkeys(analysis.sort_by_arch(frame, ["arch", "norm", "depth"])["column"]))
+    table = frame.pivot(index="depth", columns="column", values="cell").reindex(columns=order).sort_index()
+    table.columns.name = None
+    return table.fillna(MISSING).reset_index()

@@ -1,0 +1,104 @@
+"""gradlab probe and gradlab demo: measurements at initialisation, and the one-command lesson."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from gradlab import analysis, runs
+from gradlab.cli import main
+from gradlab.data import DeviceLoader
+from gradlab.demo import DemoConfig, run_demo
+from gradlab.models import build_model
+from gradlab.probe import ProbeConfig, probe
+
+
+def _config(**changes):
+    base = dict(blocks=("conv", "res"), depths=(1, 3), width=8, batch_size=32, batches=2, dataset="synthetic", device="cpu")
+    return ProbeConfig(**{**base, **changes})
+
+
+def test_probe_averages_autograd_gradient_norms_over_the_batches(small_splits, tmp_path):
+    config = _config()
+    records, table, synthetic = probe(config, splits=small_splits, out=tmp_path / "probe")
+    assert synthetic and sorted(table["run"]) == ["conv-d1", "conv-d3", "res-d1", "res-d3"]
+    batches = list(DeviceLoader(*small_splits.train, batch_size=32, shuffle=True, seed=0, drop_last=True))[:2]
+    torch.manual_seed(0)
+    model = build_model("conv", 3, 8).train()
+    expected = []
+    for x, y in batches:
+        outputs = {}
+        handles = [model.layers[i].register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)) for i in range(3)]
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, [outputs[0], outputs[2]])
+        expected.append([g.norm().item() for g in grads])
+        for h in handles:
+            h.remove()
+    got = records.query("run == 'conv-d3' and metric == 'grad_out_norm'").set_index("layer")["value"]
+    assert got["layers.0"] == pytest.approx(sum(e[0] for e in expected) / 2, rel=1e-5)
+    assert got["layers.2"] == pytest.approx(sum(e[1] for e in expected) / 2, rel=1e-5)
+    assert set(records["step"]) == {0}
+    # The stored sweep reads back like any sweep, with the same numbers.
+    sweep = runs.load_sweep(tmp_path / "probe")
+    assert sorted(r.name for r in sweep.runs) == sorted(table["run"])
+    stored = sweep.records(metrics=["grad_out_norm"]).query("run == 'conv-d3'").set_index("layer")["value"]
+    assert stored["layers.0"] == got["layers.0"]
+
+
+def test_probe_sees_the_physics_without_normalisation(small_splits):
+    """No BatchNorm: the plain stack vanishes and the residual stack does not (Glorot & Bengio 2010)."""
+    records, table, _ = probe(_config(blocks=("conv", "res"), depths=(12,), norms=("none",)), splits=small_splits)
+    flow = analysis.flow_summary(records, table, phases=("init",)).set_index("arch")
+    assert flow.loc["conv", "first_to_last"] < flow.loc["res", "first_to_last"]
+    assert flow.loc["conv", "verdict"] == "vanishing"
+    assert flow.loc["res", "verdict"] == "stable"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(depths=()), "depths must not be empty"),
+    (dict(depths=(2, 2)), "depths lists 2 more than once"),
+    (dict(blocks=("dense",)), "unknown block 'dense'"),
+    (dict(width=5), "width must be an even integer"),
+])
+def test_bad_probe_configs(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**changes).validate()
+
+
+def test_probe_cli_prints_ratios_bars_and_sentences(tmp_path):
+    args = ["probe", "--blocks", "conv,skip", "--depths", "2,6", "--width", "8", "--batch-size", "16",
+            "--batches", "1", "--dataset", "synthetic", "--device", "cpu", "--norm", "batch,none"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "note: synthetic data" in out and "conv / none" in out and "skip-d6-none" in out
+    assert out.count("(batch norm) at initialisation") == 4 and out.count("(no normalisation) at initialisation") == 4
+    as_json = CliRunner().invoke(main, args + ["--format", "json"], catch_exceptions=False)
+    rows = json.loads(as_json.stdout)
+    assert {r["run"] for r in rows} == {"conv-d2", "conv-d6", "skip-d2", "skip-d6",
+                                        "conv-d2-none", "conv-d6-none", "skip-d2-none", "skip-d6-none"}
+    bad = CliRunner().invoke(main, ["probe", "--depths", "2,x"])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1
+
+
+def test_demo_measures_trains_and_reports(tmp_path):
+    config = DemoConfig(probe_depths=(1, 4), train_depths=(1, 3), width=4, probe_batch_size=16, subset=128,
+                        epochs=1, batch_size=64, data_root=str(tmp_path / "no-data"), device="cpu",
+                        work_dir=str(tmp_path / "work"), html=str(tmp_path / "demo.html"))
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    original, torchvision.datasets.CIFAR10 = torchvision.datasets.CIFAR10, offline
+    try:
+        result = run_demo(config)
+    finally:
+        torchvision.datasets.CIFAR10 = original
+    assert result.synthetic and "GRADLAB_DATA" in result.data_note
+    assert sorted(result.probe_flow["run"]) == ["conv-d1", "conv-d4", "res-d1", "res-d4", "skip-d1", "skip-d4"]
+    assert list(result.trained["run"]) == ["conv-d1-s0", "conv-d3-s0", "res-d1-s0", "res-d3-s0", "skip-d1-s0", "skip-d3-s0"]
+    assert (result.trained["status"] == "complete").all()
+    html = result.html.read_text()
+    assert "synthetic" in html.lower() and result.html.stat().st_size > 10_000
