@@ -97,7 +97,8 @@ def test_demo_measures_trains_and_reports(tmp_path):
     finally:
         torchvision.datasets.CIFAR10 = original
     assert result.synthetic and "GRADLAB_DATA" in result.data_note
-    assert sorted(result.probe_flow["run"]) == ["conv-d1", "conv-d4", "res-d1", "res-d4", "skip-d1", "skip-d4"]
+    assert sorted(result.probe_flow["run"]) == sorted(f"{b}-d{d}{n}" for b in ("conv", "res", "skip")
+                                                      for d in (1, 4) for n in ("", "-none"))
     assert list(result.trained["run"]) == ["conv-d1-s0", "conv-d3-s0", "res-d1-s0", "res-d3-s0", "skip-d1-s0", "skip-d3-s0"]
     assert (result.trained["status"] == "complete").all()
     html = result.html.read_text()
