@@ -44,7 +44,7 @@ from . import __version__, runs
 from .models import BLOCKS, NORMS
 from .train import Callback, RunFinished, TrainConfig, train_run
 
-SWEEP, RUNS = "sweep.json", "runs"
+SWEEP, RUNS = runs.SWEEP, runs.RUNS_FOLDER  # the layout is defined once, in runs.py
 EXECUTORS = ("local", "ray")
 DEFAULT_NORM = "batch"  # the notebook's; any other norm is part of the cell name
 
