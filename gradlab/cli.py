@@ -92,8 +92,6 @@ def _split_options(options: dict) -> tuple[TrainConfig, RecordConfig]:
 class _Console(Callback):
     """A tqdm bar over steps and a line per epoch."""
 
-    LOSS_EVERY = 25  # steps between loss read-outs for the bar
-
     def __init__(self, quiet: bool) -> None:
         self.quiet, self.bar = quiet, None
 
@@ -111,15 +109,13 @@ class _Console(Callback):
         self.bar = tqdm(total=config.epochs * steps, initial=trainer.epoch * steps, unit="step",
                         desc="train", disable=self.quiet, dynamic_ncols=True, leave=False)
 
-    def on_after_forward(self, trainer, loss) -> None:
-        if not self.quiet and trainer.step % self.LOSS_EVERY == 0:
-            self.bar.set_postfix_str(f"epoch {trainer.epoch + 1} loss {loss.item():.3f}", refresh=False)  # host sync: every 25 steps
-
     def on_after_step(self, trainer) -> None:
         self.bar.update(1)
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         if not self.quiet:
+            # The epoch's numbers arrive with the epoch's one host sync; the bar never syncs per step.
+            self.bar.set_postfix_str(f"loss {metrics['train_loss']:.3f} val {_pct(metrics['val_acc'])}", refresh=False)
             best = " (best)" if metrics["is_best"] else ""
             self.bar.write(f"epoch {epoch + 1}/{trainer.config.epochs}: loss {metrics['train_loss']:.4f}, "
                            f"train {_pct(metrics['train_acc'])}, val {_pct(metrics['val_acc'])}{best}, "

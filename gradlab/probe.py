@@ -10,7 +10,6 @@ all at step 0), so every analysis, text and HTML report function reads it.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,15 +114,11 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
             on_network_done(name)
     if out is not None:
         names = [row["run"] for row in rows]
-        runs.write_json(Path(out) / runs.SWEEP, {"probe": _jsonable(asdict(config)), "cells": names})
+        runs.write_json(Path(out) / runs.SWEEP, {"probe": asdict(config), "cells": names})
     columns = ["run", "arch", "depth", "norm", "seed", "step", "epoch", "layer", "position", "block", "metric", "value"]
     return pd.concat(records, ignore_index=True)[columns], pd.DataFrame(rows), splits.synthetic
 
 
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj))
 
 
 def _write_network(run_dir: Path, config: ProbeConfig, row: dict, frame: pd.DataFrame, splits: Splits,
@@ -134,7 +129,7 @@ def _write_network(run_dir: Path, config: ProbeConfig, row: dict, frame: pd.Data
                         batch_size=config.batch_size, seed=config.seed, dataset=config.dataset,
                         data_root=config.data_root, device=config.device)
     runs.write_json(run_dir / runs.CONFIG, {
-        "train": asdict(train), "probe": _jsonable(asdict(config)), "dataset": splits.dataset,
+        "train": asdict(train), "probe": asdict(config), "dataset": splits.dataset,
         "synthetic": splits.synthetic, "device": str(device), "n_params": row["n_params"],
         "versions": {"gradlab": __version__, "torch": torch.__version__}, "classes": list(splits.classes)})
     runs.write_json(run_dir / runs.SUMMARY, {"status": "probe", "n_params": row["n_params"], "epochs_done": 0})
