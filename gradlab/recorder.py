@@ -15,13 +15,14 @@ per block, every step, for a few percent of the step time.
 The trainer attaches the same object through ``RecorderCallback`` and its named events.
 
 How it stays cheap: the hooks of a step that the schedule skips return at once. On a
-recorded step every hook reduces its tensor to a few *moments* on the device (sums, sums
-of squares, counts; ``stats.py``), nothing more; at the end of the step the moments go
-into a preallocated device buffer with one ``index_copy_``. ``flush`` moves the buffer to
-the host in one copy, the only host sync, every ``flush_every`` recorded steps, and turns
-the moments into the published metrics in numpy. Gradient norms come from tensor hooks on
-the probe points' outputs and inputs; a block's input is usually the previous block's
-output, so one hook and one reduction serve both.
+recorded step every hook reduces its tensor to a few *moments* (sums, sums of squares,
+counts; ``stats.py``) and writes them with ``out=`` straight into this step's row of a
+preallocated device buffer: no per-hook results to gather, copy or stack. Parameter norms
+are one ``_foreach_norm`` per list of tensors. ``flush`` moves the buffer to the host in one
+copy, the only host sync, every ``flush_every`` recorded steps, and turns the moments into
+the published metrics in numpy. Gradient norms come from tensor hooks on the probe points'
+outputs and inputs; a block's input is usually the previous block's output, so one hook and
+one reduction serve both.
 """
 from __future__ import annotations
 
@@ -82,12 +83,6 @@ _FIELDS = (
 )  # fmt: skip
 _F = {name: i for i, name in enumerate(_FIELDS)}
 _ACT, _BRANCH, _SKIP = 0, 1, 2  # groups of tensors whose sizes the host keeps for the metrics
-
-
-@functools.cache
-def _cells(row: int, fields: tuple[str, ...]) -> tuple[int, ...]:
-    """Flat indices of (row, field) cells in one step of the buffer."""
-    return tuple(row * len(_FIELDS) + _F[f] for f in fields)
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,26 +162,37 @@ class _Tap:
 
 
 class _StepState:
-    """What one recorded step has gathered so far: device moments and the cells they fill."""
+    """One recorded step in progress: its row of the device buffer, which cells are written,
+    and what the backward pass needs from the forward pass."""
 
-    def __init__(self, step: int, epoch: int, rows: int) -> None:
+    def __init__(self, step: int, epoch: int, slot: torch.Tensor, rows: int) -> None:
         self.step, self.epoch = step, epoch
-        self.values: list[torch.Tensor] = []  # 1-D device tensors
-        self.cells: list[int] = []  # row * len(_FIELDS) + field, one per value entry
+        self.slot = slot  # 1-D device view of this step's [rows, fields] buffer row; hooks write into it
+        self.written = np.zeros(rows * len(_FIELDS), dtype=bool)
         self.sizes = np.zeros((rows, 3, 2), dtype=np.int64)  # (numel, channels) per row and group
+        self.copies: dict[int, int] = {}  # cell -> cell whose value it takes at the step's end
         # The latest probe output, to notice an input that is the previous output: a weak
-        # reference (identity only, keeps nothing alive), its activation moments, its tap.
+        # reference (identity only, keeps nothing alive), its row and its tap.
         self.last_out: weakref.ref | None = None
-        self.last_moments: torch.Tensor | None = None
+        self.last_row: int | None = None
         self.last_tap: _Tap | None = None
-        self.before: torch.Tensor | None = None  # the flat parameters before the optimizer step
-        self.grad_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # residual row -> (grad, moments)
+        self.grad_out: dict[int, torch.Tensor] = {}  # residual row -> its output gradient
         self.relu_out: dict[int, torch.Tensor] = {}  # resdown row -> output of its leading ReLU
         self.path_grad: dict[tuple[int, str], torch.Tensor] = {}  # (resdown row, conv) -> grad at the ReLU output
 
-    def add(self, values: torch.Tensor, row: int, fields: tuple[str, ...]) -> None:
-        self.values.append(values)
-        self.cells += _cells(row, fields)
+    def cells(self, row: int, first: str, n: int = 1) -> torch.Tensor:
+        """The buffer view of ``n`` consecutive fields of ``row`` from ``first``, marked written."""
+        i = row * len(_FIELDS) + _F[first]
+        self.written[i : i + n] = True
+        for cell in range(i, i + n):
+            self.copies.pop(cell, None)  # a direct write replaces an earlier copy (last write wins)
+        return self.slot[i] if n == 1 else self.slot[i : i + n]
+
+    def copy(self, row: int, first: str, from_row: int, from_first: str, n: int = 1) -> None:
+        """Let ``n`` fields of ``row`` take the values of ``from_row``'s at the step's end."""
+        i, j = row * len(_FIELDS) + _F[first], from_row * len(_FIELDS) + _F[from_first]
+        self.written[i : i + n] = True
+        self.copies.update({i + k: j + k for k in range(n)})
 
 
 class Recorder:
@@ -237,6 +243,9 @@ class Recorder:
         self._end_queued = False
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # stats' temporaries
         self._layouts: dict[Any, Any] = {}  # cached device index tensors and owner matrices
+        self._before: list[torch.Tensor] | None = None  # the parameters before the optimizer step
+        self._before_kinds: tuple | None = None
+        self._before_store: list[torch.Tensor] = []
         self._buffer: torch.Tensor | None = None
         self._meta: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # step, epoch, written, sizes
         self._kept: list[dict[str, np.ndarray]] = []
@@ -314,9 +323,25 @@ class Recorder:
         return self._on and module.training and torch.is_grad_enabled()
 
     def _begin(self) -> _StepState:
+        """The recorded step in progress, opened on its first measurement: its buffer row is
+        zeroed, and the hooks write their moments straight into it."""
         if self._state is None:
-            self._state = _StepState(self._step, self.epoch, len(self.probes) + 1)
+            rows = len(self.probes) + 1
+            dtype, device = self._buffer_kind()
+            if self._buffer is None or self._buffer.dtype != dtype or self._buffer.device != device:
+                self.flush()
+                self._buffer = torch.zeros((self.flush_every, rows, len(_FIELDS)), dtype=dtype, device=device)
+            slot = self._buffer[len(self._meta)].view(-1)
+            slot.zero_()
+            self._state = _StepState(self._step, self.epoch, slot, rows)
         return self._state
+
+    def _buffer_kind(self) -> tuple[torch.dtype, torch.device]:
+        """float64 for a float64 model, float32 otherwise (bf16 autocast included); the parameters' device."""
+        if not self._params:
+            return torch.float32, torch.device("cpu")
+        p = self._params[0]
+        return stats.stat_dtype(p.dtype), p.device
 
     def _scratch_for(self, t: torch.Tensor) -> torch.Tensor:
         """One scratch buffer per device and dtype, grown to the largest tensor seen."""
@@ -327,41 +352,27 @@ class Recorder:
         return scratch
 
     def _end_step(self) -> None:
-        """Close the current step: write its moments to the buffer and advance ``step``."""
+        """Close the current step: settle its copied cells, keep its bookkeeping and advance ``step``."""
         state, self._state = self._state, None
         self._remove_grad_hooks()
-        if state is not None and state.values:
-            self._store(state)
+        if state is not None and state.written.any():
+            if state.copies:
+                dst, src = self._copy_index(tuple(state.copies.items()), state.slot.device)
+                state.slot.index_copy_(0, dst, state.slot.index_select(0, src))
+            target = self._buffer[len(self._meta)].view(-1)
+            if target.data_ptr() != state.slot.data_ptr():  # a flush came in the middle of the step
+                target.copy_(state.slot)
+            self._meta.append((state.step, state.epoch, state.written, state.sizes))
+            if len(self._meta) == self.flush_every:
+                self.flush()
         self.step = self._step + 1
 
-    def _store(self, state: _StepState) -> None:
-        values = torch.cat(state.values)
-        key = tuple(state.cells)
-        layout = self._layouts.get((key, values.device))
-        if layout is None:
-            layout = self._layouts[(key, values.device)] = self._cell_layout(key, values.device)
-        keep, index, written = layout
-        if keep is not None:  # a cell written twice in one step: the last write wins
-            values = values[keep]
-        if self._buffer is None or self._buffer.device != values.device or self._buffer.dtype != values.dtype:
-            self.flush()
-            shape = (self.flush_every, len(self.probes) + 1, len(_FIELDS))
-            self._buffer = torch.zeros(shape, dtype=values.dtype, device=values.device)
-        self._buffer[len(self._meta)].view(-1).index_copy_(0, index, values)
-        self._meta.append((state.step, state.epoch, written, state.sizes))
-        if len(self._meta) == self.flush_every:
-            self.flush()
-
-    def _cell_layout(self, cells: tuple[int, ...], device: torch.device) -> tuple[Any, torch.Tensor, np.ndarray]:
-        last = {cell: i for i, cell in enumerate(cells)}
-        keep = None
-        if len(last) != len(cells):
-            keep = torch.tensor(sorted(last.values()), device=device)
-            cells = tuple(cells[i] for i in sorted(last.values()))
-        written = np.zeros((len(self.probes) + 1) * len(_FIELDS), dtype=bool)
-        written[list(cells)] = True
-        # Built once per layout of cells, not per step: the copy to the device waits on it.
-        return keep, torch.tensor(cells, dtype=torch.long, device=device), written
+    def _copy_index(self, pairs: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("copies", pairs, device)
+        if key not in self._layouts:
+            # Built once per layout of copies, not per step: the copy to the device waits on it.
+            self._layouts[key] = tuple(torch.tensor(side, device=device) for side in zip(*pairs))
+        return self._layouts[key]
 
     # -- forward hooks -----------------------------------------------------------------
 
@@ -370,22 +381,30 @@ class Recorder:
             return
         state = self._begin()
         out = output.detach()
-        moments = stats.activation_moments(out, self._scratch_for(out))
-        state.add(moments, row, ("act_sum", "act_chan_sum_sq", "act_sumsq", "act_nonpos"))
+        self._measure(stats.activation_moments, out, state.cells(row, "act_sum", 4))
         state.sizes[row, _ACT] = (out.numel(), stats.channels(out))
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         same = x is not None and state.last_out is not None and state.last_out() is x
         if self._blocks[row] == "res" and x is not None:  # the skip path is the block input itself
-            skip = state.last_moments[1:3] if same else stats.channel_moments(x.detach(), self._scratch_for(x))
-            state.add(skip, row, ("skip_chan_sum_sq", "skip_sumsq"))
+            if same:
+                state.copy(row, "skip_chan_sum_sq", state.last_row, "act_chan_sum_sq", 2)
+            else:
+                self._measure(stats.channel_moments, x.detach(), state.cells(row, "skip_chan_sum_sq", 2))
             state.sizes[row, _SKIP] = (x.numel(), stats.channels(x))
         if x is not None and x.requires_grad:
             if same and state.last_tap is not None and state.last_tap.in_of is None:
                 state.last_tap.in_of = row  # one hook serves the previous output and this input
             else:
                 self._tap(x, _Tap(in_of=row))
-        state.last_out, state.last_moments = weakref.ref(output), moments
+        state.last_out, state.last_row = weakref.ref(output), row
         state.last_tap = self._tap(output, _Tap(out_of=row)) if output.requires_grad else None
+
+    def _measure(self, fn: Callable[..., torch.Tensor], x: torch.Tensor, out: torch.Tensor) -> None:
+        """``fn(x)`` written into the buffer view ``out``, with a scratch for its temporaries."""
+        if out.dtype == stats.stat_dtype(x.dtype):
+            fn(x, scratch=self._scratch_for(x), out=out)
+        else:  # e.g. a float32 tensor in a float64 model: measured in its own precision, then stored
+            out.copy_(fn(x, scratch=self._scratch_for(x)).reshape(out.shape))
 
     def _on_branch_forward(self, row: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """conv2 of a res or resdown block: the residual branch before the addition."""
@@ -393,7 +412,7 @@ class Recorder:
             return
         state = self._begin()
         out = output.detach()
-        state.add(stats.channel_moments(out, self._scratch_for(out)), row, ("branch_chan_sum_sq", "branch_sumsq"))
+        self._measure(stats.channel_moments, out, state.cells(row, "branch_chan_sum_sq", 2))
         state.sizes[row, _BRANCH] = (out.numel(), stats.channels(out))
 
     def _on_path_forward(self, row: int, conv: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -403,7 +422,7 @@ class Recorder:
         state = self._begin()
         if conv == "conv3":  # the skip path's output
             out = output.detach()
-            state.add(stats.channel_moments(out, self._scratch_for(out)), row, ("skip_chan_sum_sq", "skip_sumsq"))
+            self._measure(stats.channel_moments, out, state.cells(row, "skip_chan_sum_sq", 2))
             state.sizes[row, _SKIP] = (out.numel(), stats.channels(out))
         if output.grad_fn is None or "Convolution" not in type(output.grad_fn).__name__:
             return  # no graph, or a compiled graph whose nodes are not the modules' own
@@ -440,40 +459,40 @@ class Recorder:
         if state is None:
             return
         g = grad.detach()
-        scratch = self._scratch_for(g)
-        moments = None
         if tap.out_of is not None:
             row = tap.out_of
-            moments = stats.grad_moments(g, scratch)
-            state.add(moments, row, ("grad_out_sumsq", "nonfinite"))
+            self._measure(stats.grad_moments, g, state.cells(row, "grad_out_sumsq", 2))
             if self._blocks[row] in RESIDUAL:
-                state.grad_out[row] = (g, moments)
+                state.grad_out[row] = g
         if tap.in_of is not None:
             row = tap.in_of
-            sumsq = moments[:1] if moments is not None else stats.sumsq(g, scratch).reshape(1)
-            state.add(sumsq, row, ("grad_in_sumsq",))
+            if tap.out_of is not None:  # the same gradient: the norm is already measured
+                state.copy(row, "grad_in_sumsq", tap.out_of, "grad_out_sumsq")
+            else:
+                self._measure(stats.sumsq, g, state.cells(row, "grad_in_sumsq"))
             if self._blocks[row] == "res" and row in state.grad_out:
                 # skip part = grad_out exactly (identity); branch part = grad_in - grad_out
-                grad_out, out_moments = state.grad_out.pop(row)
-                state.add(stats.diff_sumsq(g, grad_out, scratch).reshape(1), row, ("grad_in_branch_sumsq",))
-                state.add(out_moments[:1], row, ("grad_in_skip_sumsq",))
+                grad_out = state.grad_out.pop(row)
+                self._measure(functools.partial(stats.diff_sumsq, b=grad_out), g, state.cells(row, "grad_in_branch_sumsq"))
+                state.copy(row, "grad_in_skip_sumsq", row, "grad_out_sumsq")
             elif self._blocks[row] == "resdown":
-                self._resdown_parts(state, row, scratch)
+                self._resdown_parts(state, row)
 
     def _on_path_grad(self, row: int, conv: str, grad_inputs: tuple, grad_outputs: tuple) -> None:
         state = self._state
         if state is not None and grad_inputs and grad_inputs[0] is not None:
             state.path_grad[row, conv] = grad_inputs[0].detach()
 
-    def _resdown_parts(self, state: _StepState, row: int, scratch: torch.Tensor) -> None:
+    def _resdown_parts(self, state: _StepState, row: int) -> None:
         """Both paths pass the block's leading ReLU: each part is the ReLU mask times that path's gradient."""
         relu_out = state.relu_out.pop(row, None)
         branch = state.path_grad.pop((row, "conv1"), None)
         skip = state.path_grad.pop((row, "conv3"), None)
         if relu_out is None or branch is None or skip is None:
             return
-        parts = (stats.relu_part_sumsq(branch, relu_out, scratch), stats.relu_part_sumsq(skip, relu_out, scratch))
-        state.add(torch.stack(parts), row, ("grad_in_branch_sumsq", "grad_in_skip_sumsq"))
+        parts = state.cells(row, "grad_in_branch_sumsq", 2)
+        for i, path in enumerate((branch, skip)):
+            self._measure(functools.partial(stats.relu_part_sumsq, relu_out=relu_out), path, parts[i])
 
     def _on_backward_end(self) -> None:
         self._end_queued = False
@@ -496,59 +515,62 @@ class Recorder:
 
     def _on_optimizer_post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         state = self._state
-        if self._on and state is not None and state.before is not None:
-            delta = torch.sub(state.before, self._flat_params(), out=state.before)  # before - after
-            self._add_param_rows(state, delta, None, "update_sumsq")
+        if self._on and state is not None and self._before is not None:
+            with torch.no_grad():
+                delta, self._before = self._before, None
+                torch._foreach_sub_(delta, [p.detach() for p in self._params])  # before - after
+                self._add_param_rows(state, stats.param_sumsq(delta), None, "update_sumsq")
         self._end_step()
 
     def _param_moments(self, state: _StepState, keep_before: bool) -> None:
         """Parameter and gradient norms per probe point and of the whole model.
 
-        All tensors are concatenated into one flat vector and reduced per tensor with one
-        segment sum: a handful of kernels instead of a few per tensor. With ``keep_before``
-        the flat parameters stay for the update norm after the optimizer step."""
+        One fused ``_foreach_norm`` per list of tensors, then one small matrix product sums
+        the squares per probe point. With ``keep_before`` the parameters are copied (into a
+        buffer kept between steps) for the update norm after the optimizer step."""
         if not self._params:
             return
-        has_grad = tuple(p.grad is not None for p in self._params)
-        if any(has_grad):
-            grads = torch.cat([p.grad.reshape(-1) for p in self._params if p.grad is not None])
-            self._add_param_rows(state, grads, None if all(has_grad) else has_grad, "param_grad_sumsq")
-        before = self._flat_params()
-        self._add_param_rows(state, before, None, "param_sumsq")
-        state.before = before if keep_before else None
+        with torch.no_grad():
+            params = [p.detach() for p in self._params]
+            grads = [p.grad for p in self._params if p.grad is not None]
+            if grads:
+                present = None if len(grads) == len(params) else tuple(p.grad is not None for p in self._params)
+                self._add_param_rows(state, stats.param_sumsq(grads), present, "param_grad_sumsq")
+            self._add_param_rows(state, stats.param_sumsq(params), None, "param_sumsq")
+            self._before = None
+            if keep_before:
+                before = self._before_buffer(params)
+                torch._foreach_copy_(before, params)
+                self._before = before
 
-    def _flat_params(self) -> torch.Tensor:
-        """All parameters in one new vector (reshape, not cached views: a model moved or cast
-        after the recorder was made has new parameter storage)."""
-        return torch.cat([p.detach().reshape(-1) for p in self._params])
+    def _before_buffer(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors shaped like the parameters for their values before the optimizer step,
+        allocated once (reallocated when the model moves or changes dtype)."""
+        kinds = tuple((p.shape, p.dtype, p.device) for p in params)
+        if self._before_kinds != kinds:
+            self._before_kinds, self._before_store = kinds, [torch.empty_like(p) for p in params]
+        return self._before_store
 
     def _add_param_rows(
-        self, state: _StepState, flat: torch.Tensor, present: tuple[bool, ...] | None, field: str
+        self, state: _StepState, squares: torch.Tensor, present: tuple[bool, ...] | None, field: str
     ) -> None:
-        """Squared norms of the flat (present) parameters or gradients summed per probe point;
-        for gradients also over the whole model (row 0)."""
-        squares = stats.segment_sumsq(flat, self._param_lengths(present, flat.device))
-        rows, owners = self._param_rows(present, field == "param_grad_sumsq", squares.dtype, squares.device)
+        """Squared norms of the (present) parameters or gradients summed per probe point into
+        the step's buffer row; for gradients also over the whole model (row 0)."""
+        rows, index, owners = self._param_rows(present, field == "param_grad_sumsq", squares.dtype, squares.device)
         if rows:
-            state.values.append(owners @ squares)
-            state.cells += [row * len(_FIELDS) + _F[field] for row in rows]
+            column = state.slot.view(-1, len(_FIELDS))[:, _F[field]]
+            column.index_copy_(0, index, (owners @ squares).to(column.dtype))
+            state.written[np.array(rows) * len(_FIELDS) + _F[field]] = True
 
     def _present(self, present: tuple[bool, ...] | None) -> list[torch.nn.Parameter]:
         return [p for i, p in enumerate(self._params) if present is None or present[i]]
 
-    def _param_lengths(self, present: tuple[bool, ...] | None, device: torch.device) -> torch.Tensor:
-        """Sizes of the parameters that ``present`` marks (None: all), on the device."""
-        key = ("lengths", present, device)
-        if key not in self._layouts:
-            # Built once per set of parameters: the copy to the device waits on it.
-            self._layouts[key] = torch.tensor([p.numel() for p in self._present(present)], device=device)
-        return self._layouts[key]
-
     def _param_rows(
         self, present: tuple[bool, ...] | None, with_model: bool, dtype: torch.dtype, device: torch.device
-    ) -> tuple[list[int], torch.Tensor]:
-        """Rows that own at least one of the parameters ``present`` marks, and the 0/1 matrix that
-        sums per-parameter values into those rows (row 0, ``with_model``: all of them)."""
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Rows that own at least one of the parameters ``present`` marks, those rows as a device
+        index, and the 0/1 matrix that sums per-parameter values into them (row 0, ``with_model``:
+        all of them)."""
         key = ("rows", present, with_model, dtype, device)
         if key not in self._layouts:
             index = {id(p): i for i, p in enumerate(self._present(present))}
@@ -559,13 +581,14 @@ class Recorder:
             owners = torch.zeros(len(rows), len(index), dtype=dtype)
             for i, row in enumerate(rows):
                 owners[i, members[row]] = 1.0
-            self._layouts[key] = (rows, owners.to(device))
+            # Built once per set of parameters: the copies to the device wait on them.
+            self._layouts[key] = (rows, torch.tensor(rows, device=device), owners.to(device))
         return self._layouts[key]
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Keep the step's loss (detached, on the device; no sync) when the step is recorded."""
         if self._active and self._on:
-            self._begin().add(loss.detach().reshape(1), 0, ("loss",))
+            self._begin().cells(0, "loss").copy_(loss.detach())
 
     # -- flush and frame -----------------------------------------------------------------
 

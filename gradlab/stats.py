@@ -1,7 +1,9 @@
-"""Pure tensor -> tensor statistics for the recorder: no ``.item()``, no hooks, no state.
+"""Pure tensor -> tensor statistics for the recorder: no hooks, no state, no host sync.
 
-Every function returns tensors on the input's device, so nothing here waits for the
-device. Sums are taken in float32, or float64 for a float64 input: a bf16 model under
+Every function returns tensors on the input's device, so nothing here waits for an
+accelerator; the one value read back is ``grad_moments``'s norm on a CPU, where the device
+is the host and reading costs nothing (``reads_are_free``). Results go to a new tensor or,
+with ``out``, in place into a caller's buffer. Sums are taken in float32, or float64 for a float64 input: a bf16 model under
 autocast still gets float32 statistics.
 
 The recorder stores *moments* (sums, sums of squares, counts) on the device and turns
@@ -20,7 +22,8 @@ are the same.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -65,19 +68,22 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (chunk, its 1-D view, spare 1-D buffer)
 
 
-def _stat_chunks(x: torch.Tensor, scratch: torch.Tensor | None) -> Iterable[Chunk]:
+def _single_chunk(x: torch.Tensor, scratch: torch.Tensor | None) -> Chunk | None:
+    """The common case, ``(x, its 1-D view, a spare buffer)``: ``x`` small, contiguous and
+    already in the statistic dtype, so it is used in place. None when it must be chunked."""
+    n = x.numel()
+    if n <= CHUNK and x.dtype == stat_dtype(x.dtype) and x.is_contiguous():
+        spare = scratch[:n] if scratch is not None and scratch.dtype == x.dtype else torch.empty_like(x.view(-1))
+        return x, x.view(-1), spare
+    return None
+
+
+def _stat_chunks(x: torch.Tensor, scratch: torch.Tensor | None) -> Iterator[Chunk]:
     """``(chunk, flat, spare)`` per chunk: the chunk in the statistic dtype, its 1-D view and a
     free 1-D buffer of the same size for temporaries. Use each chunk before asking for the next:
     converted chunks share one region of the scratch."""
     if scratch is None:
         scratch = new_scratch(x)
-    n = x.numel()
-    if n <= CHUNK and x.dtype == scratch.dtype and x.is_contiguous():
-        return ((x, x.view(-1), scratch[:n]),)  # the common case: one chunk, no copy
-    return _converted_chunks(x, scratch)
-
-
-def _converted_chunks(x: torch.Tensor, scratch: torch.Tensor) -> Iterator[Chunk]:
     for chunk in _chunks(x):
         n = chunk.numel()
         if chunk.dtype != scratch.dtype:  # bf16 / fp16: convert into the second half of the scratch
@@ -85,13 +91,28 @@ def _converted_chunks(x: torch.Tensor, scratch: torch.Tensor) -> Iterator[Chunk]
         yield chunk, _flat(chunk), scratch[:n]
 
 
-def _total(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+def _out(out: torch.Tensor | None, n: int, x: torch.Tensor) -> torch.Tensor:
+    """``out`` (n values, written in place), or a new tensor of n in ``x``'s statistic dtype."""
+    return torch.empty(n, dtype=stat_dtype(x.dtype), device=x.device) if out is None else out
 
 
-def sumsq(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of squares ``||x||^2``, a 0-d tensor, one fused pass (a dot product) per chunk."""
-    return _total([torch.dot(flat, flat) for _, flat, _ in _stat_chunks(x, scratch)])
+def _sum_into(parts: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Sum per-chunk partial results (tensors of ``out``'s shape) into ``out``."""
+    return torch.sum(torch.stack(parts), 0, out=out)
+
+
+# Every measuring function takes an optional ``out``: a tensor of its result's shape (often a
+# view into the recorder's buffer) that it writes in place, so results need no copy or stack.
+
+
+def sumsq(x: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of squares ``||x||^2``, a 0-d tensor: one fused pass (a dot product), no temporaries
+    unless ``x`` must be converted to the statistic dtype."""
+    if x.dtype == stat_dtype(x.dtype):
+        flat = _flat(x)
+        return torch.dot(flat, flat) if out is None else torch.dot(flat, flat, out=out)
+    out = _out(out, 1, x).view(())
+    return _sum_into([torch.dot(flat, flat) for _, flat, _ in _stat_chunks(x, scratch)], out)
 
 
 def grad_norm(g: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,13 +120,21 @@ def grad_norm(g: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Ten
     return sumsq(g, scratch).sqrt()
 
 
-def diff_sumsq(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def diff_sumsq(
+    a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``||a - b||^2`` for tensors of one shape, a 0-d tensor: the residual branch part of an input gradient."""
+    out = _out(out, 1, a).view(())
+    single = _single_chunk(a, scratch) if b.is_contiguous() else None
+    if single is not None:
+        _, flat, spare = single
+        torch.sub(flat, b.view(-1), out=spare)
+        return torch.dot(spare, spare, out=out)
     parts = []
     for (chunk, _, spare), other in zip(_stat_chunks(a, scratch), _chunks(b)):
         torch.sub(chunk, other, out=spare.view(chunk.shape))
         parts.append(torch.dot(spare, spare))
-    return _total(parts)
+    return _sum_into(parts, out)
 
 
 def relu_part(grad: torch.Tensor, relu_out: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,30 +148,53 @@ def relu_part(grad: torch.Tensor, relu_out: torch.Tensor, out: torch.Tensor | No
     return torch.ops.aten.threshold_backward.grad_input(grad, relu_out, 0, grad_input=out)
 
 
-def relu_part_sumsq(grad: torch.Tensor, relu_out: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def relu_part_sumsq(
+    grad: torch.Tensor, relu_out: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``||relu_part(grad, relu_out)||^2``, a 0-d tensor: one path's share of a ReLU's input gradient."""
+    out = _out(out, 1, grad).view(())
     parts = []
     for (chunk, _, spare), mask_from in zip(_stat_chunks(grad, scratch), _chunks(relu_out)):
         relu_part(chunk, mask_from.to(chunk.dtype), out=spare.view(chunk.shape))
         parts.append(torch.dot(spare, spare))
-    return _total(parts)
+    return _sum_into(parts, out)
 
 
-def grad_moments(g: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """``[||g||^2, number of inf and NaN entries]``, a float tensor of 2, one chunked pass."""
-    squares, bad = [], []
+def reads_are_free(device: torch.device) -> bool:
+    """True where the device is the host (CPU): a kernel has finished when it returns, so
+    reading a value it computed is no synchronisation. On an accelerator reading waits for
+    the device, and statistics must stay there."""
+    return device.type == "cpu"
+
+
+def grad_moments(g: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[||g||^2, number of inf and NaN entries]``, a float tensor of 2.
+
+    Any inf or NaN entry makes the sum of squares non-finite, so on the host (CPU) the exact
+    count is taken only then: one pass for a healthy gradient instead of three. (A finite
+    gradient whose square sum overflows is counted too, and counts 0.) On an accelerator the
+    count is always computed on the device, where it is cheap and nothing waits.
+    """
+    out = _out(out, 2, g)
+    sumsq(g, scratch, out=out[0])
+    # not a host sync: reads_are_free (the CPU computed this value before returning)
+    if reads_are_free(g.device) and math.isfinite(out[0].item()):
+        out[1].zero_()
+        return out
+    nonfinite_count(g, scratch, out=out[1])
+    return out
+
+
+def nonfinite_count(g: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Number of inf and NaN entries of ``g``, a 0-d float tensor (exact below 2**24 entries)."""
+    out = _out(out, 1, g).view(())
+    parts = []
     for _, flat, spare in _stat_chunks(g, scratch):
-        squares.append(torch.dot(flat, flat))
         # g - g is 0 where g is finite and NaN where it is inf or NaN; x != x marks the NaNs.
         # Float 0/1 outputs: comparisons into bool tensors are several times slower on CPU.
         torch.sub(flat, flat, out=spare)
-        bad.append(torch.ne(spare, spare, out=spare).sum())
-    return torch.stack((_total(squares), _total(bad)))
-
-
-def nonfinite_count(g: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Number of inf and NaN entries of ``g``, a 0-d float tensor (exact below 2**24 entries)."""
-    return grad_moments(g, scratch)[1]
+        parts.append(torch.ne(spare, spare, out=spare).sum())
+    return _sum_into(parts, out)
 
 
 def _channel_sums(x: torch.Tensor) -> torch.Tensor:
@@ -161,35 +213,53 @@ def channels(x: torch.Tensor) -> int:
     return x.shape[1] if x.dim() > 1 else 1
 
 
-def channel_moments(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def channel_moments(x: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[sum over channels of (channel sum)^2, sum of squares]``, a float tensor of 2.
 
     All channels hold the same number of entries, so the mean channel variance is
     E[x^2] - mean over channels of (channel mean)^2: see ``chan_var_from_moments``.
     """
+    out = _out(out, 2, x)
+    if x.dtype == stat_dtype(x.dtype):  # no temporaries: whole-tensor passes
+        chan = _channel_sums(x)
+        torch.dot(chan, chan, out=out[0])
+        sumsq(x, out=out[1])
+        return out
     sums, squares = [], []
     for chunk, flat, _ in _stat_chunks(x, scratch):
         sums.append(_channel_sums(chunk))
         squares.append(torch.dot(flat, flat))
-    chan_sum = _total(sums)
-    return torch.stack((torch.dot(chan_sum, chan_sum), _total(squares)))
+    chan = torch.stack(sums).sum(0)
+    torch.dot(chan, chan, out=out[0])
+    _sum_into(squares, out[1])
+    return out
 
 
-def activation_moments(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def activation_moments(x: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[sum, sum over channels of (channel sum)^2, sum of squares, count <= 0]``, a tensor of 4.
 
     Channels are dimension 1; the statistics run over batch and space. Each chunk of ``x``
-    is read from memory once; ``activation_metrics`` turns the moments into the five
-    published activation statistics.
+    is read from memory once (later passes hit the cache); ``activation_metrics`` turns the
+    moments into the five published activation statistics.
     """
-    sums, squares, nonpos = [], [], []
-    for chunk, flat, spare in _stat_chunks(x, scratch):
-        sums.append(_channel_sums(chunk))
-        squares.append(torch.dot(flat, flat))
+    out = _out(out, 4, x)
+    single = _single_chunk(x, scratch)
+    if single is not None:
+        chunk, flat, spare = single
+        chan = _channel_sums(chunk)
+        torch.dot(flat, flat, out=out[2])
         # A float 0/1 tensor, not bool: comparisons into bool tensors are slow on CPU.
-        nonpos.append(torch.le(flat, 0, out=spare).sum())
-    chan_sum = _total(sums)
-    return torch.stack((chan_sum.sum(), torch.dot(chan_sum, chan_sum), _total(squares), _total(nonpos)))
+        torch.sum(torch.le(flat, 0, out=spare), 0, out=out[3])
+    else:
+        sums, rest = [], []
+        for chunk, flat, spare in _stat_chunks(x, scratch):
+            sums.append(_channel_sums(chunk))
+            rest.append(torch.stack((torch.dot(flat, flat), torch.le(flat, 0, out=spare).sum())))
+        chan = torch.stack(sums).sum(0)
+        _sum_into(rest, out[2:4])
+    torch.sum(chan, 0, out=out[0])
+    torch.dot(chan, chan, out=out[1])
+    return out
 
 
 def _clip0(v):
@@ -227,18 +297,6 @@ def activation_stats(out: torch.Tensor) -> torch.Tensor:
 def chan_var(x: torch.Tensor) -> torch.Tensor:
     """Mean over channels (dim 1) of the channel variance over batch and space, a 0-d tensor."""
     return chan_var_from_moments(*channel_moments(x), x.numel(), channels(x))
-
-
-def segment_sumsq(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sum of squares of each consecutive segment of ``flat``, in ``stat_dtype(flat.dtype)``.
-
-    ``lengths``: the segment sizes, an integer tensor on ``flat``'s device. For many small
-    tensors at once (a model's parameters, concatenated) this is one kernel, where
-    ``torch._foreach_norm`` runs a few kernels per tensor on a CPU (0.2 ms against 0.3 ms
-    for 200 tensors, and a fraction of that in launches on a GPU). Segments are summed one
-    entry after the other, fine for parameter tensors of some thousand entries.
-    """
-    return torch.segment_reduce(flat.to(stat_dtype(flat.dtype)).square(), "sum", lengths=lengths)
 
 
 def param_sumsq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

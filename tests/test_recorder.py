@@ -503,9 +503,12 @@ def test_nonfinite_gradient_entries_are_counted_exactly():
     assert got["conv3", "nonfinite_grads"] > 0  # NaN spreads backwards through conv weights
 
 
-def test_hooks_never_sync_with_the_host(monkeypatch):
+@pytest.mark.parametrize("host", [False, True], ids=["accelerator", "cpu"])
+def test_hooks_never_sync_with_the_host(monkeypatch, host):
     """The pragmatic check: no .item()/.tolist()/.cpu()/.numpy()/bool()/float() during training
-    steps, exactly one .cpu() per flush."""
+    steps, exactly one .cpu() per flush. On a CPU (``reads_are_free``) the one read allowed is
+    each gradient norm's ``.item()``, which decides whether its non-finite entries need counting."""
+    monkeypatch.setattr(stats, "reads_are_free", lambda device: host)  # "accelerator": the device path
     model = make_model("resdown", dtype=torch.float32)
     x, y = make_batch(dtype=torch.float32)
     rec = Recorder(model, flush_every=100).__enter__()
@@ -520,6 +523,10 @@ def test_hooks_never_sync_with_the_host(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counting)
     run_steps(rec, model, x, y, 3)
+    if host:
+        output_gradients = 3 * len(rec.probes)  # one norm read per probe output and step
+        assert calls == ["item"] * output_gradients
+        calls.clear()
     assert calls == []
     rec.flush()
     assert calls.count("cpu") == 1 and set(calls) <= {"cpu", "numpy"}  # .numpy() of a host tensor: no sync
@@ -628,6 +635,14 @@ def test_stats_functions_against_plain_tensor_ops(monkeypatch):
     monkeypatch.setattr(stats, "CHUNK", 150)  # 2 samples per chunk
     torch.testing.assert_close(stats.activation_stats(x), expect)
     torch.testing.assert_close(stats.grad_moments(bad)[1], torch.tensor(3.0, dtype=torch.float64))
+    for host in (True, False):  # CPU: counted only when the norm is not finite; accelerator: always
+        monkeypatch.setattr(stats, "reads_are_free", lambda device, host=host: host)
+        assert stats.grad_moments(bad)[1].item() == 3 and stats.grad_moments(x)[1].item() == 0
+        torch.testing.assert_close(stats.grad_moments(x)[0], x.square().sum())
+        huge = torch.full((4,), 1e200, dtype=torch.float64).float()  # inf after the cast: counted
+        assert stats.grad_moments(huge)[1].item() == 4
+        finite_overflow = torch.full((4,), 3e38)  # finite entries whose square sum overflows
+        assert stats.grad_moments(finite_overflow).tolist() == [math.inf, 0.0]
     torch.testing.assert_close(stats.diff_sumsq(x, y), (x - y).square().sum())
     r = torch.relu(y)
     torch.testing.assert_close(stats.relu_part_sumsq(x, r), torch.where(y > 0, x, 0).square().sum())
