@@ -1,13 +1,18 @@
 """The gradlab command line: the only module that prints or exits.
 
 Every bad input becomes one line on stderr and exit status 2; library errors
-(ValueError and its subclasses DataError and RunError) carry the message.
+(ValueError and its subclasses DataError, RunError, LockError and ResourceError) carry the
+message. A file system error (a full disk, say) is one line and exit status 1. The library's
+notes (a stale lock taken over) arrive through the ``gradlab`` logger and are printed here.
 """
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import click
 
@@ -25,6 +30,31 @@ class BadInput(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"gradlab: error: {self.format_message()}", err=True)
+
+
+class Failed(BadInput):
+    """One line on stderr, exit status 1: the input was fine, the system was not (a full disk, say)."""
+
+    exit_code = 1
+
+
+def _os_error(exc: OSError, doing: str) -> Failed:
+    where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+    return Failed(f"{doing}: cannot write{where} ({exc.strerror or exc}); check the path and the free space")
+
+
+class _Notes(logging.Handler):
+    """The library's warnings as ``gradlab: note: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"gradlab: note: {record.getMessage()}", err=True)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("gradlab")
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
+        logger.propagate = False
 
 
 def _pct(x: float) -> str:
@@ -48,13 +78,20 @@ _TRAIN_HELP = {
     "val_fraction": "Fraction of the 50,000 training images held out for validation.",
     "device": "auto (CUDA when present), cpu or cuda.",
     "eval_batch_size": "Batch size for evaluation (no gradients; changes speed, not results).",
+    "precision": "fp32, or bf16: bfloat16 autocast for the forward pass (CUDA, or a CPU with AVX512-BF16/AMX); "
+                 "recorded statistics stay float32.",
+    "channels_last": "Channels-last (NHWC) activations: faster convolutions on CPU and GPU; same weights and results "
+                     "up to rounding.",
+    "on_nonfinite": "After the first non-finite loss or gradient: stop (status diverged), or continue to the "
+                    "last epoch (still marked diverged).",
 }
 _CHOICES = {"block": ("conv", "res", "resdown", "skip"), "norm": ("batch", "none"),
-            "dataset": ("cifar10", "synthetic"), "device": ("auto", "cpu", "cuda")}
+            "dataset": ("cifar10", "synthetic"), "device": ("auto", "cpu", "cuda"),
+            "on_nonfinite": ("stop", "continue"), "precision": ("fp32", "bf16")}
 _TYPES = {"depth": click.IntRange(min=0), "width": click.IntRange(min=2), "epochs": click.IntRange(min=1),
           "batch_size": click.IntRange(min=1), "eval_batch_size": click.IntRange(min=1),
           "subset": click.IntRange(min=1), "lr": float, "val_fraction": click.FloatRange(0, 1, min_open=True, max_open=True),
-          "seed": int, "data_root": click.Path(file_okay=False)}
+          "seed": click.IntRange(min=0), "data_root": click.Path(file_okay=False)}
 
 
 SWEPT = ("block", "depth", "seed", "norm")  # the grid's axes: lists in `gradlab sweep`
@@ -66,6 +103,10 @@ def train_options(command, exclude: tuple[str, ...] = ()):
         if field.name in exclude:
             continue
         name = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):  # a flag pair: --channels-last / --no-channels-last
+            command = click.option(f"{name}/--no-{name[2:]}", field.name, default=field.default, show_default=True,
+                                   help=_TRAIN_HELP[field.name])(command)
+            continue
         kind = click.Choice(_CHOICES[field.name]) if field.name in _CHOICES else _TYPES[field.name]
         command = click.option(name, field.name, type=kind, default=field.default, show_default=field.default is not None,
                                help=_TRAIN_HELP[field.name])(command)
@@ -153,6 +194,7 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="gradlab")
 def main() -> None:
     """gradlab: see how gradients flow through plain, residual and skip CNNs."""
+    _show_notes()
 
 
 @main.command()
@@ -176,21 +218,54 @@ def train(out: str, restart: bool, quiet: bool, **options) -> None:
         return
     except ValueError as exc:  # DataError, RunError and bad options all derive from ValueError
         raise BadInput(str(exc)) from None
-    click.echo(f"best validation accuracy {_pct(summary['best_val_acc'])} (epoch {summary['best_epoch'] + 1}); "
-               f"test accuracy {_pct(summary['test_acc_best'])} with the best checkpoint, "
-               f"{_pct(summary['test_acc_last'])} with the last; {summary['wall_seconds']:.1f} s")
+    except OSError as exc:
+        raise _os_error(exc, f"training into {out}") from None
+    if summary.get("diverged"):
+        click.echo(_diverged_line(summary["diverged"], config.on_nonfinite))
+    if summary["test_acc_last"] is None:  # stopped at the divergence
+        best = "none (no epoch finished)" if summary["test_acc_best"] is None else _pct(summary["test_acc_best"])
+        click.echo(f"test accuracy with the best checkpoint before the divergence: {best}; "
+                   f"{summary['wall_seconds']:.1f} s")
+    else:
+        click.echo(f"best validation accuracy {_pct(summary['best_val_acc'])} (epoch {summary['best_epoch'] + 1}); "
+                   f"test accuracy {_pct(summary['test_acc_best'])} with the best checkpoint, "
+                   f"{_pct(summary['test_acc_last'])} with the last; {summary['wall_seconds']:.1f} s")
     click.echo(f"run directory: {out}")
 
 
+def _diverged_line(diverged: dict, on_nonfinite: str) -> str:
+    where = "in the loss" if diverged["layer"] == "model" else f"at {diverged['layer']} (position {diverged['position']})"
+    then = "training went on to the last epoch" if on_nonfinite == "continue" else "training stopped there"
+    return (f"diverged: the first non-finite {diverged['cause']} appeared at step {diverged['step']} "
+            f"(epoch {diverged['epoch'] + 1}) {where}; {then}. A smaller --lr trains; gradlab report shows the blow-up")
+
+
+def _unwritable(path: str, folder: bool) -> str | None:
+    """Why ``path`` cannot be written as a folder (``folder``) or as a file, or None if it seems it can."""
+    target = Path(path)
+    if target.exists() and folder != target.is_dir():
+        return "is a file, not a folder" if folder else "is a folder, not a file"
+    parent = target if folder else target.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def _int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated integers; an empty text is an empty list (which the library refuses by name)."""
     try:
-        return tuple(int(v) for v in text.split(","))
+        return tuple(int(v) for v in text.split(",")) if text.strip() else ()
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def _name_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(","))
+    """Comma-separated names; an empty text is an empty list (which the library refuses by name)."""
+    return tuple(v.strip() for v in text.split(",")) if text.strip() else ()
 
 
 @main.command()
@@ -220,7 +295,8 @@ def sweep(blocks: str, depths: str, seeds: str, norms: str, out: str, executor: 
         base, record = _split_options(options)
         grid = SweepGrid(blocks=_name_list(blocks), depths=_int_list(depths), seeds=_int_list(seeds), norms=_name_list(norms))
         n_cells = len(expand(grid, base))
-        bar = tqdm(total=n_cells, unit="cell", desc="sweep", dynamic_ncols=True)
+        # delay: a sweep refused before its first cell (bad folder, corrupt sweep.json) prints one line, no bar
+        bar = tqdm(total=n_cells, unit="cell", desc="sweep", dynamic_ncols=True, delay=1.0)
 
         def cell_done(result: dict) -> None:
             status = result["status"]
@@ -228,6 +304,8 @@ def sweep(blocks: str, depths: str, seeds: str, norms: str, out: str, executor: 
                 bar.write(f"{result['name']}: failed: {result['error']}")
             elif status == "complete":
                 bar.write(f"{result['name']}: test accuracy {_pct(result['test_acc'])} ({result['seconds']:.0f} s)")
+            elif status == "diverged":
+                bar.write(f"{result['name']}: {_diverged_line(result['diverged'], base.on_nonfinite)}")
             bar.update(1)
 
         with bar:
@@ -235,9 +313,11 @@ def sweep(blocks: str, depths: str, seeds: str, norms: str, out: str, executor: 
                                 ray_address=ray_address, on_cell_done=cell_done)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-    counts = {s: sum(r["status"] == s for r in results) for s in ("complete", "skipped", "failed")}
-    click.echo(f"{n_cells} cells: {counts['complete']} trained, {counts['skipped']} already complete, "
-               f"{counts['failed']} failed; sweep directory: {out}")
+    except OSError as exc:
+        raise _os_error(exc, f"sweeping into {out}") from None
+    counts = {s: sum(r["status"] == s for r in results) for s in ("complete", "diverged", "skipped", "failed")}
+    click.echo(f"{n_cells} cells: {counts['complete']} trained, {counts['diverged']} diverged, "
+               f"{counts['skipped']} already finished, {counts['failed']} failed; sweep directory: {out}")
     click.echo(f"next: gradlab report {out}")
 
 
@@ -254,23 +334,29 @@ def report(path: str, fmt: str, html_file: str | None) -> None:
     if html_file is not None:
         from .report.html import write_report
 
+        problem = _unwritable(html_file, folder=False) if html_file else None
+        if problem:
+            raise BadInput(f"--html {html_file}: {problem}; choose another FILE for --html")
         try:
             written = write_report(path, html_file or None)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
         except OSError as exc:
-            raise BadInput(f"cannot write {html_file or 'the HTML report'}: {exc}") from None
+            raise BadInput(f"cannot write {html_file or 'the HTML report'} ({exc.strerror or exc}); "
+                           "choose another FILE for --html") from None
         click.echo(f"wrote {written}")
         return
     from .runs import load_sweep
 
+    from .report.text import sweep_frames
+
     try:
-        sweep = load_sweep(path)
-        text = report_text(sweep.records(), sweep.table(), fmt=fmt)
+        records, table, unreadable = sweep_frames(load_sweep(path))  # a corrupt cell is named, not fatal
+        text = report_text(records, table, fmt=fmt, unreadable=unreadable)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     click.echo(text)
-    for name, why in sweep.unreadable.items():
+    for name, why in unreadable.items():
         click.echo(f"gradlab: warning: skipped {name}: {why}", err=True)
 
 
@@ -319,7 +405,8 @@ def _print_flow(records, runs_table, fmt: str) -> None:
 @click.option("--width", type=click.IntRange(min=2), default=32, show_default=True, help="Channels, even.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
 @click.option("--batches", type=click.IntRange(min=1), default=3, show_default=True, help="Batches averaged per network.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and the choice of batches.")
+@click.option("--seed", type=click.IntRange(min=0, max=2 ** 63 - 1), default=0, show_default=True,
+              help="Seeds initialisation and the choice of batches.")
 @click.option("--dataset", type=click.Choice(["cifar10", "synthetic"]), default="cifar10", show_default=True,
               help="cifar10, or synthetic noise with learnable labels.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
@@ -340,10 +427,16 @@ def probe(blocks, depths, norms, width, batch_size, batches, seed, dataset, data
 
     from .probe import ProbeConfig, probe as run_probe
 
+    for path, option, folder in ((out, "--out", True), (html_file, "--html", False)):
+        problem = _unwritable(path, folder) if path else None
+        if problem:
+            raise BadInput(f"{option} {path}: {problem}; choose another {option}")
     try:
         config = ProbeConfig(blocks=_name_list(blocks), depths=_int_list(depths), norms=_name_list(norms), width=width,
                              batch_size=batch_size, batches=batches, seed=seed, dataset=dataset,
                              data_root=data_root, device=device)
+        config.validate()
+        _check_probe_memory(config)
         with tempfile.TemporaryDirectory(prefix="gradlab-probe-") as scratch:
             store = out or (scratch if html_file else None)
             records, runs_table, synthetic = run_probe(config, out=store)
@@ -356,6 +449,25 @@ def probe(blocks, depths, norms, width, batch_size, batches, seed, dataset, data
                 click.echo(f"wrote {write_report(store, html_file)}")
     except ValueError as exc:
         raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise BadInput(f"cannot write {exc.filename or out or html_file} ({exc.strerror or exc}); "
+                       "choose another --out or --html") from None
+
+
+def _check_probe_memory(config) -> None:
+    """ResourceError when the deepest probed network's batch cannot fit (no optimizer: weights, gradients)."""
+    from . import resources
+    from .train import resolve_device
+
+    device = resolve_device(config.device)
+    block = max(config.blocks, key=lambda b: b == "resdown")  # resdown keeps the most per block
+    depth, norm = max(config.depths), "batch" if "batch" in config.norms else config.norms[0]
+    estimate = resources.estimate_memory(block, depth, config.width, norm, config.batch_size,
+                                         resources.POOL_IMAGES + resources.TEST_IMAGES, optimizer=False,
+                                         on_cpu=device.type == "cpu")
+    resources.check_memory(estimate, device, f"probing a {block} network of depth {depth} and width "
+                           f"{config.width} with batches of {config.batch_size}",
+                           "use a smaller --batch-size, --depths or --width")
 
 
 @main.command()
@@ -381,10 +493,17 @@ def demo(data_root, html, work_dir, device) -> None:
     from .report.text import format_number, render
 
     config = DemoConfig(data_root=data_root, html=html, work_dir=work_dir, device=device)
+    for path, option in ((work_dir, "--work-dir"), (html, "--out")):
+        problem = _unwritable(path, folder=option == "--work-dir")
+        if problem:
+            raise BadInput(f"{option} {path}: {problem}; choose another {option}")
     try:
         result = run_demo(config, on_progress=lambda m: click.echo(f"· {m}", err=True))
     except ValueError as exc:
         raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise BadInput(f"cannot write {exc.filename or work_dir} ({exc.strerror or exc}); "
+                       "choose another --work-dir or --out") from None
     if result.synthetic:
         click.echo(f"NOTE: no CIFAR-10 here ({result.data_note}); this demo ran on SYNTHETIC data, not CIFAR-10.")
     flow = result.probe_flow

@@ -219,6 +219,7 @@ def _to_tensors(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor, Ten
 
 def _download(root: Path) -> None:
     """Fetch and extract the official archive into root with torchvision, or raise DataError."""
+    created = not root.exists()
     try:
         from torchvision import datasets  # imported late: slow, and only needed here
 
@@ -226,6 +227,11 @@ def _download(root: Path) -> None:
         for train in (True, False):
             datasets.CIFAR10(str(root), train=train, download=True)
     except Exception as e:  # offline, proxy, disk full, checksum ... all mean the same to the user
+        if created:  # leave no empty folder behind a failed download
+            try:
+                root.rmdir()
+            except OSError:
+                pass
         first_line = (str(e).splitlines() or [""])[0]
         raise DataError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed "
                         f"({type(e).__name__}: {first_line}); {HOW_TO_FIX}") from e

@@ -3,22 +3,28 @@
 A run directory holds
 
     config.json        every option, versions, device, dataset (and whether it is synthetic)
-    summary.json       status running|complete|failed, accuracies, parameter count, wall time
+    summary.json       status running|complete|diverged|failed, accuracies, parameter count, wall
+                       time; a diverged run's "diverged": {step, epoch, layer, position, cause}
     history.parquet    one row per epoch: losses, accuracies, timings
     steps.parquet      one row per optimizer step: the training loss (the notebook's loss curve)
-    records.parquet/   the recorder's long-format rows, one Parquet part per flush
-    last.pt, best.pt   checkpoints (written and read by gradlab.train; torch lives there, not here)
+    records.parquet/   the recorder's long-format rows, one Parquet part per flush (page checksums)
+    last.pt, best.pt   checkpoints with a content digest (written and read by gradlab.train; torch
+                       lives there, not here)
+    gradlab.lock       while a process writes the run: its pid and host (gradlab.lock)
 
 Every file is written atomically (temporary file, fsync, rename), so a crash leaves either the
 old or the new version. ``records.parquet`` is a directory of parts named by their step range:
 a crash loses at most the unflushed chunk, and everything written stays readable by
-``pandas.read_parquet``. This module never imports torch.
+``pandas.read_parquet``. A file that cannot be read raises ``RunError`` naming the file and
+what to do. This module never imports torch.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,15 +32,47 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 CONFIG, SUMMARY, HISTORY, STEPS, RECORDS = "config.json", "summary.json", "history.parquet", "steps.parquet", "records.parquet"
 LAST, BEST = "last.pt", "best.pt"
 RECORD_COLUMNS = ("step", "epoch", "layer", "position", "block", "metric", "value")
+# What to do about a corrupt or foreign file in a run directory.
+RESTART_HINT = "to train the run again, rerun with --restart (a sweep cell: delete its folder and rerun the sweep)"
 
 
 class RunError(ValueError):
     """A run directory that cannot be read or written: the message names the file and what to do."""
+
+
+# --- the fault-injection hook of tests/test_faults.py --------------------------------------------
+
+FAULT_PAUSE = "GRADLAB_FAULT_PAUSE"  # "POINT:N": the N-th arrival of this process at POINT pauses
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named moment (``step``, ``evaluate``, ``write:<file>``) where a test may kill gradlab.
+
+    Returns at once unless the environment sets GRADLAB_FAULT_PAUSE=POINT:N; then the N-th
+    arrival at POINT writes ``gradlab-fault: POINT:N`` to stderr and sleeps, so that the test's
+    SIGKILL lands exactly there (inside a checkpoint write, a records flush, an evaluation...).
+    """
+    spec = os.environ.get(FAULT_PAUSE)
+    if not spec:
+        return
+    point, _, nth = spec.rpartition(":")
+    if point != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if str(_fault_counts[name]) == nth:
+        print(f"gradlab-fault: {spec}", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+
+def _fault_name(path: Path) -> str:
+    return "write:records" if path.parent.name == RECORDS else f"write:{path.name}"
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
@@ -46,6 +84,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(_fault_name(path))  # written, not yet renamed: the old version is still in place
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -65,13 +104,19 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, allow_nan=True), binary=False)
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, fix: str = RESTART_HINT) -> Any:
+    """The JSON object stored at ``path``; RunError naming the file and ``fix`` when it is not one."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise RunError(f"{path}: missing; is this a gradlab run directory?") from None
+    except IsADirectoryError:
+        raise RunError(f"{path}: is a folder, not a file; {fix}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path}: not valid JSON ({exc}); the file is corrupt — rerun with --restart") from None
+        raise RunError(f"{path}: not valid JSON ({exc}); the file is corrupt: {fix}") from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{path}: holds a JSON {type(obj).__name__}, not an object; the file is corrupt: {fix}")
+    return obj
 
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -85,7 +130,8 @@ def read_parquet(path: Path, columns: list[str] | None = None, filters=None) -> 
     except FileNotFoundError:
         raise RunError(f"{path}: missing; is this a gradlab run directory?") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise RunError(f"{path}: cannot be read as Parquet ({exc}); the file is corrupt — rerun with --restart") from None
+        reason = (str(exc).splitlines() or [""])[0]
+        raise RunError(f"{path}: cannot be read as Parquet ({reason}); the file is corrupt: {RESTART_HINT}") from None
 
 
 class RecordsWriter:
@@ -93,6 +139,9 @@ class RecordsWriter:
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.folder = Path(run_dir) / RECORDS
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RunError(f"{self.folder}: is a file, not a folder of parts; the run directory is "
+                           f"damaged: {RESTART_HINT}")
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, columns: dict[str, np.ndarray]) -> None:
@@ -101,7 +150,8 @@ class RecordsWriter:
             return
         table = pa.table({name: columns[name] for name in RECORD_COLUMNS})
         name = f"part-{int(steps.min()):010d}-{int(steps.max()):010d}.parquet"
-        atomic_write(self.folder / name, lambda f: pq.write_table(table, f))
+        # Page checksums: a resume's check_records tells a garbled part from a good one.
+        atomic_write(self.folder / name, lambda f: pq.write_table(table, f, write_page_checksum=True))
 
     def truncate(self, step: int) -> int:
         """Drop parts holding steps >= ``step`` (written after the checkpoint we resume from)."""
@@ -114,6 +164,69 @@ class RecordsWriter:
         for tmp in self.folder.glob(".part-*.tmp"):
             tmp.unlink()
         return dropped
+
+
+def check_records(run_dir: str | os.PathLike, before_step: int) -> int:
+    """Read every records part that a resume keeps (those starting before ``before_step``) in full.
+
+    Returns the number of rows; RunError naming the first part that is truncated, garbled or
+    holds other steps than its name says. Reads nothing when the run has no records.
+    """
+    folder = Path(run_dir) / RECORDS
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"{folder}: is a file, not a folder of parts; the run directory is damaged: {RESTART_HINT}")
+    rows = 0
+    for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else ():
+        try:
+            first, last = (int(n) for n in part.stem.split("-")[1:3])
+        except ValueError:
+            raise RunError(f"{part}: not a records part written by gradlab; {RESTART_HINT}") from None
+        if first >= before_step:
+            continue  # written after the checkpoint: a resume drops it
+        try:
+            steps = pq.read_table(part, page_checksum_verification=True).column("step")
+        except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+            reason = (str(exc).splitlines() or [""])[0]
+            raise RunError(f"{part}: cannot be read as Parquet ({reason}); the records are corrupt: {RESTART_HINT}") from None
+        bounds = pc.min_max(steps).as_py()
+        if len(steps) and (bounds["min"], bounds["max"]) != (first, last):
+            raise RunError(f"{part}: holds steps other than its name says; the records are corrupt: {RESTART_HINT}")
+        rows += len(steps)
+    return rows
+
+
+def remove_temporary(run_dir: str | os.PathLike) -> int:
+    """Delete the temporary files of atomic writes that a killed process left behind."""
+    found = [*Path(run_dir).glob(".*.tmp"), *Path(run_dir, RECORDS).glob(".*.tmp")]
+    for tmp in found:
+        tmp.unlink(missing_ok=True)
+    return len(found)
+
+
+# The activation statistic whose non-finite value means the forward pass broke at a probe point:
+# the mean is non-finite exactly when an entry is. The squared statistics (act_std, the channel
+# variances) overflow float32 already when entries pass ~1e19 while every entry is still finite.
+ACTIVATION_METRICS = ("act_mean",)
+
+
+def locate_nonfinite(records: pd.DataFrame) -> dict | None:
+    """Where one step's records first show a non-finite value: {layer, position, cause}, or None.
+
+    The first probe point in forward order whose activation mean is non-finite (cause
+    ``activation``); else the highest position with non-finite gradient entries, the first one
+    the backward pass reaches (cause ``gradient``); else None (the records do not tell).
+    """
+    probes = records[records["position"] >= 0]
+    values = probes["value"].to_numpy(dtype=np.float64)
+    broken = probes[probes["metric"].isin(ACTIVATION_METRICS).to_numpy() & ~np.isfinite(values)]
+    if len(broken):
+        row = broken.loc[broken["position"].idxmin()]
+        return {"layer": str(row["layer"]), "position": int(row["position"]), "cause": "activation"}
+    counts = probes[(probes["metric"] == "nonfinite_grads").to_numpy() & ~(values <= 0)]
+    if len(counts):
+        row = counts.loc[counts["position"].idxmax()]
+        return {"layer": str(row["layer"]), "position": int(row["position"]), "cause": "gradient"}
+    return None
 
 
 @dataclass
@@ -165,6 +278,8 @@ def load_run(path: str | os.PathLike) -> Run:
 
 SWEEP = "sweep.json"
 RUNS_FOLDER = "runs"
+SWEEP_HINT = ("delete it and rerun the same gradlab sweep command to write it again "
+              "(finished cells are kept; each cell checks its own options)")
 RUN_COLUMNS = ["run", "arch", "depth", "width", "norm", "seed", "status", "epochs", "epochs_done",
                "final_train_acc", "best_val_acc", "test_acc", "n_params", "wall_seconds", "dataset",
                "synthetic", "error"]
@@ -217,7 +332,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         return Sweep(path=path, config={}, runs=[load_run(path)], unreadable={})
     if not (path / SWEEP).is_file():
         raise RunError(f"{path}: neither a run directory (no {CONFIG}) nor a sweep directory (no {SWEEP})")
-    config = read_json(path / SWEEP)
+    config = read_json(path / SWEEP, fix=SWEEP_HINT)
     runs, unreadable = [], {}
     for name in config.get("cells", []):
         cell = path / RUNS_FOLDER / name

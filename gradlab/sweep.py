@@ -4,10 +4,14 @@
       sweep.json                              the grid, the base TrainConfig, the RecordConfig, cells, versions
       runs/<block>-d<depth>-s<seed>[-<norm>]/ one run directory per cell: every single-run tool works on it
 
-Running the same sweep again skips complete cells, resumes partial ones from their ``last.pt``
-and reruns failed ones. A cell that fails (an exception, a non-finite training loss, a worker
-process that dies) is recorded as failed, with its reason, in its ``summary.json`` and in the
-results; the other cells go on.
+Running the same sweep again skips finished cells (complete or diverged), resumes partial ones
+from their ``last.pt`` and reruns failed ones. A cell that fails (an exception, a worker process
+that dies) is recorded as failed, with its reason, in its ``summary.json`` and in the results; a
+cell whose run directory is refused (a corrupt file, another writer, other options) is reported
+as failed and left exactly as it was; a cell whose loss or gradient turns non-finite is done,
+with status diverged. The other cells go on. One sweep process at a time writes a sweep folder
+(``gradlab.lock``), and before any cell starts the largest cells must fit in memory (``jobs`` of
+them at once) and all of them on the disk.
 
 Executors:
 
@@ -25,7 +29,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
 import platform
@@ -40,9 +43,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import __version__, runs
+from . import __version__, resources, runs
+from .lock import RunLock
 from .models import BLOCKS, NORMS
-from .train import Callback, RunFinished, TrainConfig, train_run
+from .train import RunFinished, TrainConfig, disk_estimate, finished, memory_estimate, resolve_device, train_run
 
 SWEEP, RUNS = runs.SWEEP, runs.RUNS_FOLDER  # the layout is defined once, in runs.py
 EXECUTORS = ("local", "ray")
@@ -134,23 +138,23 @@ def _read_summary(run_dir: Path) -> dict:
 
 
 def cell_status(run_dir: str | os.PathLike) -> str:
-    """complete | running (partial: started, not finished, resumable) | failed | pending (not started)."""
+    """complete | diverged | running (partial: started, not finished, resumable) | failed | pending (not started)."""
     summary = _read_summary(Path(run_dir))
     if summary.get("status") == "failed":  # also a worker that died before writing config.json
         return "failed"
     if not runs.is_run_dir(run_dir):
         return "pending"
-    return "complete" if summary.get("status") == "complete" else "running"
+    return summary["status"] if summary.get("status") in ("complete", "diverged") else "running"
 
 
 def mark_failed(run_dir: str | os.PathLike, error: str) -> None:
     """Record a failure train_run could not record itself (its process died, say).
 
-    Keeps a summary that already says failed (its reason is the first-hand one) or complete.
+    Keeps a summary that already says failed (its reason is the first-hand one), complete or diverged.
     """
     run_dir = Path(run_dir)
     summary = _read_summary(run_dir)
-    if summary.get("status") in ("failed", "complete"):
+    if summary.get("status") in ("failed", "complete", "diverged"):
         return
     summary.update(status="failed", error=error)
     try:
@@ -161,26 +165,22 @@ def mark_failed(run_dir: str | os.PathLike, error: str) -> None:
 
 
 def _result(name: str, run_dir: Path, status: str, summary: dict | None = None, error: str | None = None,
-            seconds: float = 0.0) -> dict:
+            seconds: float = 0.0, refused: bool = False) -> dict:
     summary = summary or {}
     return {"name": name, "status": status, "error": error, "test_acc": summary.get("test_acc"),
-            "seconds": seconds, "run_dir": str(run_dir)}
+            "seconds": seconds, "run_dir": str(run_dir), "diverged": summary.get("diverged"), "refused": refused}
 
 
-class _FiniteLoss(Callback):
-    """Fails a diverged cell at the end of its first non-finite epoch, before that epoch is checkpointed.
-
-    Runs before train_run's checkpointer, so ``last.pt`` keeps the last finite epoch.
-    """
-
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
-        if not math.isfinite(metrics["train_loss"]):
-            raise FloatingPointError(f"non-finite training loss {metrics['train_loss']} in epoch {epoch}")
+LOCK_WAIT = 5.0  # seconds a cell waits for its run directory's lock: a killed sweep's worker may still be exiting
 
 
 def run_cell(cell: Cell, run_dir: str | os.PathLike, record=None, threads: int | None = None,
              gpu: str | None = None) -> dict:
     """Train one cell into ``run_dir``, resuming it; a failing cell returns status failed, never raises.
+
+    Status complete, diverged (the cell is done: its loss or gradient became non-finite) or failed.
+    A refused run directory (corrupt file, another writer, other options: a RunError before
+    training) is failed with ``refused`` set, and nothing in it is changed.
 
     Top level, so that both executors can pickle it. ``threads``: torch's intra-op threads (None:
     leave them). ``gpu``: the CUDA_VISIBLE_DEVICES value this process sees (None: leave it); it
@@ -193,14 +193,19 @@ def run_cell(cell: Cell, run_dir: str | os.PathLike, record=None, threads: int |
     run_dir = Path(run_dir)
     start = time.perf_counter()
     try:
-        summary = train_run(cell.config, run_dir, record=record, callbacks=[_FiniteLoss()])
+        summary = train_run(cell.config, run_dir, record=record, lock_wait=LOCK_WAIT)
     except RunFinished:
-        return _result(cell.name, run_dir, "complete", _read_summary(run_dir), seconds=time.perf_counter() - start)
+        summary = _read_summary(run_dir)
+        return _result(cell.name, run_dir, summary.get("status", "complete"), summary,
+                       seconds=time.perf_counter() - start)
+    except runs.RunError as exc:  # refused before training: the cell's files stay as they are
+        return _result(cell.name, run_dir, "failed", error=str(exc), seconds=time.perf_counter() - start,
+                       refused=True)
     except Exception as exc:  # one cell's failure must not stop the sweep
         error = f"{type(exc).__name__}: {exc}"
         mark_failed(run_dir, error)  # train_run records failures inside training; this covers the rest
         return _result(cell.name, run_dir, "failed", error=error, seconds=time.perf_counter() - start)
-    return _result(cell.name, run_dir, "complete", summary, seconds=time.perf_counter() - start)
+    return _result(cell.name, run_dir, summary["status"], summary, seconds=time.perf_counter() - start)
 
 
 def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record=None, executor: str = "local",
@@ -208,10 +213,14 @@ def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record
               on_cell_done: Callable[[dict], None] | None = None) -> list[dict]:
     """Run every cell of ``grid`` (``base`` gives the other options) into the sweep folder ``out``.
 
-    Complete cells are skipped, partial ones resumed, failed ones rerun. ``on_cell_done(result)``
-    is called in this process once per cell, skipped ones first, then as each cell finishes.
-    Returns one result per cell in grid order: name, status (complete | failed | skipped), error,
-    test_acc, seconds (spent on the cell by this call) and run_dir.
+    Finished cells (complete, or diverged) are skipped, partial ones resumed, failed ones rerun.
+    ``on_cell_done(result)`` is called in this process once per cell, skipped ones first, then as
+    each cell finishes. Returns one result per cell in grid order: name, status (complete |
+    diverged | failed | skipped), error, test_acc, seconds (spent on the cell by this call),
+    run_dir, diverged (the summary's diverged object or None) and refused (a failed cell whose
+    run directory was left untouched). Raises RunError before any cell starts when another
+    process writes the sweep folder, when it holds a sweep with other options, or when the
+    cells cannot fit in memory or on the disk.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; known: {list(EXECUTORS)}")
@@ -225,44 +234,81 @@ def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record
     base.validate()
     cells = expand(grid, base)
     out = Path(out).resolve()  # absolute: workers may start in another directory, or on another node
-    _write_sweep_json(out, grid, base, record, cells)
+    if out.exists() and not out.is_dir():
+        raise runs.RunError(f"{out}: exists and is a file; --out must name a sweep folder")
+    if runs.is_run_dir(out):
+        raise runs.RunError(f"{out}: is a run directory; a sweep needs a folder of its own")
+    with RunLock(out, what="sweep folder"):
+        content = _sweep_json(out, grid, base, record, cells)  # refuses another sweep; writes nothing yet
+        results: dict[str, dict] = {}
 
-    results: dict[str, dict] = {}
+        def done(result: dict) -> None:
+            if result["status"] == "failed" and not result["refused"]:
+                mark_failed(result["run_dir"], result["error"])
+            results[result["name"]] = result
+            if on_cell_done is not None:
+                on_cell_done(result)
 
-    def done(result: dict) -> None:
-        if result["status"] == "failed":
-            mark_failed(result["run_dir"], result["error"])
-        results[result["name"]] = result
-        if on_cell_done is not None:
-            on_cell_done(result)
-
-    todo = []
-    for cell in cells:
-        run_dir = cell_dir(out, cell.name)
-        summary = _read_summary(run_dir)
-        if cell_status(run_dir) == "complete" and summary.get("epochs_done", 0) >= cell.config.epochs:
-            done(_result(cell.name, run_dir, "skipped", summary))
-        else:
-            todo.append((cell, run_dir))
-    if todo and executor == "ray":
-        _run_ray(todo, record, jobs, ray_address, out, base.device, done)
-    elif len(todo) == 1 or (todo and jobs == 1):
-        _run_here(todo, record, done)
-    elif todo:
-        _run_local(todo, record, min(jobs, len(todo)), base.device, done)
+        todo = []
+        for cell in cells:
+            run_dir = cell_dir(out, cell.name)
+            summary = _read_summary(run_dir)
+            if runs.is_run_dir(run_dir) and finished(summary, cell.config):
+                done(_result(cell.name, run_dir, "skipped", summary))
+            else:
+                todo.append((cell, run_dir))
+        _check_resources(todo, record, jobs, base.device, out, memory=executor == "local")
+        if content is not None:  # every check passed: the sweep folder changes from here on
+            (out / RUNS).mkdir(parents=True, exist_ok=True)
+            runs.write_json(out / SWEEP, content)
+        if todo and executor == "ray":
+            _run_ray(todo, record, jobs, ray_address, out, base.device, done)
+        elif len(todo) == 1 or (todo and jobs == 1):
+            _run_here(todo, record, done)
+        elif todo:
+            _run_local(todo, record, min(jobs, len(todo)), base.device, done)
     return [results[cell.name] for cell in cells]
+
+
+def _check_resources(todo: list[tuple[Cell, Path]], record, jobs: int, device: str, out: Path,
+                     memory: bool = True) -> None:
+    """ResourceError unless the ``jobs`` largest cells fit in this machine's memory at once
+    (``memory``: the local executor; Ray's cells run on other nodes, and on several GPUs every
+    worker checks its own) and every cell still to do fits on the disk (resumed cells count only
+    what they still write)."""
+    if not todo:
+        return
+    dev = resolve_device(device)  # counts GPUs without starting CUDA
+    if memory and dev.type == "cuda" and jobs > 1 and len(todo) > 1:
+        memory = False  # each worker checks its own GPU before its cell starts; CUDA stays off here
+    if memory:
+        estimates = sorted((memory_estimate(cell.config, dev) for cell, _ in todo), key=lambda e: e.total)
+        largest = estimates[-min(jobs, len(estimates)):]
+        total = resources.MemoryEstimate(*(sum(getattr(e, f.name) for e in largest)
+                                           for f in fields(resources.MemoryEstimate)))
+        deepest = max((cell.config for cell, _ in todo), key=lambda c: (c.depth, c.block == "resdown"))
+        at_once = f", {len(largest)} at once," if len(largest) > 1 else ""
+        resources.check_memory(total, dev, f"the sweep's largest cell ({cell_name(deepest)}, batches of "
+                               f"{deepest.batch_size}){at_once}",
+                               "use a smaller --batch-size, fewer --jobs, or smaller --depths or --width")
+    need = 0
+    for cell, run_dir in todo:
+        done_steps, missing = 0, 2
+        if (run_dir / runs.LAST).is_file():  # resumed: count only what is still to come
+            summary = _read_summary(run_dir)
+            done_steps = summary.get("steps_done", 0) if isinstance(summary.get("steps_done"), int) else 0
+            missing = sum(not (run_dir / name).exists() for name in (runs.LAST, runs.BEST))
+        need += disk_estimate(cell.config, record, done_steps, missing)
+    resources.check_disk(need, out, f"the sweep's {len(todo)} cells to train")
 
 
 def _jsonable(obj) -> object:
     return json.loads(json.dumps(obj))  # tuples become lists, as they are stored
 
 
-def _write_sweep_json(out: Path, grid: SweepGrid, base: TrainConfig, record, cells: Sequence[Cell]) -> None:
-    """Write sweep.json; refuse a folder holding another sweep (or a single run)."""
-    if out.exists() and not out.is_dir():
-        raise runs.RunError(f"{out}: exists and is a file; --out must name a sweep folder")
-    if runs.is_run_dir(out):
-        raise runs.RunError(f"{out}: is a run directory; a sweep needs a folder of its own")
+def _sweep_json(out: Path, grid: SweepGrid, base: TrainConfig, record, cells: Sequence[Cell]) -> dict | None:
+    """The content of sweep.json to write, None when the stored one is the same; RunError for a
+    folder holding another sweep (or a corrupt sweep.json)."""
     content = _jsonable({
         "grid": asdict(grid), "base": asdict(base), "record": asdict(record),
         "cells": [cell.name for cell in cells],
@@ -270,15 +316,14 @@ def _write_sweep_json(out: Path, grid: SweepGrid, base: TrainConfig, record, cel
     })
     path = out / SWEEP
     if path.exists():
-        stored = runs.read_json(path)
+        stored = runs.read_json(path, fix=runs.SWEEP_HINT)
         differences = _differences(stored, content, base)
         if differences:
             raise runs.RunError(f"{out}: holds a sweep with other options ({'; '.join(differences)}); "
                                 "use another --out")
         if stored == content:
-            return  # leave the file (and its mtime) alone
-    (out / RUNS).mkdir(parents=True, exist_ok=True)
-    runs.write_json(path, content)
+            return None  # leave the file (and its mtime) alone
+    return content
 
 
 def _differences(stored: dict, given: dict, base: TrainConfig) -> list[str]:

@@ -2,11 +2,15 @@
 
 The loop knows events, not metrics: recording, progress bars and checkpoints attach to the
 named events of ``Callback``. Losses and accuracies accumulate on the device; the host syncs
-once per epoch (plus once per evaluation).
+once per epoch (plus once per evaluation). A non-finite loss or gradient is caught on the
+device too and read back once per DIVERGENCE_CHECK_EVERY steps (every step on the CPU, where
+reading it is free).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import logging
 import math
 import os
 import platform
@@ -19,12 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, runs
+from . import __version__, resources, runs, runtime
 from .data import DeviceLoader, Splits, make_splits, sample_grid_images
+from .lock import RunLock
 from .models import DeepCNN, build_model, check_architecture, count_parameters
 
 DATASETS = ("cifar10", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
+ON_NONFINITE = ("stop", "continue")
+POOL_IMAGES = resources.POOL_IMAGES  # both datasets hold 50,000 training images, split into train and validation
+PRECISIONS = ("fp32", "bf16")
+DIVERGENCE_CHECK_EVERY = 64  # steps between host reads of the divergence flag on an accelerator
+log = logging.getLogger("gradlab")
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,9 @@ class TrainConfig:
     val_fraction: float = 0.1  # the notebook keeps 10 % of the 50,000 training images for validation
     device: str = "auto"  # auto picks CUDA when present
     eval_batch_size: int = 1024  # evaluation only, under inference_mode: larger is faster, same result
+    precision: str = "fp32"  # fp32 | bf16: bfloat16 autocast (CUDA; CPUs with AVX512-BF16 or AMX); statistics stay float32
+    channels_last: bool = True  # NHWC activations: oneDNN's fast CPU convolutions, tensor cores on CUDA; same weights
+    on_nonfinite: str = "stop"  # stop | continue: what a run does after its first non-finite loss or gradient
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -53,25 +66,65 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; known: {list(DATASETS)}")
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; known: {list(DEVICES)}")
-        if self.subset is not None and self.subset < 1:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; known: {list(PRECISIONS)}")
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last must be true or false, got {self.channels_last!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; known: {list(ON_NONFINITE)}")
+        if self.subset is not None and (isinstance(self.subset, bool) or not isinstance(self.subset, int) or self.subset < 1):
             raise ValueError(f"subset must be a positive number of images, got {self.subset!r}")
-        if not 0 < self.val_fraction < 1:
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
+                or not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {self.val_fraction!r}")
+        n_val = round(POOL_IMAGES * self.val_fraction)
+        if not 1 <= n_val < POOL_IMAGES:
+            raise ValueError(f"val_fraction {self.val_fraction!r} leaves an empty split of the {POOL_IMAGES:,} "
+                             "training images")
+        if self.subset is not None and self.subset > POOL_IMAGES - n_val:
+            raise ValueError(f"subset must be at most {POOL_IMAGES - n_val} (the training split), got {self.subset}")
+        n_train = self.split_sizes()[0]
+        if self.batch_size > n_train:
+            raise ValueError(f"batch_size {self.batch_size} is larger than the {n_train} training images; "
+                             f"use at most {n_train}")
+
+    def split_sizes(self) -> tuple[int, int]:
+        """(training images used, validation images): make_splits' split of the 50,000-image pool."""
+        n_val = round(POOL_IMAGES * self.val_fraction)
+        n_train = POOL_IMAGES - n_val
+        return (n_train if self.subset is None else min(self.subset, n_train)), n_val
 
     # Options that may differ when a run directory is resumed: where data lives and what runs it.
-    RESUMABLE_CHANGES = ("data_root", "device", "epochs", "eval_batch_size")
+    # channels_last changes the memory layout, not the arithmetic. precision is not resumable.
+    RESUMABLE_CHANGES = ("data_root", "device", "epochs", "eval_batch_size", "on_nonfinite", "channels_last")
 
     def differences(self, other: dict) -> list[str]:
-        """Options (except RESUMABLE_CHANGES) whose values differ from a stored config dict."""
-        return [f"{f.name}: stored {other.get(f.name)!r}, given {getattr(self, f.name)!r}"
+        """Options (except RESUMABLE_CHANGES) whose values differ from a stored config dict; an
+        option missing there predates it and stands for its default (what such runs did)."""
+        return [f"{f.name}: stored {other.get(f.name, f.default)!r}, given {getattr(self, f.name)!r}"
                 for f in fields(self)
-                if f.name not in self.RESUMABLE_CHANGES and other.get(f.name) != getattr(self, f.name)]
+                if f.name not in self.RESUMABLE_CHANGES and other.get(f.name, f.default) != getattr(self, f.name)]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise ValueError when ``device`` cannot run ``precision`` at speed (bf16 on a CPU without
+    AVX512-BF16 or AMX would be emulated, several times slower than fp32)."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        raise ValueError("precision bf16 needs CUDA or a CPU with AVX512-BF16 or AMX, and this CPU has neither; "
+                         "use --precision fp32")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,19 +174,61 @@ def save_checkpoint(path: Path, trainer: "Trainer") -> None:
         "step_losses": trainer.step_losses,
         "rng": _rng_state(),
         "config": asdict(trainer.config),
+        "diverged": trainer.diverged,  # the first non-finite step so far, None while finite
     }
+    state["digest"] = _digest(state)
     runs.atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _digest(state) -> str:
+    """SHA-256 of a checkpoint's content (tensor bytes and every other value, in key order).
+
+    torch.load does not check the zip's CRCs, so garbled bytes inside a tensor would load as
+    silently wrong weights; load_checkpoint compares this digest instead."""
+    digest = hashlib.sha256()
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {flat.dtype} {tuple(value.shape)}|".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=repr):
+                if key != "digest":
+                    digest.update(f"{key!r}:".encode())
+                    add(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                add(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{value!r}|".encode())
+
+    add(state)
+    return digest.hexdigest()
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "step", "best_val_acc", "best_epoch", "history", "step_losses", "rng")
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint without executing code (``weights_only=True``)."""
+    """Load a checkpoint without executing code (``weights_only=True``): a crafted file is refused."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise runs.RunError(f"{path}: missing checkpoint") from None
     except Exception as exc:  # torch raises many types for truncated or crafted files
-        raise runs.RunError(f"{path}: cannot be loaded as a gradlab checkpoint ({type(exc).__name__}); "
-                            "it is corrupt or not from gradlab — rerun with --restart") from None
+        raise runs.RunError(f"{path}: cannot be loaded as a gradlab checkpoint ({type(exc).__name__}); it is "
+                            f"corrupt or not from gradlab: {runs.RESTART_HINT}") from None
+    if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
+        raise runs.RunError(f"{path}: loads, but is not a gradlab checkpoint (it lacks the training state); "
+                            f"{runs.RESTART_HINT}")
+    if "digest" in state and state["digest"] != _digest(state):
+        raise runs.RunError(f"{path}: its content does not match its checksum; the file is corrupt: {runs.RESTART_HINT}")
+    return state
 
 
 class Trainer:
@@ -144,11 +239,16 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks)
         self.device = resolve_device(config.device)
+        check_precision(config.precision, self.device)
+        if self.device.type == "cpu":
+            runtime.keep_freed_memory()  # no page faults for the stem's 32 MiB activations every step
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         torch.manual_seed(config.seed)  # initialisation and dropout
         self.splits = splits or make_splits(config.dataset, config.data_root, seed=config.seed,
                                             subset=config.subset, val_fraction=config.val_fraction,
                                             device=self.device)
-        self.model: DeepCNN = build_model(config.block, config.depth, config.width, config.norm).to(self.device)
+        model = build_model(config.block, config.depth, config.width, config.norm)
+        self.model: DeepCNN = model.to(self.device, memory_format=self.memory_format)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.train_loader = DeviceLoader(*self.splits.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
         self.epoch = 0  # epochs completed; during an epoch, its 0-based index
@@ -157,6 +257,17 @@ class Trainer:
         self.best_epoch = -1
         self.history: list[dict] = []  # one dict per completed epoch
         self.step_losses: list[float] = []  # one loss per optimizer step
+        self.diverged: dict | None = None  # {step, epoch, cause} of the first non-finite loss or gradient
+        self.stop_training = False  # set by a callback (divergence): the loop ends after the current step
+
+    def autocast(self) -> torch.autocast:
+        """The forward pass's precision: bf16 autocast for ``precision="bf16"``, else a no-op."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def batches(self, loader: DeviceLoader):
+        """The loader's batches in the model's memory format (NHWC with channels_last)."""
+        for x, y in loader:
+            yield x.contiguous(memory_format=self.memory_format), y
 
     @property
     def n_params(self) -> int:
@@ -173,6 +284,7 @@ class Trainer:
         self.best_val_acc, self.best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
         self.history = list(state["history"])
         self.step_losses = list(state["step_losses"])
+        self.diverged = state.get("diverged")
         _set_rng_state(state["rng"])
 
     @torch.inference_mode()
@@ -181,10 +293,13 @@ class Trainer:
         model = model or self.model
         was_training = model.training
         model.eval()
+        runs.fault_point("evaluate")
         images, labels = getattr(self.splits, split)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for x, y in DeviceLoader(images, labels, batch_size=self.config.eval_batch_size):
-            correct += (model(x).argmax(1) == y).sum()
+        for x, y in self.batches(DeviceLoader(images, labels, batch_size=self.config.eval_batch_size)):
+            with self.autocast():
+                logits = model(x)
+            correct += (logits.argmax(1) == y).sum()
         model.train(was_training)
         return correct.item() / len(labels)  # host sync: once per evaluation
 
@@ -196,21 +311,26 @@ class Trainer:
         losses = torch.zeros(n_steps, device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         start = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader):
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
+        for i, (x, y) in enumerate(self.batches(self.train_loader)):
+            with self.autocast():
+                out = self.model(x)
+                loss = F.cross_entropy(out, y)  # float32 under autocast
             self._emit("on_after_forward", loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._emit("on_after_backward")
+            runs.fault_point("step")
             self.optimizer.step()
             self._emit("on_after_step")
             losses[i] = loss.detach()
             correct += (out.argmax(1) == y).sum()
             self.step += 1
-        step_losses = losses.tolist()  # host sync: once per epoch
+            if self.stop_training:  # a callback ended the run (divergence): the epoch ends here
+                n_steps = i + 1
+                break
+        step_losses = losses[:n_steps].tolist()  # host sync: once per epoch
         seconds = time.perf_counter() - start
-        n_images = len(self.splits.train[1])
+        n_images = min(n_steps * self.config.batch_size, len(self.splits.train[1]))
         self.step_losses.extend(step_losses)
         return {"epoch": self.epoch, "step": self.step, "train_loss": float(np.mean(step_losses)),
                 "train_acc": correct.item() / n_images, "train_seconds": seconds,
@@ -218,7 +338,7 @@ class Trainer:
 
 
 class RunFinished(Exception):
-    """The run directory holds a complete run of the requested length."""
+    """The run directory holds a finished run: complete with the requested epochs, or diverged."""
 
 
 def _run_config(config: TrainConfig, record, trainer: Trainer) -> dict:
@@ -264,67 +384,227 @@ class _Checkpointer(Callback):
         runs.write_json(self.run_dir / runs.SUMMARY, self.summary)
 
 
+class _Divergence(Callback):
+    """Finds the first step whose loss or gradient is non-finite, without a host sync per step.
+
+    Each step adds a few device ops (isfinite of the loss, the max-abs norm of all gradients,
+    which is non-finite exactly when one entry is); the first bad step is kept in a device
+    tensor and read once per DIVERGENCE_CHECK_EVERY steps and at every epoch's last step (every
+    step on the CPU, where reading it is free). It sets ``trainer.diverged`` and, with
+    on_nonfinite=stop, ``trainer.stop_training``.
+    """
+
+    NONE = 2 ** 62  # "no bad step yet"
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        device = trainer.device
+        self.first = torch.full((2,), self.NONE, dtype=torch.long, device=device)  # first bad loss, gradient step
+        self.step = torch.tensor(trainer.step, device=device)  # the step on the device: one copy per fit
+        self.loss_bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.check_every = 1 if device.type == "cpu" else DIVERGENCE_CHECK_EVERY
+        self.steps_per_epoch = len(trainer.train_loader)
+
+    def on_after_forward(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        if trainer.diverged is None:
+            self.loss_bad = ~torch.isfinite(loss.detach())
+
+    def on_after_backward(self, trainer: Trainer) -> None:
+        if trainer.diverged is not None:
+            return
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        if grads:
+            grad_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf)).max())
+        else:
+            grad_bad = torch.zeros_like(self.loss_bad)
+        bad = torch.stack((self.loss_bad, grad_bad))
+        torch.minimum(self.first, torch.where(bad, self.step, self.NONE), out=self.first)
+
+    def on_after_step(self, trainer: Trainer) -> None:
+        self.step += 1
+        step = trainer.step  # not yet advanced: this step's index
+        if trainer.diverged is not None or not ((step + 1) % self.check_every == 0
+                                                or (step + 1) % self.steps_per_epoch == 0):
+            return
+        loss_step, grad_step = self.first.tolist()  # host sync: once per check (free on the CPU)
+        if min(loss_step, grad_step) == self.NONE:
+            return
+        first = min(loss_step, grad_step)
+        trainer.diverged = {"step": first, "epoch": first // self.steps_per_epoch,
+                            "cause": "loss" if loss_step <= grad_step else "gradient"}
+        if trainer.config.on_nonfinite == "stop":
+            trainer.stop_training = True
+
+
+def _locate_divergence(run_dir: Path, diverged: dict) -> dict:
+    """The summary's ``diverged`` object: step, epoch, and the probe point where the records first
+    show a non-finite value at that step (layer "model", position -1 when only the loss tells)."""
+    where = None
+    folder = run_dir / runs.RECORDS
+    if folder.is_dir() and any(folder.glob("part-*.parquet")):
+        records = runs.read_parquet(folder, filters=[("step", "==", int(diverged["step"]))])
+        where = runs.locate_nonfinite(records)
+    where = where or {"layer": "model", "position": -1, "cause": diverged["cause"]}
+    return {"step": int(diverged["step"]), "epoch": int(diverged["epoch"]), **where}
+
+
+def finished(summary: dict, config: TrainConfig) -> str | None:
+    """Why a run directory with this summary needs no more training for ``config``, or None.
+
+    Complete with enough epochs; or diverged, unless it went on after the divergence
+    (on_nonfinite=continue) and has fewer epochs than asked for.
+    """
+    status, done = summary.get("status"), summary.get("epochs_done", 0)
+    if not isinstance(done, int):
+        return None
+    if status == "complete" and done >= config.epochs:
+        acc = summary.get("test_acc")
+        acc_text = f"test accuracy {acc:.2%}" if isinstance(acc, float) else "no test accuracy"
+        return f"already complete ({done} epochs, {acc_text})"
+    if status == "diverged" and (config.on_nonfinite == "stop" or done >= config.epochs):
+        where = summary.get("diverged") or {}
+        return (f"diverged at step {where.get('step')} (epoch {where.get('epoch')}, first non-finite "
+                f"{where.get('cause')} at {where.get('layer')})")
+    return None
+
+
+def _resume_state(run_dir: Path, config: TrainConfig) -> tuple[dict | None, dict]:
+    """(the last.pt state to resume from or None, the stored summary), after checking every file that
+    a resume reads; RunError naming the first corrupt or foreign file, RunFinished for a finished run.
+    Reads only: nothing in ``run_dir`` changes."""
+    if not runs.is_run_dir(run_dir):
+        return None, {}
+    stored = runs.read_json(run_dir / runs.CONFIG).get("train")
+    if not isinstance(stored, dict):
+        raise runs.RunError(f"{run_dir / runs.CONFIG}: has no training options; the file is corrupt: "
+                            f"{runs.RESTART_HINT}")
+    differences = config.differences(stored)
+    if differences:
+        raise runs.RunError(f"{run_dir}: holds a run with other options ({'; '.join(differences)}); "
+                            "use another --out, or --restart to overwrite it")
+    summary = runs.read_json(run_dir / runs.SUMMARY) if (run_dir / runs.SUMMARY).exists() else {}
+    states = {}
+    for name in (runs.BEST, runs.LAST):
+        if (run_dir / name).exists():
+            states[name] = load_checkpoint(run_dir / name)
+            differences = config.differences(states[name].get("config") or {})
+            if differences:
+                raise runs.RunError(f"{run_dir / name}: is a checkpoint of other options ({'; '.join(differences)}); "
+                                    f"{runs.RESTART_HINT}")
+    reason = finished(summary, config)
+    if reason:
+        raise RunFinished(f"{run_dir}: {reason}; use --restart to train again")
+    last = states.get(runs.LAST)
+    if last is not None:
+        runs.check_records(run_dir, int(last["step"]))
+    return last, summary
+
+
+def memory_estimate(config: TrainConfig, device: torch.device) -> resources.MemoryEstimate:
+    """Peak memory of training ``config`` on ``device`` (see gradlab.resources)."""
+    n_train, n_val = config.split_sizes()
+    half = getattr(config, "precision", "fp32") == "bf16"  # autocast keeps about half the bytes
+    return resources.estimate_memory(config.block, config.depth, config.width, config.norm, config.batch_size,
+                                     n_train + n_val + resources.TEST_IMAGES, config.eval_batch_size,
+                                     on_cpu=device.type == "cpu", bytes_per_value=2 if half else 4)
+
+
+def disk_estimate(config: TrainConfig, record, done_steps: int = 0, checkpoints_missing: int = 2) -> int:
+    """Bytes a run of ``config`` still writes to its run directory after ``done_steps`` steps."""
+    steps_per_epoch = math.ceil(config.split_sizes()[0] / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    epochs_left = config.epochs - done_steps // steps_per_epoch
+    recorded = resources.recorded_steps(record, done_steps, total)
+    flushes = epochs_left + recorded // max(1, getattr(record, "flush_every", 64))
+    return resources.estimate_disk(config.block, config.depth, config.width, config.norm, total, done_steps,
+                                   record, flushes, checkpoints_missing)
+
+
+def _describe(config: TrainConfig) -> str:
+    return (f"training a {config.block} network of depth {config.depth} and width {config.width} "
+            f"with batches of {config.batch_size}")
+
+
 def train_run(config: TrainConfig, out: str | os.PathLike, record=None, callbacks: Sequence[Callback] = (),
-          restart: bool = False, splits: Splits | None = None) -> dict:
+              restart: bool = False, splits: Splits | None = None, lock_wait: float = 0.0) -> dict:
     """Train into run directory ``out``, resuming from its ``last.pt`` unless ``restart``.
 
-    ``record`` is a ``RecordConfig`` (None or every=0: no recording). Returns the summary dict.
-    Raises RunFinished when ``out`` already holds a complete run of ``config.epochs`` epochs.
+    ``record`` is a ``RecordConfig`` (None or every=0: no recording). Returns the summary dict,
+    whose status is ``complete`` or ``diverged``. Raises RunFinished when ``out`` already holds a
+    finished run (see ``finished``), and RunError (a ValueError) before anything in ``out``
+    changes when another process writes there (``lock_wait``: seconds to wait for it), when
+    ``out`` holds a run with other options or a corrupt file, or when the run cannot fit in
+    memory or on the disk.
     """
-    from .recorder import RecorderCallback, RecordConfig  # torch side; imported here to keep start-up light
+    from .recorder import RecordConfig  # torch side; imported here to keep start-up light
 
     config.validate()
+    record = record if record is not None else RecordConfig()
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise runs.RunError(f"{run_dir}: exists and is a file; --out must name a run directory")
-    resume_state = None
-    if run_dir.is_dir() and runs.is_run_dir(run_dir) and not restart:
-        stored = runs.read_json(run_dir / runs.CONFIG)
-        differences = config.differences(stored.get("train", {}))
-        if differences:
-            raise runs.RunError(f"{run_dir}: holds a run with other options ({'; '.join(differences)}); "
-                                "use another --out, or --restart to overwrite it")
-        summary = runs.read_json(run_dir / runs.SUMMARY) if (run_dir / runs.SUMMARY).exists() else {}
-        if summary.get("status") == "complete" and summary.get("epochs_done", 0) >= config.epochs:
-            raise RunFinished(f"{run_dir}: already complete ({summary['epochs_done']} epochs, "
-                              f"test accuracy {summary.get('test_acc', float('nan')):.2%}); use --restart to train again")
-        if (run_dir / runs.LAST).exists():
-            resume_state = load_checkpoint(run_dir / runs.LAST)
-    if restart and run_dir.is_dir():
-        _clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    resources.check_memory(memory_estimate(config, device), device, _describe(config),
+                           "use a smaller --batch-size, --depth or --width")
+    with RunLock(run_dir, wait=lock_wait) as lock:
+        if lock.stale is not None:
+            log.warning(f"{run_dir}: took over the lock left by {lock.stale.describe()}, which is no longer running")
+        resume_state, previous = (None, {}) if restart else _resume_state(run_dir, config)
+        missing = sum(not (run_dir / name).exists() for name in (runs.LAST, runs.BEST)) if resume_state else 2
+        resources.check_disk(disk_estimate(config, record, resume_state["step"] if resume_state else 0, missing),
+                             run_dir, _describe(config))
+        trainer = Trainer(config, splits=splits)
+        if resume_state is not None:
+            try:
+                trainer.restore(resume_state)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                reason = (str(exc).splitlines() or [""])[0]
+                raise runs.RunError(f"{run_dir / runs.LAST}: does not fit this run ({type(exc).__name__}: "
+                                    f"{reason}); {runs.RESTART_HINT}") from None
+        # From here on the run directory changes.
+        runs.remove_temporary(run_dir)  # left by atomic writes that a kill interrupted
+        if resume_state is None and (restart or runs.is_run_dir(run_dir)):
+            _clear_run_dir(run_dir)  # a restart, or a run killed before its first checkpoint
+        return _train(run_dir, trainer, record, list(callbacks), resume_state is not None, previous)
 
-    record = record if record is not None else RecordConfig()
-    trainer = Trainer(config, splits=splits)
-    if resume_state is not None:
-        trainer.restore(resume_state)
-    previous = runs.read_json(run_dir / runs.SUMMARY) if resume_state is not None and (run_dir / runs.SUMMARY).exists() else {}
+
+def _train(run_dir: Path, trainer: Trainer, record, callbacks: list[Callback], resumed: bool, previous: dict) -> dict:
+    from .recorder import RecorderCallback
+
+    config = trainer.config
     summary = {"status": "running", "n_params": trainer.n_params, "epochs": config.epochs,
                "epochs_done": trainer.epoch, "steps_done": trainer.step,
                "best_val_acc": trainer.best_val_acc, "best_epoch": trainer.best_epoch,
-               "wall_seconds": previous.get("wall_seconds", 0.0), "resumed_from_epoch": trainer.epoch or None,
-               "synthetic": trainer.splits.synthetic}
+               "wall_seconds": previous.get("wall_seconds", 0.0) if resumed else 0.0,
+               "resumed_from_epoch": trainer.epoch or None, "synthetic": trainer.splits.synthetic}
     runs.write_json(run_dir / runs.CONFIG, _run_config(config, record, trainer))
     runs.write_json(run_dir / runs.SUMMARY, summary)
     start = time.perf_counter()
     try:
         _write_samples(run_dir, trainer.splits)
-        own = [_Checkpointer(run_dir, summary)]
+        if resumed:
+            _write_tables(run_dir, trainer)  # the checkpoint's history: a kill may have come before the tables
+        own = [_Divergence(), _Checkpointer(run_dir, summary)]
         if record.every > 0:
             sink = runs.RecordsWriter(run_dir)
             sink.truncate(trainer.step)  # records flushed after the checkpoint we resume from are redone
             own.insert(0, RecorderCallback(record, sink=sink))
-        trainer.callbacks = own[:-1] + list(callbacks) + own[-1:]
+        trainer.callbacks = own[:-1] + callbacks + own[-1:]
         _fit(trainer)
-        summary["test_acc_last"] = trainer.evaluate("test")
-        if trainer.best_epoch == trainer.epoch - 1:  # the last epoch was the best: same weights
-            summary["test_acc_best"] = summary["test_acc_last"]
+        summary.update(epochs_done=trainer.epoch, steps_done=trainer.step)
+        if trainer.diverged is not None:
+            summary["diverged"] = _locate_divergence(run_dir, trainer.diverged)
+        if trainer.stop_training:  # diverged: the weights are not finite; the best checkpoint still is
+            _write_tables(run_dir, trainer)  # the loss of every step up to the divergence
+            summary["test_acc_last"] = None
+            summary["test_acc_best"] = _test_best(run_dir, trainer) if trainer.best_epoch >= 0 else None
         else:
-            best = copy.deepcopy(trainer.model)
-            best.load_state_dict(load_checkpoint(run_dir / runs.BEST, map_location=trainer.device)["model"])
-            summary["test_acc_best"] = trainer.evaluate("test", best)
+            summary["test_acc_last"] = trainer.evaluate("test")
+            if trainer.best_epoch == trainer.epoch - 1:  # the last epoch was the best: same weights
+                summary["test_acc_best"] = summary["test_acc_last"]
+            else:
+                summary["test_acc_best"] = _test_best(run_dir, trainer)
         summary["test_acc"] = summary["test_acc_best"]  # the model chosen by validation accuracy
-        summary["status"] = "complete"
+        summary["status"] = "diverged" if trainer.diverged is not None else "complete"
     except Exception as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -334,12 +614,20 @@ def train_run(config: TrainConfig, out: str | os.PathLike, record=None, callback
     return summary
 
 
+def _test_best(run_dir: Path, trainer: Trainer) -> float:
+    best = copy.deepcopy(trainer.model)
+    best.load_state_dict(load_checkpoint(run_dir / runs.BEST, map_location=trainer.device)["model"])
+    return trainer.evaluate("test", best)
+
+
 def _fit(trainer: Trainer) -> None:
     trainer._emit("on_fit_start")
     try:
-        while trainer.epoch < trainer.config.epochs:
+        while trainer.epoch < trainer.config.epochs and not trainer.stop_training:
             trainer._emit("on_epoch_start", trainer.epoch)
             metrics = trainer.train_epoch()
+            if trainer.stop_training:  # diverged (on_nonfinite=stop): no evaluation, no checkpoint
+                break
             metrics["val_acc"] = trainer.evaluate("val")
             metrics["is_best"] = metrics["val_acc"] > trainer.best_val_acc
             if metrics["is_best"]:
@@ -352,11 +640,14 @@ def _fit(trainer: Trainer) -> None:
 
 
 def _clear_run_dir(run_dir: Path) -> None:
+    """Delete gradlab's own files (and nothing else); config.json last, so that a kill in between
+    leaves a run directory that the same command clears again."""
     import shutil
 
-    for name in (runs.CONFIG, runs.SUMMARY, runs.HISTORY, runs.STEPS, runs.LAST, runs.BEST, SAMPLES):
+    for name in (runs.SUMMARY, runs.HISTORY, runs.STEPS, runs.LAST, runs.BEST, SAMPLES):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / runs.RECORDS, ignore_errors=True)
+    (run_dir / runs.CONFIG).unlink(missing_ok=True)
 
 
 SAMPLES = "samples.npz"

@@ -1,4 +1,5 @@
 """Sweeps: grid expansion, the sweep folder, resume after a kill, failed-cell isolation, executors."""
+import math
 import multiprocessing
 import os
 import shutil
@@ -16,7 +17,7 @@ import pytest
 import gradlab
 from gradlab import runs
 from gradlab.recorder import RecordConfig
-from gradlab.sweep import SWEEP, Cell, SweepGrid, cell_dir, cell_status, expand, run_cell, run_sweep
+from gradlab.sweep import SWEEP, SweepGrid, cell_dir, cell_status, expand, run_sweep
 from gradlab.train import TrainConfig, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,12 +218,27 @@ def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path):
     assert _files(cell_dir(out, "conv-d1-s0")) == kept
 
 
-def test_a_diverging_cell_fails_with_its_reason(tmp_path):
-    cell = Cell("conv-d1-s0", replace(BASE, block="conv", depth=1, epochs=2, lr=1e30))  # Adam steps of 1e30 overflow
-    result = run_cell(cell, tmp_path / "cell", RecordConfig(every=0))
-    assert result["status"] == "failed" and "non-finite training loss nan in epoch 0" in result["error"]
-    assert runs.load_run(tmp_path / "cell").summary["status"] == "failed"
-    assert not (tmp_path / "cell" / runs.LAST).exists()  # the diverged epoch is not checkpointed
+def test_a_diverging_cell_is_done_not_failed_and_the_others_go_on(tmp_path):
+    out = tmp_path / "sweep"
+    grid = SweepGrid(blocks=("conv",), depths=(2,), norms=("batch", "none"))
+    base = replace(BASE, epochs=2, lr=1e6)  # Adam at 1e6: finite with BatchNorm, non-finite at step 1 without
+    results = run_sweep(grid, base, out)
+    assert [r["status"] for r in results] == ["complete", "diverged"]
+    diverged = results[1]["diverged"]
+    assert {k: diverged[k] for k in ("step", "epoch", "cause")} == {"step": 1, "epoch": 0, "cause": "activation"}
+    records = runs.load_run(cell_dir(out, "conv-d2-s0-none")).records(metrics=["act_mean"])
+    means = records[records["step"] == 1].set_index("position")["value"]
+    assert not math.isfinite(means[diverged["position"]])  # the first probe point whose mean is not finite
+    assert all(math.isfinite(v) for v in means[means.index < diverged["position"]])
+    summary = runs.read_json(cell_dir(out, "conv-d2-s0-none") / runs.SUMMARY)
+    assert summary["status"] == "diverged" and summary["diverged"] == diverged and "error" not in summary
+    assert cell_status(cell_dir(out, "conv-d2-s0-none")) == "diverged"
+    assert not (cell_dir(out, "conv-d2-s0-none") / runs.LAST).exists()  # stopped inside epoch 0: no checkpoint
+    assert len(runs.load_run(cell_dir(out, "conv-d2-s0-none")).steps) == 2  # the steps up to the divergence
+    before = _files(out / "runs")
+    again = run_sweep(grid, base, out)
+    assert [r["status"] for r in again] == ["skipped", "skipped"]  # done: not retried
+    assert again[1]["diverged"] == diverged and _files(out / "runs") == before
 
 
 def _kill_worker_when_started(run_dir: Path, name: str, killed: list) -> None:

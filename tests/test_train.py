@@ -44,7 +44,7 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path, small_config, small
     assert a["test_acc"] == b["test_acc"]
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    c = train(replace(small_config, seed=1), tmp_path / "c", splits=small_splits)
+    train(replace(small_config, seed=1), tmp_path / "c", splits=small_splits)
     assert not torch.equal(_weights(tmp_path / "c")["conv1.weight"], wa["conv1.weight"])
 
 
@@ -127,3 +127,32 @@ def test_summary_and_config_are_plain_json(tmp_path, small_config, small_splits)
     train(replace(small_config, epochs=1), tmp_path / "run", splits=small_splits)
     for name in (runs.CONFIG, runs.SUMMARY):
         json.loads((tmp_path / "run" / name).read_text())
+
+
+def test_tables_lost_after_the_last_checkpoint_are_rewritten_on_resume(tmp_path, small_config, small_splits):
+    """As if killed after the last epoch's last.pt, before its tables and the final summary."""
+    whole = train(small_config, tmp_path / "whole", splits=small_splits)
+    run_dir = tmp_path / "run"
+    train(small_config, run_dir, splits=small_splits)
+    runs.write_parquet(run_dir / runs.HISTORY, pd.read_parquet(run_dir / runs.HISTORY).iloc[:-1])
+    steps = pd.read_parquet(run_dir / runs.STEPS)
+    runs.write_parquet(run_dir / runs.STEPS, steps[steps["epoch"] < 2])
+    summary = runs.read_json(run_dir / runs.SUMMARY)
+    runs.write_json(run_dir / runs.SUMMARY, {**summary, "status": "running"})
+    (run_dir / ".last.pt.x1y2z3.tmp").write_bytes(b"half a checkpoint")  # an atomic write that a kill cut short
+    resumed = train(small_config, run_dir, splits=small_splits)
+    assert resumed["status"] == "complete" and resumed["test_acc"] == whole["test_acc"]
+    pd.testing.assert_frame_equal(_history(run_dir), _history(tmp_path / "whole"))
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / runs.STEPS), pd.read_parquet(tmp_path / "whole" / runs.STEPS))
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_a_restart_killed_midway_is_finished_by_the_same_command(tmp_path, small_config, small_splits):
+    """--restart deletes config.json last: a kill while clearing leaves a run directory it clears again."""
+    run_dir = tmp_path / "run"
+    first = train(small_config, run_dir, splits=small_splits)
+    for name in (runs.SUMMARY, runs.HISTORY, runs.LAST):  # the first files a restart deletes
+        (run_dir / name).unlink()
+    again = train(small_config, run_dir, splits=small_splits, restart=True)
+    assert again["resumed_from_epoch"] is None and again["test_acc"] == first["test_acc"]
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == again["best_epoch"] + 1
