@@ -39,21 +39,45 @@ Gradient-flow measures (over the block stack ``layers.0 .. layers.{N-1}``)
 
 Verdict (on ``first_to_last``; the thresholds are module constants)
 ------------------------------------------------------------------
+``diverged at step S (layer L)``
+    The run diverged (see Divergence below) at or before this phase's steps:
+    its numbers say nothing about gradient flow, so ``first_to_last``,
+    ``gain_geomean`` and ``log_slope`` are NaN and the verdict names where the
+    first non-finite value appeared ("(loss)" when it was the loss).
 ``n/a``
     Fewer than 2 blocks (depth 0 or 1), or ``grad_out_norm`` not recorded at
     the first or the last block: there is nothing to compare.
 ``non-finite``
-    Either norm is NaN or inf, or both are exactly 0 (0/0). ``first_to_last``
-    is then NaN.
+    Either norm is NaN or inf in a run not known to have diverged (the
+    caller passed an empty ``diverged`` frame). ``first_to_last`` is then NaN.
 ``exploding``
     ``first_to_last >= EXPLODING_RATIO`` (10); includes a last-block gradient
     that underflows to exactly 0 while the first is positive (ratio inf).
 ``vanishing``
     ``first_to_last <= VANISHING_RATIO`` (0.1); includes a first-block
-    gradient of exactly 0 (ratio 0). An underflow to 0 is a result, not an
-    error.
+    gradient of exactly 0 (ratio 0), and both blocks exactly 0: the gradient
+    vanished to 0 before it reached the blocks (0/0, so ``first_to_last`` is
+    NaN). An underflow to 0 is a result, not an error.
 ``stable``
     Anything in between.
+
+A block whose gradient is exactly 0 on both sides has ``grad_gain`` 0/0 =
+NaN; once the gradient has vanished to 0 somewhere (a gain of exactly 0), the
+product of the gains is 0 whatever those blocks say, so ``gain_geomean`` is 0.
+
+Divergence (``divergence``)
+---------------------------
+A run diverged when its summary says so (``status == "diverged"``, with the
+trainer's ``diverged_step, diverged_epoch, diverged_layer, diverged_position,
+diverged_cause`` columns in the runs table) or, without that, when its
+records hold a non-finite value of a metric in ``EVIDENCE`` or a
+``nonfinite_grads`` count above 0 (a probe, an older trainer). The first such
+step is the divergence step; within it the forward pass comes first (the
+lowest activation position), then the loss, then the backward pass, which
+starts at the output (the highest gradient position). Second moments
+(``act_std``, ``act_chan_*``) are not evidence: float32 sums of squares
+overflow long before the values do. Ratios (``grad_gain``, ``update_ratio``)
+are not either: 0/0 is NaN for gradients that vanished to exactly 0.
 
 No direction is assumed: BatchNorm nets without skips typically explode
 toward the input at init (Yang et al. 2019); nets without normalisation
@@ -70,7 +94,22 @@ PHASES = ("init", "epoch1", "end")
 END_STEPS = 3  # the end phase is the median of this many last recorded steps
 EXPLODING_RATIO = 10.0  # first_to_last at or above: exploding
 VANISHING_RATIO = 0.1  # first_to_last at or below: vanishing
-VERDICTS = ("non-finite", "exploding", "vanishing", "stable", "n/a")  # also the tie-break order
+DIVERGED = "diverged"  # the status, and the first word of a diverged verdict
+VERDICTS = (DIVERGED, "non-finite", "exploding", "vanishing", "stable", "n/a")  # also the tie-break order
+CAUSES = ("activation", "loss", "gradient")  # the order one step computes them: forward, loss, backward
+EVIDENCE = {  # metric -> cause: a non-finite value (a count above 0 for nonfinite_grads) means divergence
+    "act_mean": "activation",
+    "loss": "loss",
+    "grad_out_norm": "gradient",
+    "grad_in_norm": "gradient",
+    "grad_in_branch_norm": "gradient",
+    "grad_in_skip_norm": "gradient",
+    "param_grad_norm": "gradient",
+    "nonfinite_grads": "gradient",
+}
+EVIDENCE_METRICS = list(EVIDENCE)
+DIVERGED_FIELDS = ("step", "epoch", "layer", "position", "cause")  # summary.json's "diverged" object
+DIVERGENCE_COLUMNS = ["run", *DIVERGED_FIELDS, "source"]  # source: "summary" or "records"
 ARCH_ORDER = ("conv", "res", "resdown", "skip")  # display order; other archs follow by name
 
 MODEL_LAYER = "model"  # the per-step rows (loss, total param_grad_norm)
@@ -84,7 +123,7 @@ FLOW_COLUMNS = [
     "first_grad", "last_grad", "first_to_last", "gain_geomean", "log_slope", "verdict",
 ]
 SCALING_COLUMNS = [
-    "phase", "arch", "norm", "depth", "n_seeds", "n_failed", "n_diverged",
+    "phase", "arch", "norm", "depth", "n_seeds", "n_failed", "n_diverged", "n_ratios",
     "test_acc_mean", "test_acc_std", "best_val_acc_mean", "best_val_acc_std",
     "final_train_acc_mean", "final_train_acc_std",
     "first_to_last", "first_to_last_gstd", "gain_geomean", "gain_geomean_gstd",
@@ -216,6 +255,75 @@ def _relative_to_last(values: pd.DataFrame) -> pd.Series:
         return values["value"] / values["run"].map(last)
 
 
+# ---------------------------------------------------------------- divergence
+
+
+def _divergence_in_records(records: pd.DataFrame) -> pd.DataFrame:
+    """Per run with evidence: the first non-finite step and where in it (module docstring)."""
+    need = {"run", "step", "metric", "value"}
+    if records.empty or not need <= set(records.columns):
+        return _empty(DIVERGENCE_COLUMNS)
+    rows = records.loc[records["metric"].isin(EVIDENCE_METRICS)]
+    values = pd.to_numeric(rows["value"], errors="coerce").to_numpy(float)
+    counted = (rows["metric"] == "nonfinite_grads").to_numpy()
+    bad = rows.loc[np.where(counted, values > 0, ~np.isfinite(values))]
+    if bad.empty:
+        return _empty(DIVERGENCE_COLUMNS)
+    bad = _with_columns(bad, ["epoch", "layer", "position"])
+    cause = bad["metric"].map(EVIDENCE)
+    position = pd.to_numeric(bad["position"], errors="coerce")
+    # forward: the lowest probe point first; backward: the gradient starts at the output
+    order = position.where(cause != "gradient", -position)
+    first = (
+        bad.assign(cause=cause, _rank=cause.map({c: i for i, c in enumerate(CAUSES)}), _order=order)
+        .sort_values(["run", "step", "_rank", "_order"], kind="stable")
+        .drop_duplicates("run")
+    )
+    out = first.assign(run=first["run"].astype(str), source="records")
+    return out[DIVERGENCE_COLUMNS].reset_index(drop=True)
+
+
+def divergence(records: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per diverged run: ``DIVERGENCE_COLUMNS`` (see the module docstring).
+
+    A run whose ``runs`` status is "diverged" takes step, epoch, layer, position and cause
+    from the ``diverged_*`` columns (source "summary"); when they are missing, from its
+    records (source "records"); when those show nothing either, the fields are NaN. A run
+    with non-finite records but another status is found from its records.
+    """
+    found = _divergence_in_records(records)
+    if runs is None or runs.empty or "status" not in runs.columns:
+        return found
+    flagged = runs.loc[runs["status"].astype(str) == DIVERGED]
+    if flagged.empty:
+        return found
+    fields = {f"diverged_{f}": f for f in DIVERGED_FIELDS}
+    reported = _with_columns(flagged, fields).rename(columns=fields)
+    reported = reported.assign(run=reported["run"].astype(str), source="summary")[DIVERGENCE_COLUMNS]
+    known = reported["step"].notna()
+    from_records = found["run"].isin(reported.loc[~known, "run"])
+    unknown = reported.loc[~known & ~reported["run"].isin(found["run"])]
+    others = found.loc[~found["run"].isin(reported["run"])]
+    parts = [f for f in (reported.loc[known], found.loc[from_records], unknown, others) if not f.empty]
+    if not parts:
+        return _empty(DIVERGENCE_COLUMNS)
+    out = pd.concat(parts, ignore_index=True).sort_values("run", kind="stable")
+    return out[DIVERGENCE_COLUMNS].reset_index(drop=True)
+
+
+def diverged_verdict(row: Mapping | pd.Series) -> str:
+    """"diverged at step 12 (layer layers.3)", "(loss)" for the loss, "diverged" without a step."""
+    step, layer, cause = row.get("step"), row.get("layer"), row.get("cause")
+    if step is None or pd.isna(step):
+        return DIVERGED
+    where = "loss" if cause == "loss" else f"layer {layer}" if layer is not None and pd.notna(layer) else cause
+    return f"{DIVERGED} at step {int(step)}" + (f" ({where})" if where is not None and pd.notna(where) else "")
+
+
+def _is_diverged(verdict: pd.Series) -> pd.Series:
+    return verdict.astype(str).str.startswith(DIVERGED)
+
+
 # ---------------------------------------------------------------- profiles
 
 
@@ -310,23 +418,27 @@ def _verdicts(first: np.ndarray, last: np.ndarray, has_pair: np.ndarray):
     """(first_to_last, verdict) arrays by the rule in the module docstring."""
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = first / last
-        non_finite = ~np.isfinite(first) | ~np.isfinite(last) | ((first == 0) & (last == 0))
+        non_finite = ~np.isfinite(first) | ~np.isfinite(last)
+        both_zero = (first == 0) & (last == 0)  # vanished to 0 before reaching the blocks: a result
         verdict = np.select(
-            [~has_pair, non_finite, ratio >= EXPLODING_RATIO, ratio <= VANISHING_RATIO],
-            ["n/a", "non-finite", "exploding", "vanishing"],
+            [~has_pair, non_finite, both_zero, ratio >= EXPLODING_RATIO, ratio <= VANISHING_RATIO],
+            ["n/a", "non-finite", "vanishing", "exploding", "vanishing"],
             default="stable",
         )
-    return np.where(has_pair & ~non_finite, ratio, np.nan), verdict.astype(object)
+    return np.where(has_pair & ~non_finite & ~both_zero, ratio, np.nan), verdict.astype(object)
 
 
 def _geometric_mean_by_run(values: pd.DataFrame) -> pd.Series:
-    """exp(mean ln value) per run; a NaN value makes its run's mean NaN."""
+    """exp(mean ln value) per run; a NaN value makes its run's mean NaN, unless a value is
+    exactly 0: the product is then 0 whatever the others (0/0 gains of vanished blocks)."""
+    raw = values["value"].to_numpy(float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        logs = pd.Series(np.log(values["value"].to_numpy(float)), index=values["run"].to_numpy())
+        logs = pd.Series(np.log(raw), index=values["run"].to_numpy())
     by_run = logs.groupby(level=0, sort=False)
     mean = by_run.mean().where(~logs.isna().groupby(level=0, sort=False).any())
+    zero = pd.Series(raw == 0, index=logs.index).groupby(level=0, sort=False).any()
     with np.errstate(over="ignore", invalid="ignore"):
-        return np.exp(mean)
+        return np.exp(mean).mask(zero, 0.0)
 
 
 def _log_slope_by_run(norms: pd.DataFrame) -> pd.Series:
@@ -349,7 +461,24 @@ def _log_slope_by_run(norms: pd.DataFrame) -> pd.Series:
         return (sums["sxy"] / sums["sxx"]).where((sums["n"] >= 2) & sums["finite"])
 
 
-def _flow_phase(records: pd.DataFrame, phase: str) -> pd.DataFrame:
+def _diverged_in_phase(run: pd.Series, records: pd.DataFrame, phase: str, diverged: pd.DataFrame) -> pd.Series:
+    """Whether each run had diverged by the end of ``phase``: at or before its first recorded
+    gradient step (init), within epoch 0 (epoch1), at any time (end)."""
+    info = diverged.drop_duplicates("run").set_index("run")
+    known = run.isin(info.index)
+    step = pd.to_numeric(run.map(info["step"]), errors="coerce")
+    if phase == "end":
+        return known
+    gradients = _with_columns(records.loc[records["metric"] == "grad_out_norm"], ["step", "epoch"])
+    if phase == "init":
+        first = gradients.groupby("run", observed=True)["step"].min()
+        return known & (step <= pd.to_numeric(run.map(first), errors="coerce"))
+    last = gradients.loc[gradients["epoch"] == 0].groupby("run", observed=True)["step"].max()
+    epoch = pd.to_numeric(run.map(info["epoch"]), errors="coerce")
+    return known & ((epoch == 0) | (step <= pd.to_numeric(run.map(last), errors="coerce")))
+
+
+def _flow_phase(records: pd.DataFrame, phase: str, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
     """``FLOW_COLUMNS`` for one phase: one row per run that recorded gradients."""
     values = phase_values(records, phase, ["grad_out_norm", "grad_gain"])
     values = values.loc[values["layer"] != MODEL_LAYER]
@@ -374,11 +503,20 @@ def _flow_phase(records: pd.DataFrame, phase: str) -> pd.DataFrame:
     gains = blocks.loc[blocks["metric"] == "grad_gain"]
     out["gain_geomean"] = out["run"].map(_geometric_mean_by_run(gains))
     out["log_slope"] = out["run"].map(_log_slope_by_run(norms))
+    if diverged is not None and not diverged.empty:
+        hit = _diverged_in_phase(out["run"], records, phase, diverged).to_numpy(bool)
+        if hit.any():
+            info = diverged.drop_duplicates("run").set_index("run")
+            out.loc[hit, ["first_to_last", "gain_geomean", "log_slope"]] = np.nan
+            out.loc[hit, "verdict"] = [diverged_verdict(info.loc[r]) for r in out.loc[hit, "run"]]
     return out[FLOW_COLUMNS]
 
 
 def flow_summary(
-    records: pd.DataFrame, runs: pd.DataFrame | None = None, phases: Sequence[str] = PHASES
+    records: pd.DataFrame,
+    runs: pd.DataFrame | None = None,
+    phases: Sequence[str] = PHASES,
+    diverged: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per (run, phase): ``FLOW_COLUMNS`` (see the module docstring).
 
@@ -386,12 +524,16 @@ def flow_summary(
     and ``layers.{N-1}``. When ``runs`` is given, its other columns (width,
     status, accuracies, ...) are joined on ``run``. A run without gradient
     records has no row here (``depth_scaling`` still counts it).
+    ``diverged`` (the ``divergence`` frame) is computed from ``records`` and
+    ``runs`` when not given; pass it when ``records`` holds only some steps.
     """
     for phase in phases:
         _check_phase(phase)
+    if diverged is None:
+        diverged = divergence(records, runs)
     if not records.empty and "metric" in records.columns:
         records = records.loc[records["metric"].isin(["grad_out_norm", "grad_gain"])]
-    frames = [_flow_phase(records, phase) for phase in phases]
+    frames = [_flow_phase(records, phase, diverged) for phase in phases]
     frames = [f for f in frames if not f.empty]
     flow = pd.concat(frames, ignore_index=True) if frames else _empty(FLOW_COLUMNS)
     if runs is not None and not runs.empty:
@@ -431,6 +573,8 @@ def describe_flow(row: Mapping | pd.Series) -> str:
     first, last = row.get("first_grad", np.nan), row.get("last_grad", np.nan)
     per_block = f"×{_format_factor(gain)} per block" if np.isfinite(gain) else ""
 
+    if str(verdict).startswith(DIVERGED):
+        return f"{subject}: the run {verdict}, so its gradients give no ratio — {DIVERGED}."
     if verdict == "n/a":
         blocks = "no blocks" if depth == 0 else "too few blocks to compare first and last"
         tail = f" ({per_block})" if per_block else ""
@@ -439,6 +583,11 @@ def describe_flow(row: Mapping | pd.Series) -> str:
         return (
             f"{subject}: the gradient norms at the first and last blocks are "
             f"{first:g} and {last:g}, so they give no ratio — non-finite."
+        )
+    if first == 0 and last == 0:
+        return (
+            f"{subject}: the gradient is exactly 0 at the first and at the last block: it "
+            "vanished to 0 before it reached the blocks — vanishing."
         )
     if ratio == 0:
         return (
@@ -466,7 +615,10 @@ def describe_flow(row: Mapping | pd.Series) -> str:
 
 
 def depth_scaling(
-    records: pd.DataFrame, runs: pd.DataFrame | None = None, phase: str = "init"
+    records: pd.DataFrame,
+    runs: pd.DataFrame | None = None,
+    phase: str = "init",
+    diverged: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Per (arch, norm, depth): accuracy and gradient flow over seeds.
 
@@ -475,22 +627,29 @@ def depth_scaling(
     ``first_to_last`` and ``gain_geomean`` are ratios, so they are geometric
     means over seeds with ``*_gstd`` the geometric standard deviation factor
     exp(std ln x) (≥ 1); ``log_slope`` is already a log, so arithmetic
-    mean/std. NaN ratios (non-finite or n/a seeds) are skipped; a ratio of 0
-    makes the geometric mean 0. ``verdict`` is the verdict of every seed when
-    they agree, else the most common one with its count, e.g.
-    "exploding (2/3)" (ties broken in ``VERDICTS`` order; seeds without
-    records do not vote). ``n_seeds`` counts the group's runs, ``n_failed``
-    and ``n_diverged`` their status. Without ``runs`` the run fields come
-    from ``records`` (accuracies NaN).
+    mean/std. NaN ratios (diverged, 0/0 or n/a seeds) are skipped, and
+    ``n_ratios`` counts the seeds whose ratio entered the mean (0: the cell has
+    no ratio to show); a ratio of 0 makes the geometric mean 0. ``verdict`` is
+    the verdict of every seed when they agree, else the most common one with
+    its count, e.g. "exploding (2/3)" (ties broken in ``VERDICTS`` order;
+    seeds without records do not vote). Diverged seeds vote "diverged": one
+    such seed shows its own verdict ("diverged at step 5 (layer layers.2)"),
+    several "diverged (2/3), first at step 5 (layer layers.2)". ``n_seeds``
+    counts the group's runs, ``n_failed`` their failed status, ``n_diverged``
+    the runs in ``diverged`` (the ``divergence`` frame, computed from
+    ``records`` and ``runs`` when not given). Without ``runs`` the run fields
+    come from ``records`` (accuracies NaN).
     """
     _check_phase(phase)
     if runs is None:
         runs = run_table(records)
     if runs.empty:
         return _empty(SCALING_COLUMNS)
+    if diverged is None:
+        diverged = divergence(records, runs)
     if not records.empty and "metric" in records.columns:
         records = records.loc[records["metric"].isin(["grad_out_norm", "grad_gain"])]
-    flow = _flow_phase(records, phase)
+    flow = _flow_phase(records, phase, diverged)
     flow = flow[["run", "first_to_last", "gain_geomean", "log_slope", "verdict"]]
     table = _with_columns(runs, ["arch", "norm", "depth", "status", *ACCURACIES])
     table = table.assign(run=table["run"].astype(str)).merge(flow, on="run", how="left")
@@ -500,7 +659,8 @@ def depth_scaling(
             _log_ratio=np.log(pd.to_numeric(table["first_to_last"]).to_numpy(float)),
             _log_gain=np.log(pd.to_numeric(table["gain_geomean"]).to_numpy(float)),
             _failed=(status == "failed").astype(int),
-            _diverged=(status == "diverged").astype(int),
+            _diverged=((status == DIVERGED) | table["run"].isin(diverged["run"])).astype(int),
+            _diverged_step=table["run"].map(diverged.drop_duplicates("run").set_index("run")["step"]),
             log_slope=pd.to_numeric(table["log_slope"]),
             **{a: pd.to_numeric(table[a], errors="coerce") for a in ACCURACIES},
         )
@@ -509,6 +669,7 @@ def depth_scaling(
         "n_seeds": ("run", "count"),
         "n_failed": ("_failed", "sum"),
         "n_diverged": ("_diverged", "sum"),
+        "n_ratios": ("_log_ratio", "count"),
         "_log_ratio_mean": ("_log_ratio", "mean"),
         "_log_ratio_std": ("_log_ratio", "std"),
         "_log_gain_mean": ("_log_gain", "mean"),
@@ -535,6 +696,11 @@ def _majority_verdict(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     voters = table.loc[table["verdict"].notna()]
     if voters.empty:
         return _empty([*keys, "verdict"])
+    # the earliest divergence of each group speaks for its diverged seeds
+    voters = voters.sort_values("_diverged_step", kind="stable", na_position="last")
+    is_diverged = _is_diverged(voters["verdict"])
+    first = voters.loc[is_diverged].drop_duplicates(keys)[[*keys, "verdict"]].rename(columns={"verdict": "_first"})
+    voters = voters.assign(verdict=voters["verdict"].mask(is_diverged, DIVERGED))
     votes = voters.groupby([*keys, "verdict"], observed=True, dropna=False).size()
     votes = votes.rename("votes").reset_index()
     votes["total"] = votes.groupby(keys, observed=True, dropna=False)["votes"].transform("sum")
@@ -548,4 +714,13 @@ def _majority_verdict(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     share = top["votes"].astype(str) + "/" + top["total"].astype(str)
     counted = top["verdict"] + " (" + share + ")"
     top["verdict"] = counted.where(split, top["verdict"])
+    top = top.merge(first, on=keys, how="left")
+    diverged_top = _is_diverged(top["verdict"]) & top["_first"].notna()
+    if diverged_top.any():
+        where = top["_first"].astype(str).str.removeprefix(DIVERGED).str.strip()
+        several = pd.Series(DIVERGED + " (" + share.to_numpy() + ")", index=top.index)
+        several = several.where(where == "", several + ", first " + where)
+        alone = top["total"] == 1
+        top["verdict"] = top["verdict"].mask(diverged_top & alone, top["_first"])
+        top["verdict"] = top["verdict"].mask(diverged_top & ~alone, several)
     return top[[*keys, "verdict"]]

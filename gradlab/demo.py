@@ -109,11 +109,14 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[str], Non
 
 def _trained_table(sweep_dir: Path) -> pd.DataFrame:
     """Per trained network: the loss at the first and last step, accuracies, and the flow verdicts."""
+    from .report.text import runs_table  # with each summary's divergence, so a diverged net says where
+
     sweep = runs.load_sweep(sweep_dir)
-    table = sweep.table()
+    table = runs_table(sweep)
     losses = pd.DataFrame([{"run": r.name, "first_loss": r.steps["loss"].iloc[0], "last_loss": r.steps["loss"].iloc[-1]}
                            for r in sweep.runs if len(r.steps)])
-    flow = analysis.flow_summary(sweep.records(metrics=["grad_out_norm", "grad_gain"]), table, phases=("init", "end"))
+    metrics = sorted({"grad_out_norm", "grad_gain", *analysis.EVIDENCE_METRICS})
+    flow = analysis.flow_summary(sweep.records(metrics=metrics), table, phases=("init", "end"))
     verdicts = flow.pivot(index="run", columns="phase", values="verdict").add_prefix("verdict_").reset_index()
     columns = ["run", "arch", "depth", "first_loss", "last_loss", "final_train_acc", "best_val_acc", "test_acc",
                "verdict_init", "verdict_end", "status"]

@@ -5,7 +5,9 @@ normalises with batch statistics, as in the first training step), and run forwar
 backward on the same few CIFAR-10 batches; the recorder measures every probe point and the
 values are averaged over the batches. No optimizer step is taken, so the weights stay at
 their initialisation. The result has the record format of a sweep (one "run" per network,
-all at step 0), so every analysis, text and HTML report function reads it.
+all at step 0), so every analysis, text and HTML report function reads it. A network whose
+records are not finite (``analysis.divergence``) has status ``diverged`` and, like a diverged
+training run, a ``diverged`` object (step, epoch, layer, position, cause) in its summary.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import __version__, runs
+from . import __version__, analysis, runs
 from .data import DeviceLoader, Splits, make_splits
 from .models import build_model, check_architecture, count_parameters
 from .recorder import Recorder
@@ -104,12 +106,14 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
         name = network_name(block, depth, norm)
         frame, n_params = probe_network(block, depth, norm, config.width, batches, seed=config.seed)
         records.append(frame.assign(run=name, arch=block, depth=depth, norm=norm, seed=config.seed))
+        found = analysis.divergence(records[-1])  # non-finite at initialisation: an overflow in the forward pass
+        diverged = {f: _plain(found[f].iloc[0]) for f in analysis.DIVERGED_FIELDS} if len(found) else None
         rows.append({"run": name, "arch": block, "depth": depth, "width": config.width, "norm": norm,
-                     "seed": config.seed, "status": "probe", "epochs": 0, "dataset": splits.dataset,
-                     "synthetic": splits.synthetic,
-                     "n_params": n_params})
+                     "seed": config.seed, "status": "diverged" if diverged else "probe", "epochs": 0,
+                     "dataset": splits.dataset, "synthetic": splits.synthetic, "n_params": n_params,
+                     **{f"diverged_{f}": (diverged or {}).get(f) for f in analysis.DIVERGED_FIELDS}})
         if out is not None:
-            _write_network(Path(out) / runs.RUNS_FOLDER / name, config, rows[-1], frame, splits, device)
+            _write_network(Path(out) / runs.RUNS_FOLDER / name, config, rows[-1], frame, splits, device, diverged)
         if on_network_done is not None:
             on_network_done(name)
     if out is not None:
@@ -121,9 +125,14 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
 
 
 
+def _plain(value):
+    """A numpy scalar as the Python value JSON can hold."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def _write_network(run_dir: Path, config: ProbeConfig, row: dict, frame: pd.DataFrame, splits: Splits,
-                   device: torch.device) -> None:
-    """One probed network as a run directory: config, summary (status probe) and its records."""
+                   device: torch.device, diverged: dict | None = None) -> None:
+    """One probed network as a run directory: config, summary (status probe or diverged) and its records."""
     run_dir.mkdir(parents=True, exist_ok=True)
     train = TrainConfig(block=row["arch"], depth=row["depth"], width=config.width, norm=row["norm"], epochs=1,
                         batch_size=config.batch_size, seed=config.seed, dataset=config.dataset,
@@ -132,7 +141,8 @@ def _write_network(run_dir: Path, config: ProbeConfig, row: dict, frame: pd.Data
         "train": asdict(train), "probe": asdict(config), "dataset": splits.dataset,
         "synthetic": splits.synthetic, "device": str(device), "n_params": row["n_params"],
         "versions": {"gradlab": __version__, "torch": torch.__version__}, "classes": list(splits.classes)})
-    runs.write_json(run_dir / runs.SUMMARY, {"status": "probe", "n_params": row["n_params"], "epochs_done": 0})
+    summary = {"status": row["status"], "n_params": row["n_params"], "epochs_done": 0}
+    runs.write_json(run_dir / runs.SUMMARY, summary | ({"diverged": diverged} if diverged else {}))
     writer = runs.RecordsWriter(run_dir)
     writer.truncate(0)
     writer({name: frame[name].to_numpy() for name in runs.RECORD_COLUMNS})

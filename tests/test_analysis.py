@@ -148,8 +148,9 @@ def test_exactly_zero_gradients_are_results_not_errors():
     assert flow.loc["first0", "verdict"] == "vanishing"
     assert flow.loc["last0", "first_to_last"] == np.inf
     assert flow.loc["last0", "verdict"] == "exploding"
-    assert np.isnan(flow.loc["both0", "first_to_last"])
-    assert flow.loc["both0", "verdict"] == "non-finite"
+    assert np.isnan(flow.loc["both0", "first_to_last"])  # 0/0: no ratio, but a result
+    assert flow.loc["both0", "verdict"] == "vanishing"
+    assert "vanished to 0 before it reached the blocks — vanishing." in describe_flow(flow.loc["both0"])
     assert flow.loc["gain0", "gain_geomean"] == 0
     assert flow.loc["gain0", "verdict"] == "stable"
     assert np.isnan(flow.loc["first0", "log_slope"])  # log10(0) is not a point
@@ -167,8 +168,14 @@ def test_non_finite_inputs(bad):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        flow = flow_summary(records, phases=["init"]).set_index("run")
+        # told that nothing diverged, a non-finite norm gives no ratio
+        flow = flow_summary(records, phases=["init"], diverged=analysis.divergence(records.iloc[:0])).set_index("run")
         sentences = {run: describe_flow(row) for run, row in flow.iterrows()}
+        found = flow_summary(records, phases=["init"]).set_index("run")
+    assert found.loc["first", "verdict"] == "diverged at step 0 (layer layers.0)"
+    assert found.loc["last", "verdict"] == "diverged at step 0 (layer layers.3)"
+    assert found.loc["gain", "verdict"] == "stable"  # a ratio of norms is no evidence of divergence
+    assert found.loc[["first", "last"], ["first_to_last", "gain_geomean", "log_slope"]].isna().all().all()
     assert flow.loc[["first", "last"], "verdict"].tolist() == ["non-finite"] * 2
     assert flow.loc[["first", "last"], "first_to_last"].isna().all()
     assert flow.loc["gain", "verdict"] == "stable"
@@ -362,6 +369,159 @@ def test_depth_scaling_geometric_mean_with_a_zero_ratio():
         row = depth_scaling(records, None).iloc[0]
     assert row["first_to_last"] == 0
     assert row["verdict"] == "vanishing (1/2)"  # ratio 4 is stable; the tie goes by VERDICTS order
+
+
+# ------------------------------------------------------------------ divergence
+
+
+def poison(records, step, layer, metric, value):
+    """``records`` with ``metric`` at ``layer`` set to ``value`` from ``step`` on (a run that trained on)."""
+    records = records.copy()
+    where = (records["step"] >= step) & (records["layer"] == layer) & (records["metric"] == metric)
+    records.loc[where, "value"] = value
+    return records
+
+
+def test_divergence_is_found_in_records_where_it_first_appeared():
+    base = make_records("g", depth=4, gain=1.5, steps=range(30), steps_per_epoch=10)
+    # backward at step 15: inf at layers.2's output gradient, then NaN toward the input
+    gradient = poison(base, 15, "layers.2", "grad_out_norm", np.inf)
+    for layer in ("layers.0", "layers.1"):
+        gradient = poison(gradient, 15, layer, "grad_out_norm", np.nan)
+    gradient = poison(gradient, 15, "layers.2", "nonfinite_grads", 512.0)
+    gradient = poison(gradient, 16, "model", "loss", np.nan)  # the step after: the loss too
+    forward = poison(poison(base, 7, "conv2", "act_mean", np.inf), 7, "model", "loss", np.nan)
+    forward = poison(forward, 7, "layers.3", "act_mean", np.nan).assign(run="a")
+    loss = poison(base, 4, "model", "loss", np.inf).assign(run="l")
+    counted = poison(base, 9, "layers.1", "nonfinite_grads", 3.0).assign(run="n")
+    # overflowing second moments and 0/0 gains are not divergence
+    quiet = poison(poison(base, 3, "conv1", "act_std", np.inf), 3, "layers.1", "grad_gain", np.nan).assign(run="q")
+    records = pd.concat([gradient, forward, loss, counted, quiet], ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = analysis.divergence(records).set_index("run")
+    assert found.columns.tolist() == analysis.DIVERGENCE_COLUMNS[1:]
+    assert sorted(found.index) == ["a", "g", "l", "n"]
+    assert found.loc["g"].tolist() == [15, 1, "layers.2", 5, "gradient", "records"]
+    assert found.loc["a"].tolist() == [7, 0, "conv2", 1, "activation", "records"]  # the forward pass comes first
+    assert found.loc["l"].tolist() == [4, 0, "model", -1, "loss", "records"]
+    assert found.loc["n"].tolist() == [9, 0, "layers.1", 4, "gradient", "records"]
+    assert analysis.diverged_verdict(found.loc["g"]) == "diverged at step 15 (layer layers.2)"
+    assert analysis.diverged_verdict(found.loc["l"]) == "diverged at step 4 (loss)"
+    assert analysis.diverged_verdict({"step": np.nan}) == "diverged"
+
+
+def test_divergence_from_the_summary_wins_and_records_fill_gaps():
+    base = make_records("told", depth=3, steps=range(5))
+    records = pd.concat([
+        poison(base, 2, "layers.1", "grad_out_norm", np.nan),
+        poison(base, 3, "model", "loss", np.nan).assign(run="bare"),
+        base.assign(run="silent"),
+        poison(base, 1, "model", "loss", np.nan).assign(run="probe"),
+    ], ignore_index=True)
+    runs = make_runs(records)
+    runs["status"] = ["diverged", "complete", "diverged", "diverged"]  # run_table sorts: bare, probe, silent, told
+    runs.loc[runs["run"] == "probe", "status"] = "probe"
+    runs.loc[runs["run"] == "bare", "status"] = "diverged"
+    runs = runs.assign(diverged_step=np.nan, diverged_epoch=np.nan, diverged_layer=None, diverged_position=np.nan,
+                       diverged_cause=None)
+    told = runs["run"] == "told"
+    runs.loc[told, ["diverged_step", "diverged_epoch", "diverged_position"]] = [2, 0, 4]
+    runs.loc[told, ["diverged_layer", "diverged_cause"]] = ["layers.1", "gradient"]
+    found = analysis.divergence(records, runs).set_index("run")
+    assert found.loc["told"].tolist() == [2, 0, "layers.1", 4, "gradient", "summary"]
+    assert found.loc["bare"].tolist()[:5] == [3, 0, "model", -1, "loss"] and found.loc["bare", "source"] == "records"
+    assert found.loc["probe", "source"] == "records"  # non-finite records whatever the status says
+    assert np.isnan(found.loc["silent", "step"]) and found.loc["silent", "source"] == "summary"
+    flow = flow_summary(records, runs, phases=["end"]).set_index("run")
+    assert flow.loc["silent", "verdict"] == "diverged"
+    assert flow.loc["told", "verdict"] == "diverged at step 2 (layer layers.1)"
+
+
+def test_a_diverged_run_keeps_its_verdicts_before_the_divergence():
+    # exploding at init; at step 15 (epoch 1) the gradient turns NaN and the run trains on with NaN
+    base = make_records("r", depth=4, gain=3.0, steps=range(30), steps_per_epoch=10)
+    records = base.copy()
+    records.loc[(records["step"] >= 15) & records["metric"].isin(["grad_out_norm", "grad_in_norm"]),
+                "value"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow = flow_summary(records).set_index("phase")
+    assert flow.loc["init", "verdict"] == "exploding" and flow.loc["init", "first_to_last"] == pytest.approx(27)
+    assert flow.loc["epoch1", "verdict"] == "exploding"
+    assert flow.loc["end", "verdict"] == "diverged at step 15 (layer linear1)"  # backward starts at the head
+    assert flow.loc["end", ["first_to_last", "gain_geomean", "log_slope"]].isna().all()
+    sentence = describe_flow(flow.loc["end"].to_dict() | {"phase": "end"})
+    assert sentence == ("conv, depth 4 (batch norm) at the end of training: the run diverged at step 15 "
+                        "(layer linear1), so its gradients give no ratio — diverged.")
+    with_loss = poison(records, 15, "model", "loss", np.nan)  # the loss comes before the backward pass
+    assert flow_summary(with_loss, phases=["end"])["verdict"].tolist() == ["diverged at step 15 (loss)"]
+    # diverged within epoch 0: the epoch1 phase is diverged too, init is not
+    early = poison(base, 5, "layers.3", "grad_out_norm", np.inf)
+    phases = flow_summary(early).set_index("phase")["verdict"]
+    assert phases.to_dict() == {"init": "exploding", "epoch1": "diverged at step 5 (layer layers.3)",
+                                "end": "diverged at step 5 (layer layers.3)"}
+    # a probe that is non-finite at its only step is diverged at init
+    probe = poison(make_records("p", depth=4), 0, "model", "loss", np.nan)
+    assert flow_summary(probe, phases=["init"])["verdict"].tolist() == ["diverged at step 0 (loss)"]
+
+
+def test_depth_scaling_keeps_diverged_seeds_out_of_the_numbers():
+    seeds = [make_records(f"s{s}", depth=4, gain=g, seed=s, steps=range(20)) for s, g in enumerate([3.0, 4.0, 1.5])]
+    seeds[2] = poison(seeds[2], 12, "layers.1", "grad_out_norm", np.nan)
+    records = pd.concat(seeds, ignore_index=True)
+    runs = make_runs(records, test_acc=0.3)
+    runs.loc[runs["run"] == "s2", "status"] = "diverged"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        init, end = (only_row(depth_scaling(records, runs, p), depth=4) for p in ("init", "end"))
+    assert init["verdict"] == "exploding (2/3)" and init["n_ratios"] == 3 and init["n_diverged"] == 1
+    assert end["n_diverged"] == 1 and end["n_ratios"] == 2
+    assert end["first_to_last"] == pytest.approx(np.sqrt(3.0**3 * 4.0**3))  # the two finite seeds only
+    assert end["verdict"] == "exploding (2/3)"  # the diverged seed votes "diverged"
+    # every seed diverged: no number, and the verdict says where it first happened
+    later = poison(poison(records, 9, "layers.3", "grad_out_norm", np.nan), 14, "model", "loss", np.nan)
+    row = only_row(depth_scaling(later, runs, "end"), depth=4)
+    assert row["n_ratios"] == 0 and np.isnan(row["first_to_last"]) and row["n_diverged"] == 3
+    assert row["verdict"] == "diverged (3/3), first at step 9 (layer layers.3)"
+    alone = only_row(depth_scaling(later.loc[later["run"] == "s1"], None, "end"), depth=4)
+    assert alone["verdict"] == "diverged at step 9 (layer layers.3)"
+
+
+def test_a_real_run_at_lr_1e8_diverges_and_is_found_with_or_without_its_summary(tmp_path, small_splits):
+    """Adam at lr 1e8 without normalisation: the forward pass overflows at step 1; the run goes on
+    (on_nonfinite=continue), so every later record is NaN."""
+    from test_report_text import train_tiny
+
+    from gradlab import runs
+    from gradlab.report.text import runs_table
+
+    run_dir = train_tiny(tmp_path / "conv-d3-s0-none", small_splits, norm="none", lr=1e8, on_nonfinite="continue")
+    sweep = runs.load_sweep(run_dir)
+    records, table = sweep.records(), runs_table(sweep)
+    summary = sweep.runs[0].summary
+    assert summary["status"] == "diverged" and summary["epochs_done"] == 2  # it trained on
+    assert (summary["diverged"]["step"], summary["diverged"]["cause"]) == (1, "activation")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        told = analysis.divergence(records, table).iloc[0]
+        found = analysis.divergence(records).iloc[0]  # the records alone: as for a probe
+        flow = flow_summary(records, table).set_index("phase")
+        end = depth_scaling(records, table, "end").iloc[0]
+    assert (told["step"], told["layer"], told["source"]) == (1, summary["diverged"]["layer"], "summary")
+    assert (found["step"], found["epoch"], found["cause"], found["source"]) == (1, 0, "activation", "records")
+    # found: the lowest probe point whose activation mean is not finite at step 1
+    step1 = records.loc[(records["step"] == 1) & (records["metric"] == "act_mean")].sort_values("position")
+    first_bad = step1.loc[~np.isfinite(step1["value"]), "layer"].iloc[0]
+    assert found["layer"] == first_bad and np.isfinite(step1.loc[step1["position"] < found["position"], "value"]).all()
+    # before step 1 the net was a plain no-norm stack: its number-based verdict stands
+    init = records.loc[(records["step"] == 0) & (records["metric"] == "grad_out_norm")].set_index("layer")["value"]
+    assert flow.loc["init", "first_to_last"] == pytest.approx(init["layers.0"] / init["layers.2"])
+    assert flow.loc["init", "verdict"] == "vanishing"
+    where = f"diverged at step 1 (layer {summary['diverged']['layer']})"
+    assert flow.loc["epoch1", "verdict"] == where and flow.loc["end", "verdict"] == where
+    assert np.isnan(end["first_to_last"]) and end["n_ratios"] == 0 and end["n_diverged"] == 1
+    assert end["verdict"] == where
 
 
 # ------------------------------------------------------------------ sentences

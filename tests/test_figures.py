@@ -313,3 +313,139 @@ def test_figures_leave_global_matplotlib_settings_alone():
 def test_the_report_side_never_imports_torch():
     code = "import sys, gradlab.report.html; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- diverged runs and non-finite values
+
+
+def _drawn_points(fig: Figure) -> np.ndarray:
+    """Every y value the figure draws: line vertices (NaN is a gap, not a point) and scatter offsets."""
+    values = []
+    for ax in _panels(fig):
+        for line in ax.get_lines():
+            y = np.asarray(line.get_ydata(), dtype=float)
+            values.append(y[~np.isnan(y)])
+        for collection in ax.collections:
+            offsets = np.ma.getdata(collection.get_offsets())
+            if offsets.size:
+                values.append(np.asarray(offsets, dtype=float)[:, 1])
+    return np.concatenate(values) if values else np.array([])
+
+
+def _crosses(fig: Figure) -> list:
+    """The ✕ markers (DIVERGED_MARKER scatter collections) as (axes, x) pairs."""
+    crosses = []
+    for ax in _panels(fig):
+        for collection in ax.collections:
+            path = collection.get_paths()[0] if collection.get_paths() else None
+            marker = mpl.markers.MarkerStyle(figures.DIVERGED_MARKER).get_path().transformed(
+                mpl.markers.MarkerStyle(figures.DIVERGED_MARKER).get_transform())
+            if path is not None and len(path.vertices) == len(marker.vertices):
+                crosses += [(ax, float(x)) for x in np.ma.getdata(collection.get_offsets())[:, 0]]
+    return crosses
+
+
+def test_gradient_flow_leaves_non_finite_values_out_and_marks_the_diverged_run():
+    frame = profile(archs=("conv",), depths=(2, 4), phases=("init", "end"))
+    bad = (frame["run"] == "conv-d4") & (frame["phase"] == "end") & (frame["position"] <= 3)
+    frame.loc[bad, "value"] = np.inf  # the diverged run's measured norms overflowed ...
+    frame.loc[bad, "relative"] = np.inf  # ... so their ratios are inf too, and must not be drawn as "▲ inf"
+    diverged = pd.DataFrame({"run": ["conv-d4"], "phase": ["end"], "step": [12], "layer": ["layers.1"],
+                             "position": [3], "cause": ["gradient"]})
+    fig = figures.gradient_flow(frame, diverged=diverged)
+    fig.canvas.draw()
+    assert np.isfinite(_drawn_points(fig)).all()
+    text = _texts(fig)
+    assert "4 non-finite values left out (not drawn)" in text and "exactly inf" not in text
+    assert "✕ conv-d4: diverged at step 12 (layer layers.1)" in text
+    init, end = _panels(fig)
+    assert [x for ax, x in _crosses(fig)] == [3.0] and _crosses(fig)[0][0] is end  # only where it had diverged
+    assert len(_data_lines(init)) == 2
+
+
+def test_training_curves_mark_the_divergence_step_and_go_logarithmic():
+    steps = pd.DataFrame({"run": ["a"] * 6 + ["b"] * 6, "arch": "conv", "depth": [2] * 6 + [8] * 6,
+                          "step": list(range(6)) * 2,
+                          "loss": [2.3, 2.1, 2.0, 1.9, 1.8, 1.7, 2.3, 4e12, np.inf, np.nan, np.nan, np.nan]})
+    history = pd.DataFrame({"run": ["a", "b"], "arch": "conv", "depth": [2, 8], "epoch": [0, 0],
+                            "train_acc": [0.3, 0.1], "val_acc": [0.25, np.nan]})
+    diverged = pd.DataFrame({"run": ["b"], "step": [2], "layer": ["model"], "position": [-1], "cause": ["loss"]})
+    fig = figures.training_curves(steps, history, diverged=diverged)
+    fig.canvas.draw()
+    top = _panels(fig)[0]
+    assert top.get_yscale() == "log"  # 1.7 to 4e12: the diverging loss would flatten the other run
+    assert np.isfinite(_drawn_points(fig)).all()
+    assert [(ax, x) for ax, x in _crosses(fig)] == [(top, 2.0)]
+    text = " ".join(t.get_text() for t in top.texts)
+    assert "4 non-finite values left out" in text and "✕ b: diverged at step 2 (loss)" in text
+
+
+def test_run_heatmaps_draw_a_line_at_the_divergence_step():
+    frame = records(steps=6, metrics=("grad_out_norm",))
+    frame.loc[(frame["run"] == "b") & (frame["step"] >= 3) & (frame["metric"] == "grad_out_norm"), "value"] = np.nan
+    diverged = pd.DataFrame({"run": ["b"], "step": [3], "layer": ["layers.1"], "position": [2], "cause": ["gradient"]})
+    fig = figures.run_heatmaps(frame, metrics=("grad_out_norm",), diverged=diverged)
+    fig.canvas.draw()
+    a, b = _panels(fig)
+    assert [x for ax, x in _crosses(fig)] == [3.0] and _crosses(fig)[0][0] is b
+    assert any(list(line.get_xdata()) == [3.0, 3.0] for line in b.get_lines())
+    assert "grey: not finite" in " ".join(ax.get_ylabel() for ax in fig.axes)
+    assert "✕ b: diverged at step 3 (layer layers.1)" in _texts(fig)
+
+
+def test_depth_scaling_and_accuracy_mark_diverged_runs():
+    frame = scaling().assign(n_diverged=0)
+    frame.loc[(frame["arch"] == "conv") & (frame["depth"] == 32), ["first_to_last", "n_diverged"]] = [np.nan, 2]
+    fig = figures.depth_scaling_ratio(frame)
+    assert sorted(x for _, x in _crosses(fig)) == [32.0, 32.0]  # one per phase panel
+    assert "conv, depth 32: 2 runs diverged, left out of the ratio" in _texts(fig)
+    table = runs_table().assign(status="complete")
+    table.loc[table["run"] == "conv-d8-s1", ["status", "test_acc"]] = ["diverged", 0.1]
+    fig = figures.accuracy_vs_depth(table)
+    assert len(_crosses(fig)) == 2 and "✕ diverged (1)" in _texts(fig)
+
+
+def test_signal_propagation_leaves_overflowed_statistics_out():
+    frame = activation("res")
+    frame.loc[(frame["metric"] == "act_chan_var") & (frame["position"] >= 3), "value"] = np.inf
+    frame.loc[(frame["metric"] == "act_chan_mean_sq") & (frame["position"] == 4), "value"] = np.nan
+    fig = figures.signal_propagation(frame)
+    fig.canvas.draw()
+    assert np.isfinite(_drawn_points(fig)).all()
+    assert "3 non-finite values left out" in _texts(fig) and "exactly inf" not in _texts(fig)
+    everything = frame.assign(value=np.inf)
+    assert "no finite values" in _texts(figures.signal_propagation(everything))
+
+
+def test_figures_of_real_runs_that_diverged(tmp_path, small_splits):
+    """The figures of a real sweep with a diverged run and a real lr-1e8 run: drawn, finite, marked."""
+    from test_report_text import broken_sweep
+
+    from gradlab import analysis
+    from gradlab.report.text import runs_table as read_runs
+    from gradlab.runs import load_sweep
+
+    root = broken_sweep(tmp_path / "sweep", small_splits)
+    sweep = load_sweep(root)
+    good = [r for r in sweep.runs if r.name != "skip-d3-s0"]  # its records are corrupt
+    records = pd.concat([r.records().assign(run=r.name, arch=r.train["block"], depth=r.train["depth"],
+                                            norm=r.train["norm"], seed=r.train["seed"]) for r in good])
+    table = read_runs(sweep)
+    diverged = analysis.divergence(records, table)
+    assert sorted(diverged["run"]) == ["conv-d3-s0-none", "conv-d3-s1"]
+    profile = pd.concat([analysis.gradient_profile(records, p).assign(phase=p) for p in ("init", "end")])
+    flow = analysis.flow_summary(records, table, phases=("init", "end"), diverged=diverged)
+    hit = flow.loc[flow["verdict"].str.startswith("diverged"), ["run", "phase"]].merge(diverged, on="run")
+    fig = figures.gradient_flow(profile, verdicts=flow, diverged=hit)
+    fig.canvas.draw()
+    assert np.isfinite(_drawn_points(fig)).all()
+    assert len(_crosses(fig)) == 2  # conv-d3-s1 and the lr-1e8 run, in the end panel
+    assert "✕ conv-d3-s1: diverged at step 5 (layer layers.1)" in _texts(fig)
+    steps = pd.concat([r.steps.assign(run=r.name, arch=r.train["block"], depth=r.train["depth"], norm=r.train["norm"])
+                       for r in good])
+    history = pd.concat([r.history.assign(run=r.name, arch=r.train["block"], depth=r.train["depth"],
+                                          norm=r.train["norm"]) for r in good])
+    fig = figures.training_curves(steps, history, diverged=diverged)
+    fig.canvas.draw()
+    assert np.isfinite(_drawn_points(fig)).all()
+    assert sorted(x for _, x in _crosses(fig)) == [1.0, 5.0]

@@ -1,6 +1,9 @@
 """gradlab probe and gradlab demo: measurements at initialisation, and the one-command lesson."""
 import json
+import re
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from gradlab.data import DeviceLoader
 from gradlab.demo import DemoConfig, run_demo
 from gradlab.models import build_model
 from gradlab.probe import ProbeConfig, probe
+from gradlab.report.text import ratio_table, report_text
 
 
 def _config(**changes):
@@ -103,3 +107,60 @@ def test_demo_measures_trains_and_reports(tmp_path):
     assert (result.trained["status"] == "complete").all()
     html = result.html.read_text()
     assert "synthetic" in html.lower() and result.html.stat().st_size > 10_000
+
+
+def test_a_probe_whose_gradient_underflows_to_exactly_zero_reports_it(small_splits):
+    """64 plain blocks without normalisation: the gradient vanishes to exactly 0 (float32 underflow)
+    long before the input. A result to report, not a divergence, a crash or a divide warning."""
+    records, table, _ = probe(_config(blocks=("conv",), depths=(64,), norms=("none",), width=4, batch_size=16,
+                                      batches=1), splits=small_splits)
+    grads = records.query("metric == 'grad_out_norm'").set_index("layer")["value"]
+    gains = records.query("metric == 'grad_gain' and layer.str.startswith('layers.')", engine="python")["value"]
+    assert grads["layers.0"] == 0 and grads["layers.63"] > 0
+    assert (gains == 0).sum() >= 1 and gains.isna().any()  # where it hit 0, then 0/0 below it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert analysis.divergence(records, table).empty
+        flow = analysis.flow_summary(records, table, phases=("init",))
+        text = report_text(records, table)
+        cells = ratio_table(flow)
+    row = flow.iloc[0]
+    assert row["first_grad"] == 0 and row["last_grad"] == grads["layers.63"]
+    assert row["first_to_last"] == 0 and row["gain_geomean"] == 0 and np.isnan(row["log_slope"])
+    assert row["verdict"] == "vanishing"
+    assert analysis.describe_flow(row).startswith(
+        "conv, depth 64 (no normalisation) at initialisation: the gradient underflows to exactly 0 at the first block")
+    assert cells.loc[0, "conv"] == "0 · vanishing"
+    assert "ratio 0 · vanishing" in text and not re.search(r"\bnan\b", text, re.IGNORECASE)
+
+
+def test_a_probe_that_overflows_is_marked_diverged(small_splits, tmp_path, monkeypatch):
+    """Weights scaled by 1e6 without normalisation: the forward pass overflows at initialisation."""
+    import gradlab.probe as probe_module
+
+    def huge(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(1e6)
+        return model
+
+    monkeypatch.setattr(probe_module, "build_model", huge)
+    records, table, _ = probe(_config(blocks=("conv",), depths=(4,), norms=("none",)), splits=small_splits,
+                              out=tmp_path / "probe")
+    act = records.query("metric == 'act_mean'").sort_values("position")
+    first = act.loc[~np.isfinite(act["value"])].iloc[0]  # the lowest probe point whose activations overflowed
+    assert np.isfinite(act.loc[act["position"] < first["position"], "value"]).all()
+    row = table.iloc[0]
+    assert row["status"] == "diverged"
+    assert (row["diverged_step"], row["diverged_layer"], row["diverged_cause"]) == (0, first["layer"], "activation")
+    summary = runs.load_sweep(tmp_path / "probe").runs[0].summary
+    assert summary["status"] == "diverged"
+    assert summary["diverged"] == {"step": 0, "epoch": 0, "layer": first["layer"], "position": int(first["position"]),
+                                   "cause": "activation"}
+    flow = analysis.flow_summary(records, table, phases=("init",)).iloc[0]
+    assert flow["verdict"] == f"diverged at step 0 (layer {first['layer']})" and np.isnan(flow["first_to_last"])
+    text = report_text(records, table)
+    assert (f"conv-d4-none (conv, depth 4, no normalisation) diverged at step 0, epoch 0: the first non-finite "
+            f"activation appeared at {first['layer']} (from its summary.json)") in text
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)

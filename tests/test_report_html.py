@@ -6,6 +6,7 @@ hardware string are markup, to show that everything read from files is escaped.
 """
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -18,6 +19,8 @@ import pytest
 
 from gradlab.report import html as report_html
 from gradlab.report.html import SECTIONS, build_report, default_html_path, write_report
+from gradlab.report.text import MISSING
+from gradlab.runs import load_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -299,3 +302,121 @@ def test_the_page_in_a_real_browser(hostile_page, tmp_path):
     assert ids == list(SECTIONS)
     assert HOSTILE_NAME in shown and HOSTILE_ERROR in shown
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- a sweep with diverged runs and corrupt cells
+
+SCRIPT = "<script>alert(1)</script>"
+BROKEN_NAME = "<svg onload=alert(3)>"  # an unreadable cell whose folder name is markup
+
+
+@pytest.fixture(scope="module")
+def broken_dir(tmp_path_factory, small_splits) -> Path:
+    """test_report_text's real broken sweep (a diverged run, a real lr-1e8 run, a corrupt config, corrupt
+    records) plus markup in a config string, a summary string and a layer name, and a markup-named cell."""
+    from test_report_text import broken_sweep
+
+    from gradlab import runs
+
+    root = broken_sweep(tmp_path_factory.mktemp("broken-html") / "broken-sweep", small_splits)
+    cell = root / "runs" / "conv-d3-s1"
+    config = runs.read_json(cell / runs.CONFIG)
+    config["versions"]["torch"] = SCRIPT
+    runs.write_json(cell / runs.CONFIG, config)
+    records = runs.load_run(cell).records()
+    records["layer"] = records["layer"].replace("linear1", SCRIPT)
+    for part in (cell / runs.RECORDS).glob("part-*.parquet"):
+        part.unlink()
+    runs.RecordsWriter(cell)({c: records[c].to_numpy() for c in runs.RECORD_COLUMNS})
+    summary = runs.read_json(cell / runs.SUMMARY)
+    summary["diverged"].update(layer=SCRIPT, position=6)
+    runs.write_json(cell / runs.SUMMARY, summary)
+    (root / "runs" / BROKEN_NAME).mkdir()
+    (root / "runs" / BROKEN_NAME / runs.CONFIG).write_text(SCRIPT)
+    sweep = runs.read_json(root / runs.SWEEP)
+    runs.write_json(root / runs.SWEEP, sweep | {"cells": [*sweep["cells"], BROKEN_NAME]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def broken_report(broken_dir):
+    return build_report(broken_dir)
+
+
+def test_diverged_runs_and_unreadable_cells_get_their_own_sections(broken_report, broken_dir):
+    report = broken_report
+    ids = [s.id for s in report.sections]
+    assert ids == ["run", "diverged", "unreadable", *list(SECTIONS)[1:]]
+    diverged = report.section("diverged")
+    assert diverged.badge == "2 diverged"
+    where = load_run(broken_dir / "runs" / "conv-d3-s0-none").summary["diverged"]
+    assert diverged.notes == [
+        f"conv-d3-s1 (conv, depth 3, batch norm) diverged at step 5, epoch 1: the first non-finite gradient "
+        f"appeared at {SCRIPT} (from its summary.json)",
+        f"conv-d3-s0-none (conv, depth 3, no normalisation) diverged at step 1, epoch 0: the first non-finite "
+        f"activation appeared at {where['layer']} (from its summary.json)"]
+    table = diverged.tables[0]
+    assert table.columns == ["run", "arch", "depth", "norm", "seed", "status", "step", "epoch", "layer", "position",
+                             "cause", "source"]
+    assert table.rows[0][:10] == ["conv-d3-s1", "conv", "3", "batch", "1", "diverged", "5", "1", SCRIPT, "6"]
+    unreadable = report.section("unreadable")
+    assert unreadable.badge == "3 unreadable"
+    cells = {row[0]: row[1] for row in unreadable.tables[0].rows}
+    assert sorted(cells) == sorted([BROKEN_NAME, "res-d3-s1", "skip-d3-s0"])
+    assert "config.json: not valid JSON" in cells[BROKEN_NAME] and "cannot be read as Parquet" in cells["skip-d3-s0"]
+    # the run list: a diverged column and the row marked; the others are reported
+    listing = report.section("run").tables[0]
+    rows = {row[0]: dict(zip(listing.columns, row)) for row in listing.rows}
+    assert sorted(rows) == ["conv-d3-s0", "conv-d3-s0-none", "conv-d3-s1", "res-d3-s0"]
+    assert rows["conv-d3-s1"]["diverged"] == f"at step 5 (layer {SCRIPT})" and rows["conv-d3-s0"]["diverged"] == ""
+    assert [c for r, c in zip(listing.rows, listing.row_classes) if c] == ["diverged", "diverged"]
+    assert any("2 run(s) failed or diverged" in b for b in report.banners)
+    assert any("3 cell(s) could not be read" in b for b in report.banners)
+    # every figure still drawn; the headline and the table say where the runs diverged
+    flow = report.section("gradient-flow")
+    assert "diverged" in flow.images[0].alt
+    depth_table = report.section("depth-table").tables[1]  # at the end of training
+    cells = [cell for row in depth_table.rows for cell in row]
+    assert f"test {MISSING} · diverged at step 1 (layer {where['layer']}) · 1 diverged" in cells
+    assert not any(re.search(r"\bnan\b", cell, re.IGNORECASE) for cell in cells)
+    assert report.section("training-curves").images and report.section("heatmaps").images
+
+
+@pytest.mark.browser
+def test_a_broken_sweep_in_a_real_browser_shows_markup_as_text(broken_report, tmp_path):
+    """Markup from config.json, summary.json, records and a folder name: shown literally, never run."""
+    _chromium()
+    from playwright.sync_api import sync_playwright
+
+    page = tmp_path / "broken.html"
+    page.write_text(broken_report.to_html(), encoding="utf-8")
+    html = page.read_text(encoding="utf-8")
+    assert SCRIPT not in html and BROKEN_NAME not in html  # escaped in the file ...
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    url = page.resolve().as_uri()
+    errors, dialogs = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page(viewport={"width": 1280, "height": 900})
+            tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            tab.on("pageerror", lambda error: errors.append(str(error)))
+            tab.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            tab.goto(url, wait_until="load")
+            scripts = tab.evaluate("document.scripts.length + document.querySelectorAll('svg, iframe').length")
+            diverged = tab.inner_text("#diverged")
+            unreadable = tab.inner_text("#unreadable")
+            facts = tab.inner_text("#run")
+            badges = tab.evaluate("Array.from(document.querySelectorAll('.badge'), b => "
+                                  "[b.innerText, b.getBoundingClientRect().width > 0])")
+            widths = tab.evaluate("Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
+            body = tab.inner_text("body")
+        finally:
+            browser.close()
+    assert dialogs == [] and errors == [] and scripts == 0  # ... and nothing ran in the browser
+    assert f"appeared at {SCRIPT} (from its summary.json)" in diverged  # ... but shows as text
+    assert BROKEN_NAME in unreadable and "not valid JSON" in unreadable and "skip-d3-s0" in unreadable
+    assert SCRIPT in facts  # torch version from config.json
+    assert badges == [["2 diverged", True], ["3 unreadable", True]]
+    assert len(widths) == 6 and all(w > 0 for w in widths)  # one depth: no depth-scaling figures
+    assert not re.search(r"\bnan\b", body, re.IGNORECASE)

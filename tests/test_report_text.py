@@ -1,6 +1,7 @@
 """gradlab.report.text: number formatting, the four formats and the whole report."""
 import io
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from gradlab.report.text import (
     render,
     report_text,
 )
+from gradlab.runs import load_run
 
 
 @pytest.mark.parametrize(
@@ -207,7 +209,8 @@ def test_report_csv_sections_parse(report_inputs):
     for block in text.strip().split("\n\n")[1:]:
         name, _, body = block.partition("\n")
         sections[name.removeprefix("# ")] = pd.read_csv(io.StringIO(body), comment="#")
-    assert list(sections) == ["depth_scaling", "layers", "flow"]
+    assert list(sections) == ["depth_scaling", "layers", "flow", "diverged", "unreadable"]
+    assert sections["diverged"].empty and sections["unreadable"].columns.tolist() == ["cell", "reason"]
     scaling = sections["depth_scaling"]
     expected = pd.concat([analysis.depth_scaling(records, runs, p) for p in ("init", "end")])
     np.testing.assert_array_equal(scaling["first_to_last"], expected["first_to_last"])
@@ -220,7 +223,8 @@ def test_report_csv_sections_parse(report_inputs):
 
 def test_report_json_is_one_object(report_inputs):
     report = json.loads(report_text(*report_inputs, fmt="json"))
-    assert list(report) == ["header", "depth_scaling", "layers", "flow"]
+    assert list(report) == ["header", "depth_scaling", "layers", "flow", "diverged", "unreadable"]
+    assert report["diverged"] == [] and report["unreadable"] == []
     assert report["header"]["runs"] == 3 and report["header"]["dataset"] == ["cifar10"]
     assert report["header"]["depths"] == [4, 16] and report["header"]["status"] == {"complete": 3}
     end_conv = [r for r in report["depth_scaling"]
@@ -246,3 +250,146 @@ def test_report_of_nothing(fmt):
         assert report["flow"] == [] and report["depth_scaling"] == []
     else:
         assert "gradlab report: 0 runs · blocks: –" in text
+
+
+# ------------------------------------------------------------------ real runs that went wrong
+
+DIVERGED_STEP, DIVERGED_LAYER = 5, "layers.1"  # where the simulated divergence starts (epoch 1: 4 steps an epoch)
+
+
+def train_tiny(out, splits, **changes):
+    """One real training run: width 4, depth 3, 2 epochs of 4 steps on 400 synthetic images."""
+    import torch
+
+    from gradlab.train import TrainConfig, train_run
+
+    config = TrainConfig(**{**dict(block="conv", depth=3, width=4, epochs=2, batch_size=100, lr=3e-3,
+                                   dataset="synthetic", device="cpu", eval_batch_size=4096), **changes})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # width-4 nets: one thread is fastest on a shared CPU
+    try:
+        train_run(config, out, splits=splits)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def diverge(run_dir, step=DIVERGED_STEP, layer=DIVERGED_LAYER):
+    """A real run edited into what the trainer's divergence contract leaves with --on-nonfinite
+    continue: summary status "diverged" with where it started, and from ``step`` on every
+    gradient metric and the loss NaN, with nonfinite_grads > 0 at ``layer`` and below it."""
+    from gradlab import runs
+
+    run = runs.load_run(run_dir)
+    records = run.records()
+    position = int(records.loc[records["layer"] == layer, "position"].iloc[0])
+    epoch = int(records.loc[records["step"] == step, "epoch"].iloc[0])
+    later = records["step"] >= step
+    gradients = records["metric"].isin(["grad_out_norm", "grad_in_norm", "grad_gain", "grad_in_branch_norm",
+                                        "grad_in_skip_norm", "param_grad_norm", "update_ratio", "loss"])
+    records.loc[later & gradients, "value"] = np.nan
+    below = (records["metric"] == "nonfinite_grads") & records["position"].between(0, position)
+    records.loc[later & below, "value"] = 384.0
+    for part in (run_dir / runs.RECORDS).glob("part-*.parquet"):
+        part.unlink()
+    runs.RecordsWriter(run_dir)({c: records[c].to_numpy() for c in runs.RECORD_COLUMNS})
+    steps = run.steps.assign(loss=run.steps["loss"].where(run.steps["step"] < step))
+    runs.write_parquet(run_dir / runs.STEPS, steps)
+    history = run.history.assign(train_loss=run.history["train_loss"].where(run.history["epoch"] < epoch))
+    runs.write_parquet(run_dir / runs.HISTORY, history)
+    summary = run.summary | {"status": "diverged", "diverged": {"step": step, "epoch": epoch, "layer": layer,
+                                                                 "position": position, "cause": "gradient"}}
+    runs.write_json(run_dir / runs.SUMMARY, summary)
+    return summary
+
+
+def broken_sweep(root, splits):
+    """A real sweep of five cells: two healthy, one diverged (a real run edited as above), one
+    trained for real at lr 1e8 without normalisation (NaN loss from step 1), one whose
+    config.json is corrupt and one whose records are corrupt."""
+    import shutil
+
+    from gradlab import runs
+
+    cells = {"conv-d3-s0": {}, "conv-d3-s1": dict(seed=1), "res-d3-s0": dict(block="res"),
+             "conv-d3-s0-none": dict(norm="none", lr=1e8), "res-d3-s1": dict(block="res", seed=1)}
+    for name, changes in cells.items():
+        train_tiny(root / runs.RUNS_FOLDER / name, splits, **changes)
+    diverge(root / runs.RUNS_FOLDER / "conv-d3-s1")
+    (root / runs.RUNS_FOLDER / "res-d3-s1" / runs.CONFIG).write_text('{"train": {"block": ')  # cut off mid-write
+    shutil.copytree(root / runs.RUNS_FOLDER / "res-d3-s0", root / runs.RUNS_FOLDER / "skip-d3-s0")
+    for part in (root / runs.RUNS_FOLDER / "skip-d3-s0" / runs.RECORDS).glob("part-*.parquet"):
+        part.write_bytes(b"PAR1 not really parquet")
+    runs.write_json(root / runs.SWEEP, {"cells": [*cells, "skip-d3-s0"]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, small_splits):
+    from gradlab.report.text import sweep_frames
+    from gradlab.runs import load_sweep
+
+    root = broken_sweep(tmp_path_factory.mktemp("broken") / "broken-sweep", small_splits)
+    return root, sweep_frames(load_sweep(root))
+
+
+def test_sweep_frames_name_the_unreadable_cells_and_keep_the_others(broken):
+    root, (records, runs, unreadable) = broken
+    assert sorted(runs["run"]) == ["conv-d3-s0", "conv-d3-s0-none", "conv-d3-s1", "res-d3-s0"]
+    assert sorted(unreadable) == ["res-d3-s1", "skip-d3-s0"]
+    assert "config.json: not valid JSON" in unreadable["res-d3-s1"]
+    assert "records.parquet" in unreadable["skip-d3-s0"] and "cannot be read as Parquet" in unreadable["skip-d3-s0"]
+    assert set(records["run"]) == set(runs["run"])
+    told = runs.set_index("run").loc["conv-d3-s1"]
+    assert told["status"] == "diverged" and told["diverged_step"] == DIVERGED_STEP
+    assert told["diverged_layer"] == DIVERGED_LAYER and told["diverged_cause"] == "gradient"
+
+
+def test_the_report_marks_diverged_runs_and_lists_unreadable_cells(broken):
+    root, (records, runs, unreadable) = broken
+    text = report_text(records, runs, unreadable=unreadable)
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)  # no NaN anywhere a number is expected
+    lines = text.splitlines()
+    assert lines[0] == ("gradlab report: 4 runs (2 complete, 2 diverged) · blocks: conv, res · depths: 3 · "
+                        "norms: batch, none · seeds: 0, 1 · dataset: synthetic · 2 unreadable cells")
+    assert "Unreadable cells (left out of this report)" in text
+    assert f"res-d3-s1: {root}/runs/res-d3-s1/config.json: not valid JSON" in text
+    assert f"skip-d3-s0: {root}/runs/skip-d3-s0/records.parquet: cannot be read as Parquet" in text
+    assert ("conv-d3-s1 (conv, depth 3, batch norm) diverged at step 5, epoch 1: the first non-finite gradient "
+            "appeared at layers.1 (from its summary.json)") in lines
+    # the real lr-1e8 run: the trainer stopped it at step 1, where the forward pass overflowed
+    where = load_run(root / "runs" / "conv-d3-s0-none").summary["diverged"]
+    assert (where["step"], where["epoch"], where["cause"]) == (1, 0, "activation")
+    assert (f"conv-d3-s0-none (conv, depth 3, no normalisation) diverged at step 1, epoch 0: the first non-finite "
+            f"activation appeared at {where['layer']} (from its summary.json)") in lines
+    # at the end, conv / batch / depth 3 has one finite seed (s0) and one diverged (s1)
+    s0 = records.loc[(records["run"] == "conv-d3-s0") & (records["metric"] == "grad_out_norm")]
+    last3 = s0.loc[s0["step"] >= s0["step"].max() - 2].groupby("layer")["value"].median()
+    ratio = last3["layers.0"] / last3["layers.2"]
+    accuracy = runs.set_index("run").loc[["conv-d3-s0", "conv-d3-s1"], "test_acc"]
+    cell = (f"test {format_number(100 * accuracy.mean())}±{format_number(100 * accuracy.std())}% · "
+            f"ratio {format_number(ratio)} · diverged (1/2), first at step 5 (layer layers.1) · 1 diverged")
+    end = text.split("Depth scaling at the end of training")[1].split("\n\n")[1]
+    assert cell in end
+    assert f"test {MISSING} · diverged at step 1 (layer {where['layer']}) · 1 diverged" in end  # the verdict says why
+    assert ("Gradient flow per layer at initialisation: conv-d3-s0-none (conv, depth 3, no normalisation) — "
+            f"diverged at step 1 (layer {where['layer']})") in text
+
+
+def test_the_machine_formats_carry_divergence_and_unreadable_cells(broken):
+    root, (records, runs, unreadable) = broken
+    report = json.loads(report_text(records, runs, fmt="json", unreadable=unreadable))
+    diverged = {row["run"]: row for row in report["diverged"]}
+    assert sorted(diverged) == ["conv-d3-s0-none", "conv-d3-s1"]
+    assert diverged["conv-d3-s1"] == {
+        "run": "conv-d3-s1", "arch": "conv", "depth": 3, "norm": "batch", "seed": 1, "status": "diverged", "step": 5,
+        "epoch": 1, "layer": "layers.1", "position": 4, "cause": "gradient", "source": "summary"}
+    where = load_run(root / "runs" / "conv-d3-s0-none").summary["diverged"]
+    assert diverged["conv-d3-s0-none"] == {
+        "run": "conv-d3-s0-none", "arch": "conv", "depth": 3, "norm": "none", "seed": 0, "status": "diverged",
+        "step": 1, "epoch": 0, "layer": where["layer"], "position": where["position"], "cause": "activation",
+        "source": "summary"}
+    assert [row["cell"] for row in report["unreadable"]] == ["res-d3-s1", "skip-d3-s0"]
+    assert report["header"]["unreadable"] == ["res-d3-s1", "skip-d3-s0"]
+    end = [r for r in report["depth_scaling"] if r["phase"] == "end" and r["norm"] == "none"]
+    assert end[0]["first_to_last"] is None and end[0]["n_ratios"] == 0 and end[0]["n_diverged"] == 1

@@ -16,7 +16,15 @@ their block type's colour (``depth_shades``).
 
 Log axes and exact zeros: a gradient that is exactly 0 is a result, so it is drawn at a
 floor one decade below the smallest positive value, with a ▼ marker, and the floor line is
-labelled "0"; +inf is drawn the same way at a ceiling with ▲ and "inf". NaN leaves a gap.
+labelled "0"; a ratio that is +inf because its denominator is exactly 0 is drawn the same way
+at a ceiling with ▲ and "inf". A measured value that is NaN or inf (a diverged run, or a
+float32 sum of squares that overflowed) is never drawn: the point is left out, the panel
+still drawn, and a note says how many were left out.
+
+Diverged runs: figures that take ``diverged`` (``analysis.divergence`` rows: ``run, step,
+layer, position, cause``, optionally ``phase``) mark each such run with ✕ — at the divergence
+step on a step axis, at the probe point where it first appeared on a position axis — and
+name it in a note ("✕ conv-d3-s1: diverged at step 5 (layer layers.1)").
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import LogNorm, to_rgb
 from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
 
 from gradlab import analysis
 from gradlab.report.text import format_number
@@ -52,7 +61,7 @@ METRIC_LABELS = {
     "skip_chan_var": "skip variance",
 }
 ACCURACY_LABELS = {"test_acc": "test accuracy", "best_val_acc": "best validation accuracy"}
-ZERO_MARKER, INF_MARKER = "v", "^"
+ZERO_MARKER, INF_MARKER, DIVERGED_MARKER = "v", "^", "X"
 
 
 # ---------------------------------------------------------------- theme and colours
@@ -182,6 +191,39 @@ def _unique_notes(notes: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
+def _measured(values: pd.Series) -> tuple[pd.Series, int]:
+    """``values`` with ±inf measurements as NaN (left out), and how many were NaN or inf."""
+    v = _numeric(values)
+    bad = ~np.isfinite(v)
+    return v.mask(bad), int(bad.sum())
+
+
+def _left_out(count: int) -> list[str]:
+    return [f"{count} non-finite value{'s' if count != 1 else ''} left out (not drawn)"] if count else []
+
+
+def _diverged_rows(diverged: pd.DataFrame | None, runs: Iterable, phase=None) -> pd.DataFrame:
+    """The rows of ``diverged`` (``analysis.divergence``; optional ``phase``) for ``runs``."""
+    if diverged is None or diverged.empty or "run" not in diverged.columns:
+        return pd.DataFrame(columns=["run", "step", "layer", "position", "cause"])
+    rows = diverged.loc[diverged["run"].astype(str).isin({str(r) for r in runs})]
+    if phase is not None and "phase" in rows.columns:
+        rows = rows.loc[rows["phase"] == phase]
+    return rows.drop_duplicates("run")
+
+
+def _mark_diverged(ax, x: float, colour, label: str) -> str:
+    """✕ at ``x`` (data) on the top edge of ``ax``; returns the note naming the run."""
+    where = blended_transform_factory(ax.transData, ax.transAxes)
+    ax.scatter([x], [0.97], transform=where, marker=DIVERGED_MARKER, s=70, c=[colour], edgecolors="black",
+               linewidths=0.6, zorder=6, clip_on=False)
+    return f"✕ {label}"
+
+
+def _diverged_label(row: Mapping) -> str:
+    return f"{row['run']}: {analysis.diverged_verdict(row)}"
+
+
 def _figure(nrows: int, ncols: int, panel: tuple[float, float], **subplots) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(max(panel[0] * ncols, 4.0), panel[1] * nrows + 0.9), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **subplots)
@@ -251,7 +293,7 @@ def _verdict_bands(ax, floor: float, ceiling: float) -> None:
 
 @_themed
 def gradient_flow(profile: pd.DataFrame, verdicts: pd.DataFrame | None = None, title: str | None = None,
-                  y: str = "relative") -> Figure:
+                  y: str = "relative", diverged: pd.DataFrame | None = None) -> Figure:
     """Gradient norm against position, one line per run (hue: depth), one panel per block type.
 
     ``profile`` is ``analysis.gradient_profile`` output (``arch, depth, run, position`` and
@@ -261,6 +303,9 @@ def gradient_flow(profile: pd.DataFrame, verdicts: pd.DataFrame | None = None, t
     the first-to-last ratio and the exploding and vanishing bands apply; ``y="value"`` draws
     the raw norms. ``verdicts`` holds ``flow_summary`` or ``depth_scaling`` rows (``phase,
     arch, depth, first_to_last, verdict``) printed under each panel's title. Log y, shared axes.
+    A point whose raw ``value`` is NaN or inf is left out; ``diverged`` runs get ✕ above the
+    probe point where their divergence first appeared (the output end for the loss), in the
+    panels of their ``phase`` (every panel without a ``phase`` column).
     """
     need = ["arch", "depth", "run", "position", y]
     if _missing(profile, need, "gradient_flow") or profile.empty:
@@ -268,6 +313,9 @@ def gradient_flow(profile: pd.DataFrame, verdicts: pd.DataFrame | None = None, t
         _say(axes[0, 0], "no gradient records")
         return fig
     df = profile.assign(depth=_depth_ints(profile["depth"]), position=_numeric(profile["position"]))
+    # a non-finite measurement is left out; an inf ratio over an exact 0 is a result (drawn ▲)
+    measured, dropped = _measured(df["value"] if "value" in df else df[y])
+    df[y] = _numeric(df[y]).where(measured.notna())
     phases = [p for p in analysis.PHASES if "phase" in df and p in set(df["phase"])] or [None]
     archs = arch_order(df["arch"])
     several_norms = "norm" in df and df["norm"].nunique() > 1
@@ -307,6 +355,12 @@ def gradient_flow(profile: pd.DataFrame, verdicts: pd.DataFrame | None = None, t
                 notes += _mark_clipped(ax, data["position"], data[y], floor, ceiling, colours)
             else:
                 _say(ax, "no finite values")
+            for row in _diverged_rows(diverged, data["run"].unique(), phase).to_dict("records"):
+                mine = data.loc[data["run"].astype(str) == str(row["run"])]
+                position = pd.to_numeric(pd.Series([row.get("position")]), errors="coerce").iloc[0]
+                x = position if pd.notna(position) and position >= 0 else mine["position"].max()  # loss: output end
+                notes.append(_mark_diverged(ax, x, shades.get(mine["depth"].iloc[0], arch_color(arch)),
+                                            _diverged_label(row)))
             if ax.get_legend() is not None:
                 ax.legend(title="depth", fontsize=8, title_fontsize=8, loc="best", ncol=min(len(shades), 3))
             header = arch if phase is None else f"{arch} — {PHASE_LABELS.get(phase, phase)}"
@@ -321,7 +375,9 @@ def gradient_flow(profile: pd.DataFrame, verdicts: pd.DataFrame | None = None, t
         _log_ticks(ax)
     label = "probe point position: input (stem) on the left → blocks → output head on the right; " \
             "the gradient travels right to left"
-    fig.supxlabel(_wrap("\n".join([label, *_unique_notes(notes)]), fig.get_figwidth(), 8), fontsize=9)
+    notes += _left_out(dropped)
+    fig.supxlabel(_wrap("\n".join([label, *_unique_notes(notes)]), fig.get_figwidth(), 8), fontsize=9,
+                  parse_math=False)  # notes hold run and layer names from files
     _suptitle(fig, title or "Gradient norm through the network")
     return fig
 
@@ -346,7 +402,9 @@ def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None,
 
     ``scaling`` is ``analysis.depth_scaling`` output (``arch, depth, first_to_last``; optional
     ``phase``: one panel per phase; ``norm``: line style). ``flow`` (``flow_summary`` rows)
-    adds one dot per seed. The exploding and vanishing bands use analysis's thresholds.
+    adds one dot per seed. The exploding and vanishing bands use analysis's thresholds. A
+    depth with diverged runs (``n_diverged`` > 0) gets ✕ on the top edge: those runs have no
+    ratio, so the line there stands for the others, or has a gap.
     """
     need = ["arch", "depth", "first_to_last"]
     if _missing(scaling, need, "depth_scaling_ratio") or scaling.empty:
@@ -386,6 +444,12 @@ def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None,
             seeds = seeds.assign(depth=_numeric(seeds["depth"]), shown=_for_log(seeds["first_to_last"], floor, ceiling))
             ax.scatter(seeds["depth"], seeds["shown"], s=14, c=seeds["arch"].astype(str).map(arch_color).tolist(),
                        alpha=0.45, linewidths=0, zorder=3)
+        if "n_diverged" in data:
+            for row in data.loc[_numeric(data["n_diverged"]) > 0].to_dict("records"):
+                count = int(row["n_diverged"])
+                label = (f"{row['arch']}, depth {format_number(int(row['depth']))}: {count} run"
+                         f"{'s' if count != 1 else ''} diverged, left out of the ratio")
+                notes.append(_mark_diverged(ax, row["depth"], arch_color(row["arch"]), label))
         _depth_axis(ax, df["depth"])
         ax.set_ylabel("gradient ratio first block / last block" if j == 0 else "")
         ax.set_title(PHASE_LABELS.get(phase, "") if phase else "")
@@ -397,7 +461,7 @@ def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None,
     if flow is not None:
         notes.insert(0, "line: geometric mean over seeds · dots: single seeds")
     if notes:
-        fig.supxlabel("\n".join(notes), fontsize=8)
+        fig.supxlabel("\n".join(notes), fontsize=8, parse_math=False)
     _suptitle(fig, title or "How much the gradient grows from the last block to the first, by depth")
     return fig
 
@@ -406,7 +470,8 @@ def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None,
 def accuracy_vs_depth(runs: pd.DataFrame, chance: float | None = None, title: str | None = None,
                       metrics: Sequence[str] = ("test_acc", "best_val_acc")) -> Figure:
     """Accuracy against depth per block type: one panel per accuracy column, one dot per run,
-    a line through the mean over seeds (seaborn's estimator). ``chance`` draws a dotted line."""
+    a line through the mean over seeds (seaborn's estimator). ``chance`` draws a dotted line.
+    Runs whose ``status`` is "diverged" are drawn as ✕ instead of a dot."""
     fig, axes = _figure(1, len(metrics), (4.3, 3.4), sharey=True)
     base = _missing(runs, ["arch", "depth"], "accuracy_vs_depth")
     for j, metric in enumerate(metrics):
@@ -426,8 +491,15 @@ def accuracy_vs_depth(runs: pd.DataFrame, chance: float | None = None, title: st
         sns.lineplot(data=data, x="depth", y="acc", hue="arch", hue_order=archs, palette=palette,
                      style="norm" if several_norms else None, errorbar=None, linewidth=2, ax=ax,
                      legend=j == len(metrics) - 1)
-        sns.scatterplot(data=data, x="depth", y="acc", hue="arch", hue_order=archs, palette=palette,
+        bad = data["status"].astype(str) == analysis.DIVERGED if "status" in data else data["acc"].isna()
+        sns.scatterplot(data=data.loc[~bad], x="depth", y="acc", hue="arch", hue_order=archs, palette=palette,
                         s=28, alpha=0.6, legend=False, ax=ax)
+        if bad.any():
+            ax.scatter(data.loc[bad, "depth"], data.loc[bad, "acc"], marker=DIVERGED_MARKER, s=60,
+                       c=data.loc[bad, "arch"].astype(str).map(arch_color).tolist(), edgecolors="black",
+                       linewidths=0.6, zorder=6)
+            ax.text(0.01, 0.99, f"✕ diverged ({int(bad.sum())})", transform=ax.transAxes, ha="left", va="top",
+                    fontsize=8, color="0.3")
         if chance is not None:
             ax.axhline(chance, color="0.4", linestyle=":", linewidth=1)
             ax.annotate("chance", (1, chance), xycoords=("axes fraction", "data"), xytext=(-2, 2),
@@ -467,13 +539,15 @@ def _log_colourbar(fig: Figure, mesh, axes, label: str, zeros: bool) -> None:
 
 @_themed
 def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm", "act_std"),
-                 labels: Mapping[str, str] | None = None, title: str | None = None) -> Figure:
+                 labels: Mapping[str, str] | None = None, title: str | None = None,
+                 diverged: pd.DataFrame | None = None) -> Figure:
     """Probe point × training step: one row of panels per run, one column per metric.
 
     ``records``: long record rows (``run, step, layer, position, metric, value``), runs in
     the order they first appear; ``labels`` maps a run to its row title. Each column has one
     log colour scale shared by all runs, so runs compare at a glance. Exact zeros are black
-    (below the scale), NaN and inf light grey.
+    (below the scale); NaN and inf are not drawn (light grey, the colour bar says so).
+    ``diverged`` runs get a dashed line and ✕ at their divergence step.
     """
     need = ["run", "step", "layer", "position", "metric", "value"]
     runs = list(dict.fromkeys(records["run"])) if "run" in records else []
@@ -483,15 +557,17 @@ def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm
             _say(ax, "no per-step records")
         return fig
     cmaps = {"grad_out_norm": "rocket", "act_std": "mako"}
+    notes = []
     for j, metric in enumerate(metrics):
         rows = records.loc[(records["metric"] == metric) & (records["layer"] != analysis.MODEL_LAYER)]
-        grids = {run: rows.loc[rows["run"] == run].pivot_table(index=["position", "layer"], columns="step",
-                                                               values="value", aggfunc="first")
-                 for run in runs}
+        # pivot, not pivot_table: a NaN cell stays a (grey) cell instead of dropping its step
+        grids = {run: rows.loc[rows["run"] == run].drop_duplicates(["position", "layer", "step"])
+                 .pivot(index=["position", "layer"], columns="step", values="value") for run in runs}
         values = [g.to_numpy(float).ravel() for g in grids.values() if g.size]
         norm = _log_colour_scale(np.concatenate(values)) if values else None
         cmap = sns.color_palette(cmaps.get(metric, "viridis"), as_cmap=True).with_extremes(under="black", bad="0.85")
-        mesh, zeros = None, False
+        mesh, zeros, gaps = None, False, False
+        marked = {str(r["run"]): r for r in _diverged_rows(diverged, runs).to_dict("records")}
         for i, run in enumerate(runs):
             ax = axes[i, j]
             ax.grid(False)
@@ -503,18 +579,26 @@ def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm
                 continue
             shown = grid.to_numpy(float)
             zeros |= bool((shown == 0).any())
+            gaps |= bool((~np.isfinite(shown)).any())
             shown = np.where(shown == 0, norm.vmin / 10, shown)
             shown = np.ma.masked_invalid(np.where(np.isinf(shown), np.nan, shown))
             mesh = ax.pcolormesh(grid.columns.to_numpy(float), np.arange(len(grid)), shown, cmap=cmap, norm=norm,
                                  shading="nearest", rasterized=True)
             names = grid.index.get_level_values("layer").tolist()
             every = max(1, math.ceil(len(names) / 14))
-            ax.set_yticks(np.arange(len(names))[::every], names[::every], fontsize=7)
+            ax.set_yticks(np.arange(len(names))[::every], names[::every], fontsize=7, parse_math=False)
             ax.set_ylim(len(names) - 0.5, -0.5)  # the input at the top, the head at the bottom
             ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
             ax.set_xlabel("training step" if i == len(runs) - 1 else "")
+            row = marked.get(str(run))
+            if row is not None and pd.notna(pd.to_numeric(row.get("step"), errors="coerce")):
+                ax.axvline(float(row["step"]), color="white", linestyle="--", linewidth=1.2)
+                notes.append(_mark_diverged(ax, float(row["step"]), "white", _diverged_label(row)))
         if mesh is not None:
-            _log_colourbar(fig, mesh, axes[:, j], f"{METRIC_LABELS.get(metric, metric)} (log)", zeros)
+            label = f"{METRIC_LABELS.get(metric, metric)} (log)" + ("; grey: not finite" if gaps else "")
+            _log_colourbar(fig, mesh, axes[:, j], label, zeros)
+    if notes:
+        fig.supxlabel("\n".join(_unique_notes(notes)), fontsize=8, parse_math=False)
     _suptitle(fig, title or "Per probe point over training")
     return fig
 
@@ -528,7 +612,8 @@ def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Fi
 
     ``activation`` is ``analysis.activation_profile`` output (``run, arch, position, metric,
     value``). Panels: channel mean², channel variance, and branch (solid) versus skip (dashed)
-    variance of residual blocks. Hue: block type; one line per run; log y.
+    variance of residual blocks. Hue: block type; one line per run; log y. NaN and inf (an
+    overflowing sum of squares, a diverged run) are left out; exact zeros are drawn ▼.
     """
     panels = [("channel mean²", ["act_chan_mean_sq"]), ("channel variance", ["act_chan_var"]),
               ("residual branch vs skip variance", ["branch_chan_var", "skip_chan_var"])]
@@ -537,7 +622,8 @@ def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Fi
         for ax in axes[0]:
             _say(ax, "no activation statistics")
         return fig
-    df = activation.assign(position=_numeric(activation["position"]))
+    measured, dropped = _measured(activation["value"])
+    df = activation.assign(position=_numeric(activation["position"]), value=measured)
     floor, ceiling = _log_limits(df["value"])
     df["shown"] = _for_log(df["value"], floor, ceiling)
     archs = arch_order(df["arch"])
@@ -550,7 +636,7 @@ def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Fi
         ax.set_title(label)
         data = df.loc[df["metric"].isin(metrics)]
         if data["shown"].notna().sum() == 0:
-            _say(ax, "not recorded" if len(metrics) == 1 else "no residual blocks")
+            _say(ax, "no finite values" if len(data) else "not recorded" if len(metrics) == 1 else "no residual blocks")
             continue
         data = data.assign(part=data["metric"].map(parts))
         sns.lineplot(data=data, x="position", y="shown", hue="arch", palette=palette,
@@ -566,7 +652,9 @@ def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Fi
     for ax in axes.flat:
         if ax.get_yscale() == "log":
             _log_ticks(ax)
-    fig.supxlabel("\n".join(["probe point position: input → output", *_unique_notes(notes)]), fontsize=9)
+    notes += _left_out(dropped)
+    fig.supxlabel("\n".join(["probe point position: input → output", *_unique_notes(notes)]), fontsize=9,
+                  parse_math=False)
     _suptitle(fig, title or "Signal propagation: activation statistics through the network")
     return fig
 
@@ -645,15 +733,18 @@ def _panel_rows(frame: pd.DataFrame, arch: str, norm) -> pd.DataFrame:
 
 @_themed
 def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | None = None,
-                    columns: int = 4) -> Figure:
+                    columns: int = 4, diverged: pd.DataFrame | None = None) -> Figure:
     """The notebook's two plots for many runs: loss per step (upper panel) and accuracy per
     epoch (lower panel; train solid, validation dashed), one pair of panels per block type
     (and norm, when there are several), at most ``columns`` pairs a row; hue depth, one line
     per run.
 
     ``steps``: ``run, arch, depth, step, loss``; ``history``: ``run, arch, depth, epoch,
-    train_acc, val_acc`` (epoch counted from 0, drawn from 1); ``norm`` optional.
+    train_acc, val_acc`` (epoch counted from 0, drawn from 1); ``norm`` optional. Non-finite
+    losses and accuracies are left out (the panel says how many); a loss axis spanning more
+    than three decades is logarithmic; ``diverged`` runs get ✕ at their divergence step.
     """
+    steps, history = steps.reset_index(drop=True), history.reset_index(drop=True)  # seaborn needs a unique index
     panels = _panels([steps, history])
     ncols = max(1, min(len(panels), columns))
     fig, axes = _figure(2 * max(1, math.ceil(len(panels) / ncols)), ncols, (3.9, 2.6))
@@ -671,14 +762,35 @@ def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | Non
         mine_history = _panel_rows(history, arch, norm) if has_history else history.iloc[:0]
         depths = pd.concat([_depth_ints(f["depth"]) for f in (mine_steps, mine_history) if "depth" in f])
         shades = depth_shades(arch, depths.dropna().tolist() or [0])
-        data = mine_steps.assign(depth=_depth_ints(mine_steps["depth"]),
-                                 loss=_numeric(mine_steps["loss"]).where(lambda s: np.isfinite(s))) \
-            if has_steps else None
+        data, dropped = None, 0
+        if has_steps:
+            loss, dropped = _measured(mine_steps["loss"])
+            data = mine_steps.assign(depth=_depth_ints(mine_steps["depth"]).to_numpy(), loss=loss.to_numpy())
         if data is not None and data["loss"].notna().any():
             sns.lineplot(data=data, x="step", y="loss", hue="depth", palette=shades, hue_order=sorted(shades),
                          units="run", estimator=None, linewidth=1.2, legend="full", ax=top)
+            finite = data.dropna(subset=["loss"])
+            alone = finite.loc[finite.groupby("run")["step"].transform("size") == 1]  # no line through one point
+            if len(alone):
+                top.scatter(alone["step"], alone["loss"], s=14, c=alone["depth"].map(shades).tolist(), zorder=4)
             top.legend(title="depth", fontsize=7, title_fontsize=7, loc="upper right", ncol=min(len(shades), 3))
             top.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+            positive = data["loss"].loc[data["loss"] > 0]
+            if len(positive) and positive.max() / positive.min() > 1e3:  # a diverging loss flattens the rest
+                top.set_yscale("log")
+                top.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: format_number(v)))
+            notes = _left_out(dropped)
+            for row in _diverged_rows(diverged, data["run"].unique()).to_dict("records"):
+                step = pd.to_numeric(row.get("step"), errors="coerce")
+                if pd.notna(step):
+                    left, right = top.get_xlim()
+                    top.set_xlim(min(left, step - 0.5), max(right, step + 0.5))  # the step may lie past the data
+                    depth = data.loc[data["run"].astype(str) == str(row["run"]), "depth"].iloc[0]
+                    notes.append(_mark_diverged(top, float(step), shades.get(depth, arch_color(arch)),
+                                                _diverged_label(row)))
+            if notes:
+                top.text(0.01, 0.02, _wrap("\n".join(notes), 3.6, 7), transform=top.transAxes, fontsize=7,
+                         color="0.3", va="bottom", parse_math=False)
         else:
             _say(top, "no finite losses" if has_steps else "no loss per step")
         top.set_xlabel("step")
@@ -699,7 +811,8 @@ def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | Non
             bottom.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
             _percent(bottom)
         else:
-            _say(bottom, "no finite accuracies" if has_history else "no accuracy per epoch")
+            _say(bottom, ("no finite accuracies" if len(mine_history) else "no finished epochs") if has_history
+                 else "no accuracy per epoch")
         bottom.set_xlabel("epoch")
         bottom.set_ylabel("accuracy" if k % ncols == 0 else "")
     for k in range(len(panels), axes.shape[0] // 2 * ncols):

@@ -18,6 +18,12 @@ Bounded work for big sweeps:
   the deepest run of each block type and norm);
 - gradient-flow panels show at most ``MAX_DEPTHS`` depths per block type, training curves at
   most ``MAX_CURVE_RUNS`` runs; the page says what it left out.
+
+Runs that go wrong stay on the page without breaking it: a diverged run (its summary says so,
+or its records hold non-finite values: ``analysis.divergence``) gets a badge, a row in the
+"Diverged runs" section and ✕ in the figures, and is left out of every ratio; a cell that
+cannot be read (``Sweep.unreadable``, or records that fail to load) is named with the reason
+in "Unreadable cells" while the others are reported. Both sections appear only when needed.
 """
 from __future__ import annotations
 
@@ -34,8 +40,9 @@ import pandas as pd
 
 from gradlab import __version__, analysis
 from gradlab.report import figures
-from gradlab.report.text import MISSING, depth_scaling_table, format_number
-from gradlab.runs import RECORD_COLUMNS, Run, Sweep, load_sweep
+from gradlab.report.text import (MISSING, depth_scaling_table, diverged_line, diverged_table, format_number,
+                                 runs_table)
+from gradlab.runs import RECORD_COLUMNS, Run, RunError, Sweep, load_sweep
 
 FIGURE_DPI = 192  # 2 × 96: PNGs shown at half their pixel width
 SCREEN_DPI = 96
@@ -47,6 +54,7 @@ REPORTS_FOLDER = "reports"
 PHASES = ("init", "end")  # the report's two moments: at initialisation, at the end of training
 PHASE_METRICS = ["grad_out_norm", "grad_gain", *analysis.ACTIVATION_METRICS,
                  "grad_in_branch_norm", "grad_in_skip_norm"]
+READ_METRICS = sorted({*PHASE_METRICS, *analysis.EVIDENCE_METRICS})  # what a run's records are read for
 HEATMAP_METRICS = ("grad_out_norm", "act_std")
 SAMPLES = "samples.npz"  # written by gradlab.train._write_samples: uint8 images and class names
 
@@ -60,6 +68,10 @@ SECTIONS = {  # id -> heading; every page has all of them, in this order
     "training-curves": "7 · Training curves",
     "samples": "8 · Sample inputs",
     "depth-table": "9 · Depth-scaling table",
+}
+PROBLEM_SECTIONS = {  # id -> heading; only on pages that have something to list, right after "run"
+    "diverged": "⚠ Diverged runs",
+    "unreadable": "⚠ Unreadable cells",
 }
 
 
@@ -92,6 +104,7 @@ class Section:
     images: list[Image] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # selections, caveats, what a sweep would add
+    badge: str = ""  # a short warning beside the heading, e.g. "2 diverged"
 
 
 @dataclass
@@ -132,12 +145,34 @@ def _phase_rows(records: pd.DataFrame) -> pd.DataFrame:
     return records.loc[first | last]
 
 
-def _phase_records(sweep: Sweep) -> pd.DataFrame:
-    """Every run's phase rows of ``PHASE_METRICS``, read one run at a time."""
-    frames = [_phase_rows(_one_run(sweep, run).records(metrics=PHASE_METRICS)) for run in sweep.runs]
-    frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*analysis.RUN_KEYS,
-                                                                                    *RECORD_COLUMNS])
+def _first_nonfinite_step(records: pd.DataFrame) -> pd.DataFrame:
+    """The evidence rows of the run's first non-finite step (empty when there is none): all that
+    ``analysis.divergence`` needs to find it again."""
+    found = analysis.divergence(records)
+    if found.empty:
+        return records.iloc[:0]
+    step = found["step"].iloc[0]
+    return records.loc[(records["step"] == step) & records["metric"].isin(analysis.EVIDENCE_METRICS)]
+
+
+def _phase_records(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """(phase rows of ``PHASE_METRICS``, first non-finite step's rows, unreadable runs -> why),
+    read one run at a time; a run whose records cannot be read is named, not fatal."""
+    frames, evidence, unreadable = [], [], {}
+    for run in sweep.runs:
+        try:
+            records = _one_run(sweep, run).records(metrics=READ_METRICS)
+        except RunError as exc:
+            unreadable[run.name] = str(exc)
+            continue
+        if records.empty:
+            continue
+        frames.append(_phase_rows(records.loc[records["metric"].isin(PHASE_METRICS)]))
+        evidence.append(_first_nonfinite_step(records))
+    empty = pd.DataFrame(columns=[*analysis.RUN_KEYS, *RECORD_COLUMNS])
+    frames, evidence = [f for f in frames if not f.empty], [f for f in evidence if not f.empty]
+    return (pd.concat(frames, ignore_index=True) if frames else empty,
+            pd.concat(evidence, ignore_index=True) if evidence else empty, unreadable)
 
 
 def _identity(run: Run) -> dict:
@@ -159,8 +194,11 @@ def _samples(runs: list[Run]) -> tuple[np.ndarray, list[str]] | None:
     for run in runs:
         path = run.path / SAMPLES
         if path.is_file():
-            with np.load(path, allow_pickle=False) as stored:
-                return stored["images"], [str(x) for x in stored["labels"]]
+            try:
+                with np.load(path, allow_pickle=False) as stored:
+                    return stored["images"], [str(x) for x in stored["labels"]]
+            except (OSError, ValueError, KeyError):  # a corrupt file: the next run's copy will do
+                continue
     return None
 
 
@@ -231,7 +269,7 @@ def _join(values) -> str:
 
 
 def _ratio(x) -> str:
-    return f"×{format_number(x)}" if pd.notna(x) else MISSING
+    return f"×{format_number(x)}" if pd.notna(x) else "no ratio"
 
 
 def _verdict_sentence(rows: pd.DataFrame) -> str:
@@ -243,9 +281,15 @@ def _verdict_sentence(rows: pd.DataFrame) -> str:
     one_depth = rows["depth"].nunique() == 1
     band = f"×{format_number(analysis.VANISHING_RATIO)}–×{format_number(analysis.EXPLODING_RATIO)}"
     parts = []
-    for verdict in ["exploding", "vanishing", "stable", "non-finite", "n/a"]:
+    for verdict in ["exploding", "vanishing", "stable", "non-finite", "n/a", analysis.DIVERGED]:
         mine = rows.loc[rows["verdict"].astype(str).str.split(" ").str[0] == verdict]
         if mine.empty:
+            continue
+        if verdict == analysis.DIVERGED:  # each with its own step and layer
+            for row in mine.to_dict("records"):
+                norm = f" ({analysis.NORM_WORDS.get(row['norm'], row['norm'])})" if several_norms else ""
+                where = "" if one_depth else f" at depth {format_number(int(row['depth']))}"
+                parts.append(f"{row['arch']}{norm}{where} {row['verdict']}")
             continue
         names = []
         for row in mine.to_dict("records"):
@@ -291,7 +335,8 @@ def _table(frame: pd.DataFrame, caption: str, index_name: str | None = None, col
 # ---------------------------------------------------------------- the sections
 
 
-def _header(sweep: Sweep, runs: pd.DataFrame, path: Path) -> tuple[list[tuple[str, str]], list[str], Table]:
+def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
+            diverged: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str], Table]:
     """The facts list (what, how, on what, how long), the banners and the run list."""
     configs = [r.config for r in sweep.runs]
 
@@ -332,10 +377,11 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path) -> tuple[list[tuple[st
     if synthetic:
         banners.append("Synthetic data: these runs trained on seeded noise images, not on CIFAR-10. "
                        "Accuracies say nothing about real images; gradient flow at initialisation still does.")
-    bad = runs.loc[runs["status"].isin(["failed", "diverged"])] if len(runs) else runs
+    bad = runs.loc[runs["status"].isin(["failed", analysis.DIVERGED]) | runs["is_diverged"]] if len(runs) else runs
     if len(bad):
         banners.append(f"{len(bad)} run(s) failed or diverged: {', '.join(bad['run'].astype(str))}. "
-                       "They are marked in the run list; their figures stop where their records stop.")
+                       "They are marked in the run list; their figures stop where their records stop, and "
+                       "diverged runs are left out of every gradient ratio.")
     running = runs.loc[runs["status"] == "running"] if len(runs) else runs
     if len(running):
         banners.append(f"{len(running)} run(s) still running or interrupted: {', '.join(running['run'].astype(str))}.")
@@ -343,20 +389,24 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path) -> tuple[list[tuple[st
     if len(cells) > len(sweep.runs) + len(sweep.unreadable):
         waiting = len(cells) - len(sweep.runs) - len(sweep.unreadable)
         banners.append(f"{waiting} of the sweep's {len(cells)} cells have not started yet; this page shows the others.")
-    for name, why in sweep.unreadable.items():
-        banners.append(f"Skipped {name}: {why}")
-    columns = ["run", "arch", "depth", "norm", "seed", "status", "epochs_done", "final_train_acc",
+    if sweep.unreadable:
+        banners.append(f"{len(sweep.unreadable)} cell(s) could not be read and are left out: "
+                       f"{', '.join(sweep.unreadable)}. See Unreadable cells.")
+    columns = ["run", "arch", "depth", "norm", "seed", "status", "diverged", "epochs_done", "final_train_acc",
                "best_val_acc", "test_acc", "wall_seconds", "error"]
-    listing = runs.reindex(columns=columns)
+    where = {row["run"]: analysis.diverged_verdict(row).removeprefix(analysis.DIVERGED).strip() or "yes"
+             for row in diverged.to_dict("records")}
+    listing = runs.assign(diverged=[where.get(r, "") for r in runs["run"]]).reindex(columns=columns)
     for column in ("final_train_acc", "best_val_acc", "test_acc"):
         listing[column] = [f"{format_number(100 * v)}%" if pd.notna(v) else MISSING
                            for v in pd.to_numeric(listing[column], errors="coerce")]
-    classes = [s if s in ("failed", "diverged", "running") else "" for s in listing["status"].astype(str)]
+    classes = ["diverged" if d else s if s in ("failed", "running") else ""
+               for s, d in zip(listing["status"].astype(str), runs["is_diverged"])]
     table = _table(listing, f"All {len(runs)} runs", collapsed=len(runs) > 12, row_classes=classes)
     return facts, banners, table
 
 
-def _gradient_flow(profile, scaling, runs, dpi) -> Section:
+def _gradient_flow(profile, scaling, runs, flow, diverged, dpi) -> Section:
     section = Section("gradient-flow", SECTIONS["gradient-flow"])
     if profile.empty:
         section.notes.append("No gradient records: these runs were trained with recording off (--record-every 0).")
@@ -374,8 +424,10 @@ def _gradient_flow(profile, scaling, runs, dpi) -> Section:
         "output on the right. The gradient starts at the output and travels left; a line that climbs "
         "toward the left means gradients grow (explode) on their way to the input, one that falls means "
         "they vanish. Flat lines are healthy.")
+    # ✕ where a run diverged, in the panels of the phases it had diverged by
+    hit = flow.loc[flow["verdict"].astype(str).str.startswith(analysis.DIVERGED), ["run", "phase"]]
     fig = figures.gradient_flow(profile.loc[profile["run"].isin(set(shown["run"]))], verdicts=verdicts,
-                                title="\n".join(lines))
+                                title="\n".join(lines), diverged=hit.merge(diverged, on="run"))
     section.images.append(_png(fig, "Gradient norm against position, per block type, at initialisation and at "
                                     "the end of training. " + " ".join(lines), dpi))
     section.notes += [n for n in [note] if n]
@@ -406,12 +458,13 @@ def _depth_scaling(scaling, flow, runs, chance, dpi) -> Section:
         section.images.append(_png(fig, "First-to-last gradient ratio against depth per block type.", dpi))
     else:
         section.notes.append("No gradient ratios (no records, or every net has fewer than 2 blocks).")
-    fig = figures.accuracy_vs_depth(runs, chance=chance)
+    shown = runs.assign(status=runs["status"].mask(runs["is_diverged"], analysis.DIVERGED))  # ✕ for diverged runs
+    fig = figures.accuracy_vs_depth(shown, chance=chance)
     section.images.append(_png(fig, "Test and best validation accuracy against depth per block type.", dpi))
     return section
 
 
-def _heatmaps(sweep: Sweep, runs: pd.DataFrame, dpi: int) -> Section:
+def _heatmaps(sweep: Sweep, runs: pd.DataFrame, diverged: pd.DataFrame, dpi: int) -> Section:
     section = Section("heatmaps", SECTIONS["heatmaps"])
     section.lead = ("Each row is a probe point (input at the top), each column a training step; colour is "
                     "the gradient norm (left) and the activation standard deviation (right), on a log "
@@ -433,10 +486,10 @@ def _heatmaps(sweep: Sweep, runs: pd.DataFrame, dpi: int) -> Section:
         frames.append(records.assign(run=row["run"]))
         norm = analysis.NORM_WORDS.get(row["norm"], row["norm"])
         labels[row["run"]] = f"{row['run']}: {row['arch']}, depth {format_number(int(row['depth']))}, {norm}"
-        if row["status"] in ("failed", "diverged"):
-            labels[row["run"]] += f" ({row['status']})"
+        if row["status"] == "failed" or row["is_diverged"]:
+            labels[row["run"]] += " (diverged)" if row["is_diverged"] else " (failed)"
     fig = figures.run_heatmaps(pd.concat(frames, ignore_index=True), HEATMAP_METRICS, labels=labels,
-                               title="Gradient norm and activation std per probe point and step")
+                               title="Gradient norm and activation std per probe point and step", diverged=diverged)
     section.images.append(_png(fig, "Heatmaps of gradient norm and activation std per probe point and training "
                                     f"step for {', '.join(chosen['run'])}.", dpi))
     return section
@@ -481,7 +534,7 @@ def _branch_skip(share: pd.DataFrame, runs: pd.DataFrame, dpi: int) -> Section:
     return section
 
 
-def _training(sweep: Sweep, runs: pd.DataFrame, dpi: int) -> Section:
+def _training(sweep: Sweep, runs: pd.DataFrame, diverged: pd.DataFrame, dpi: int) -> Section:
     section = Section("training-curves", SECTIONS["training-curves"])
     section.lead = ("The training loss at every step (top) and the train (solid) and validation (dashed) "
                     "accuracy after every epoch (bottom); darker lines are deeper nets.")
@@ -491,7 +544,7 @@ def _training(sweep: Sweep, runs: pd.DataFrame, dpi: int) -> Section:
     if steps.empty and history.empty:
         section.notes.append("No finished epochs yet.")
         return section
-    fig = figures.training_curves(steps, history)
+    fig = figures.training_curves(steps, history, diverged=diverged)
     section.images.append(_png(fig, "Training loss per step and accuracy per epoch, per block type.", dpi))
     section.notes += [n for n in [note] if n]
     return section
@@ -508,6 +561,32 @@ def _samples_section(sweep: Sweep, synthetic: bool, dpi: int) -> Section:
     section.lead = f"The first {len(labels)} {kind} images the nets were evaluated on, with their class names."
     fig = figures.sample_grid(images, labels, title=f"Sample {kind} images")
     section.images.append(_png(fig, "Sample images: " + ", ".join(labels) + ".", dpi))
+    return section
+
+
+def _diverged_section(diverged: pd.DataFrame, runs: pd.DataFrame) -> Section | None:
+    if diverged.empty:
+        return None
+    section = Section("diverged", PROBLEM_SECTIONS["diverged"], badge=f"{len(diverged)} diverged")
+    section.lead = ("These runs produced a non-finite loss, activation or gradient. What they record after that "
+                    "step means nothing, so they are left out of every gradient ratio and verdict from then on; "
+                    "the figures mark them with ✕ and leave their non-finite points out.")
+    table = diverged_table(diverged, runs)
+    section.notes = [diverged_line(row) for row in table.to_dict("records")]
+    section.tables.append(_table(table, "Where each run diverged (source: its summary.json, or the first "
+                                        "non-finite value in its records)",
+                                 row_classes=["diverged"] * len(table)))
+    return section
+
+
+def _unreadable_section(unreadable: dict[str, str]) -> Section | None:
+    if not unreadable:
+        return None
+    section = Section("unreadable", PROBLEM_SECTIONS["unreadable"], badge=f"{len(unreadable)} unreadable")
+    section.lead = ("These cells could not be read, so this page leaves them out and reports the others. "
+                    "Each reason names the file that failed.")
+    frame = pd.DataFrame(sorted(unreadable.items()), columns=["cell", "reason"])
+    section.tables.append(_table(frame, "Cells left out", row_classes=["failed"] * len(frame)))
     return section
 
 
@@ -541,28 +620,36 @@ def build_report(path, dpi: int = FIGURE_DPI) -> Report:
     start = time.perf_counter()
     path = Path(path).resolve()  # "." has a name once resolved
     sweep = load_sweep(path)
-    runs = sweep.table()
-    records = _phase_records(sweep)
+    records, evidence, bad_records = _phase_records(sweep)
+    # a run whose records cannot be read is left out like a cell that cannot be read at all
+    sweep = replace(sweep, runs=[r for r in sweep.runs if r.name not in bad_records],
+                    unreadable={**sweep.unreadable, **bad_records})
+    runs = runs_table(sweep)
+    diverged = analysis.divergence(evidence, runs)
     runs["has_records"] = runs["run"].isin(set(records["run"]))
+    runs["is_diverged"] = runs["run"].isin(set(diverged["run"]))
+    plain_runs = runs.drop(columns=["has_records", "is_diverged"])
     profile = pd.concat([analysis.gradient_profile(records, p).assign(phase=p) for p in PHASES], ignore_index=True)
-    flow = analysis.flow_summary(records, phases=PHASES)
-    scaling = pd.concat([analysis.depth_scaling(records, runs.drop(columns="has_records"), p) for p in PHASES],
+    flow = analysis.flow_summary(records, phases=PHASES, diverged=diverged)
+    scaling = pd.concat([analysis.depth_scaling(records, plain_runs, p, diverged) for p in PHASES],
                         ignore_index=True)
     activation = analysis.activation_profile(records, "init")
     share = pd.concat([analysis.branch_skip_share(records, p).assign(phase=p) for p in PHASES], ignore_index=True)
-    del records
+    del records, evidence
 
-    facts, banners, listing = _header(sweep, runs, path)
+    facts, banners, listing = _header(sweep, runs, path, diverged)
     header = Section("run", SECTIONS["run"], tables=[listing])
     synthetic = any(bool(r.config.get("synthetic")) for r in sweep.runs)
+    problems = [_diverged_section(diverged, plain_runs), _unreadable_section(sweep.unreadable)]
     sections = [
         header,
-        _gradient_flow(profile, scaling, runs, dpi),
+        *[s for s in problems if s is not None],
+        _gradient_flow(profile, scaling, runs, flow, diverged, dpi),
         _depth_scaling(scaling, flow, runs, _chance(sweep), dpi),
-        _heatmaps(sweep, runs, dpi),
+        _heatmaps(sweep, runs, diverged, dpi),
         _signal(activation, runs, dpi),
         _branch_skip(share, runs, dpi),
-        _training(sweep, runs, dpi),
+        _training(sweep, runs, diverged, dpi),
         _samples_section(sweep, synthetic, dpi),
         _depth_table(scaling),
     ]
@@ -600,6 +687,8 @@ nav { font-size: .9rem; margin: 8px 0 16px; color: var(--muted); }
 nav a { color: inherit; margin-right: 12px; white-space: nowrap; }
 .banner { background: var(--warn-bg); color: var(--warn); border-left: 5px solid var(--warn);
           padding: 10px 14px; margin: 10px 0; font-weight: 600; }
+.badge { display: inline-block; background: var(--warn); color: #fff; border-radius: 4px; padding: 1px 8px;
+         font-size: .8rem; font-weight: 600; vertical-align: middle; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 18px; margin: 12px 0; }
 dl.facts dt { color: var(--muted); }
 dl.facts dd { margin: 0; }
@@ -633,7 +722,7 @@ _PAGE = """<!DOCTYPE html>
 {% endfor %}
 {% for s in report.sections %}
 <section id="{{ s.id }}">
-<h2>{{ s.title }}</h2>
+<h2>{{ s.title }}{% if s.badge %} <span class="badge">{{ s.badge }}</span>{% endif %}</h2>
 {% if s.id == "run" %}
 <dl class="facts">{% for key, value in report.facts %}<dt>{{ key }}</dt><dd>{{ value }}</dd>{% endfor %}</dl>
 {% endif %}

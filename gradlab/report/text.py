@@ -21,17 +21,25 @@ Human tables (table, markdown) may be pivoted for reading; machine formats
 its csv is one section per table, each a ``# name`` line then a CSV block
 (read one with ``pandas.read_csv(..., comment="#")``), sections separated by a
 blank line; its json is one object with a key per section.
+
+Runs that went wrong are reported, not fatal: ``sweep_frames`` reads a sweep
+one run at a time and names every cell it cannot read with the reason; the
+report lists those cells and every diverged run (``analysis.divergence``),
+and a depth-scaling cell without a finite ratio says why ("diverged at step
+5 (layer layers.1)", "ratio 0/0", "no finite ratio") instead of showing NaN.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
 
 from gradlab import analysis
+from gradlab.runs import RECORD_COLUMNS, RunError, Sweep
 
 FORMATS = ("table", "markdown", "csv", "json")
 MISSING = "–"
@@ -178,6 +186,19 @@ def render(df: pd.DataFrame, fmt: str = "table") -> str:
 # ---------------------------------------------------------------- depth scaling
 
 
+def _ratio_part(row: dict) -> str | None:
+    """"ratio 3100"; None when the verdict says why there is none (diverged, too shallow);
+    "ratio 0/0" when the gradient vanished to 0 at both ends; else "no finite ratio"."""
+    ratio, verdict = row.get("first_to_last"), str(row.get("verdict"))
+    if ratio is not None and not (isinstance(ratio, float) and math.isnan(ratio)):
+        return f"ratio {format_number(ratio)}"
+    if verdict.startswith((analysis.DIVERGED, "n/a")) or verdict in ("nan", "None"):
+        return None
+    if verdict.startswith("vanishing"):
+        return "ratio 0/0"
+    return "no finite ratio"
+
+
 def _scaling_cell(row: dict) -> str:
     """"test 41.2±0.8% · ratio 3100 · exploding" (± only with a std over seeds)."""
     test, spread = row.get("test_acc_mean"), row.get("test_acc_std")
@@ -187,9 +208,10 @@ def _scaling_cell(row: dict) -> str:
     verdict = row.get("verdict")
     parts = [
         accuracy + ("%" if pd.notna(test) else ""),
-        f"ratio {format_number(row.get('first_to_last'))}",
+        _ratio_part(row),
         str(verdict) if pd.notna(verdict) else "no records",
     ]
+    parts = [p for p in parts if p is not None]
     for status in ("failed", "diverged"):
         count = row.get(f"n_{status}", 0)
         if pd.notna(count) and count > 0:
@@ -237,12 +259,16 @@ def _join(values: list) -> str:
     return ", ".join(str(v) for v in values) if values else MISSING
 
 
-def _header(records: pd.DataFrame, runs: pd.DataFrame) -> dict:
+def _header(records: pd.DataFrame, runs: pd.DataFrame, diverged: pd.DataFrame, unreadable: dict) -> dict:
     """The sweep at a glance: counts and the values of each grid axis."""
     header = {"runs": int(len(runs))}
     if "status" in runs and len(runs):
         counts = runs["status"].value_counts()
         header["status"] = {str(k): int(v) for k, v in counts.items()}
+    if len(diverged):
+        header["diverged"] = [str(r) for r in diverged["run"]]
+    if unreadable:
+        header["unreadable"] = sorted(map(str, unreadable))
     axes = {"blocks": "arch", "depths": "depth", "norms": "norm", "seeds": "seed"}
     for key, column in axes.items():
         if column in runs:
@@ -259,9 +285,15 @@ def _header_line(header: dict) -> str:
     status = header.get("status", {})
     if status and set(status) != {"complete"}:
         runs += " (" + ", ".join(f"{n} {s}" for s, n in status.items()) + ")"
+    status_diverged = status.get(analysis.DIVERGED, 0)
+    found = len(header.get("diverged", [])) - status_diverged
+    if found > 0:  # non-finite records in runs whose status does not say so (a probe, say)
+        runs += f" ({found} diverged by their records)"
     axes = ("blocks", "depths", "norms", "seeds", "dataset")
     parts = [f"gradlab report: {runs}"]
     parts += [f"{key}: {_join(header[key])}" for key in axes if key in header]
+    if header.get("unreadable"):
+        parts.append(f"{len(header['unreadable'])} unreadable cell" + ("s" if len(header["unreadable"]) > 1 else ""))
     return SEP.join(parts)
 
 
@@ -286,20 +318,35 @@ def _run_title(run: dict) -> str:
     return f"{run['run']} ({run['arch']}, depth {format_number(run['depth'])}, {norm})"
 
 
-def _sections(records: pd.DataFrame, runs: pd.DataFrame | None) -> dict:
+DIVERGED_COLUMNS = [*analysis.RUN_KEYS, "status", *analysis.DIVERGED_FIELDS, "source"]
+UNREADABLE_COLUMNS = ["cell", "reason"]
+
+
+def diverged_table(diverged: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``analysis.divergence`` rows with each run's identity and status in front."""
+    identity = runs.reindex(columns=[*analysis.RUN_KEYS, "status"]).assign(run=runs["run"].astype(str))
+    table = diverged.merge(identity.drop_duplicates("run"), on="run", how="left")
+    table = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") for c in ("step", "epoch", "position")})
+    return analysis.sort_by_arch(table, ["arch", "norm", "depth", "seed", "run"])[DIVERGED_COLUMNS].reset_index(
+        drop=True)
+
+
+def _sections(records: pd.DataFrame, runs: pd.DataFrame | None, unreadable: dict | None = None) -> dict:
     """Everything the report shows, as tidy frames (see ``report_text``)."""
     runs = analysis.run_table(records) if runs is None or runs.empty else runs
+    unreadable = dict(unreadable or {})
+    diverged = analysis.divergence(records, runs)
     deepest = _deepest_runs(records, runs)
     focus = records.loc[records["run"].isin(deepest["run"])] if len(deepest) else records.iloc[:0]
     layers = [
         analysis.layer_table(focus, run, "init").assign(run=run) for run in deepest["run"]
     ]
-    flow = deepest[["run"]].merge(analysis.flow_summary(focus, phases=["init"]), on="run")
+    flow = deepest[["run"]].merge(analysis.flow_summary(focus, phases=["init"], diverged=diverged), on="run")
     flow["sentence"] = [analysis.describe_flow(row) for row in flow.to_dict("records")]
     return {
-        "header": _header(records, runs),
+        "header": _header(records, runs, diverged, unreadable),
         "depth_scaling": pd.concat(
-            [analysis.depth_scaling(records, runs, phase) for phase in ("init", "end")],
+            [analysis.depth_scaling(records, runs, phase, diverged) for phase in ("init", "end")],
             ignore_index=True,
         ),
         "deepest": deepest,
@@ -307,6 +354,8 @@ def _sections(records: pd.DataFrame, runs: pd.DataFrame | None) -> dict:
         if layers
         else pd.DataFrame(columns=[*analysis.LAYER_TABLE_COLUMNS, "run"]),
         "flow": flow[[*analysis.FLOW_COLUMNS, "sentence"]],
+        "diverged": diverged_table(diverged, runs),
+        "unreadable": pd.DataFrame(sorted(unreadable.items()), columns=UNREADABLE_COLUMNS),
     }
 
 
@@ -315,6 +364,8 @@ def _machine_report(sections: dict, fmt: str) -> str:
         "depth_scaling": sections["depth_scaling"],
         "layers": sections["layers"][["run", *analysis.LAYER_TABLE_COLUMNS]],
         "flow": sections["flow"],
+        "diverged": sections["diverged"],
+        "unreadable": sections["unreadable"],
     }
     if fmt == "json":
         report = {"header": sections["header"]} | {n: json_records(t) for n, t in tables.items()}
@@ -330,6 +381,15 @@ def _human_report(sections: dict, fmt: str) -> str:
 
     header = _header_line(sections["header"])
     blocks = [f"# {header}" if fmt == "markdown" else header]
+    bullet = "- " if fmt == "markdown" else ""
+    if len(sections["unreadable"]):
+        lines = "\n".join(f"{bullet}{row.cell}: {row.reason}" for row in sections["unreadable"].itertuples())
+        blocks.append(f"{title('Unreadable cells (left out of this report)')}\n\n{lines}")
+    diverged = sections["diverged"]
+    if len(diverged):
+        lines = "\n".join(bullet + diverged_line(row) for row in diverged.to_dict("records"))
+        shown = diverged.drop(columns=["arch", "depth", "norm", "seed"])
+        blocks.append(f"{title('Diverged runs')}\n\n{lines}\n\n{render(shown, fmt)}")
     phase_titles = {
         "init": "Depth scaling at initialisation (first recorded step)",
         "end": "Depth scaling at the end of training "
@@ -341,33 +401,93 @@ def _human_report(sections: dict, fmt: str) -> str:
         body = render(depth_scaling_table(frame), fmt) if len(frame) else "(no runs)"
         blocks.append(f"{title(text)}\n\n{body}")
     layers = sections["layers"]
+    verdicts = dict(zip(diverged["run"], (analysis.diverged_verdict(r) for r in diverged.to_dict("records"))))
     for run in sections["deepest"].to_dict("records"):
         table = layers.loc[layers["run"] == run["run"]].drop(columns="run")
         text = f"Gradient flow per layer at initialisation: {_run_title(run)}"
+        if run["run"] in verdicts:
+            text += f" — {verdicts[run['run']]}"
         blocks.append(f"{title(text)}\n\n{render(table, fmt)}")
     if len(sections["flow"]):
-        bullet = "- " if fmt == "markdown" else ""
         sentences = "\n".join(bullet + s for s in sections["flow"]["sentence"])
         blocks.append(f"{title('Verdicts at initialisation')}\n\n{sentences}")
     return "\n\n".join(blocks) + "\n"
 
 
+def diverged_line(row: dict) -> str:
+    """"conv-d3-s0 (conv, depth 3, batch norm) diverged at step 12, epoch 0: the first non-finite
+    gradient appeared at layers.2 (from its summary.json)"."""
+    title = _run_title(row) if pd.notna(row.get("arch")) else str(row["run"])
+    step = row.get("step")
+    if step is None or pd.isna(step):
+        return f"{title}: status diverged; where it started is not recorded"
+    when = f"step {int(step)}" + (f", epoch {int(row['epoch'])}" if pd.notna(row.get("epoch")) else "")
+    cause, layer = row.get("cause"), row.get("layer")
+    what = {"loss": "loss", "activation": "activation", "gradient": "gradient"}.get(cause, "value")
+    where = "" if cause == "loss" or layer is None or pd.isna(layer) else f" at {layer}"
+    source = "from its summary.json" if row.get("source") == "summary" else "found in its records"
+    return f"{title} diverged at {when}: the first non-finite {what} appeared{where} ({source})"
+
+
+def sweep_frames(sweep: Sweep, metrics: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(records, runs, unreadable) of a loaded sweep, the inputs of ``report_text``.
+
+    Records are read one run at a time: a run whose records cannot be read is named in
+    ``unreadable`` with the reason (joining the cells ``load_sweep`` could not read) and the
+    others are reported. The runs table is ``Sweep.table()`` with the summary's divergence
+    (``"diverged": {"step", "epoch", "layer", "position", "cause"}``) as ``diverged_*`` columns.
+    """
+    unreadable = dict(sweep.unreadable)
+    frames = []
+    for run in sweep.runs:
+        try:
+            frames.append(replace(sweep, runs=[run], unreadable={}).records(metrics=metrics))
+        except RunError as exc:
+            unreadable[run.name] = str(exc)
+    frames = [f for f in frames if not f.empty]
+    empty = pd.DataFrame(columns=[*analysis.RUN_KEYS, *RECORD_COLUMNS])
+    records = pd.concat(frames, ignore_index=True) if frames else empty
+    table = runs_table(sweep)
+    return records, table.loc[~table["run"].isin(unreadable)].reset_index(drop=True), unreadable
+
+
+def runs_table(sweep: Sweep) -> pd.DataFrame:
+    """``Sweep.table()`` plus ``diverged_step, diverged_epoch, diverged_layer, diverged_position,
+    diverged_cause`` from each summary's "diverged" object (NaN where there is none)."""
+    table = sweep.table()
+    details = [r.summary.get("diverged") if isinstance(r.summary.get("diverged"), dict) else {} for r in sweep.runs]
+    for name in analysis.DIVERGED_FIELDS:
+        column = f"diverged_{name}"
+        if column in table:
+            continue
+        values = pd.Series([d.get(name) for d in details], index=table.index, dtype=object)
+        if name in ("step", "epoch", "position"):  # a file may hold anything: numbers or NaN
+            table[column] = pd.to_numeric(values, errors="coerce")
+        else:
+            table[column] = values.map(lambda v: None if v is None else str(v))
+    return table
+
+
 def report_text(
-    records: pd.DataFrame, runs: pd.DataFrame | None = None, fmt: str = "table"
+    records: pd.DataFrame, runs: pd.DataFrame | None = None, fmt: str = "table", unreadable: dict | None = None
 ) -> str:
     """The whole terminal report of a run or a sweep.
 
     Sections: a header line (run count and status, blocks, depths, norms,
-    seeds, and dataset when a ``dataset`` column exists); the depth-scaling
-    table at init and at end; the per-layer gradient-flow table (at init) of
-    the deepest run of each arch (and norm); one ``describe_flow`` sentence
-    per such run. Without ``runs`` the run fields come from ``records``.
-    csv and json carry the tidy frames instead: "header" (json only; csv has
-    the header line as a comment), "depth_scaling" (with a phase column),
-    "layers" (with a run column) and "flow" (with a sentence column).
+    seeds, and dataset when a ``dataset`` column exists); the cells that could
+    not be read, by name with the reason (``unreadable``: cell -> why); the
+    diverged runs (``analysis.divergence``), a line each and a table; the
+    depth-scaling table at init and at end; the per-layer gradient-flow table
+    (at init) of the deepest run of each arch (and norm); one
+    ``describe_flow`` sentence per such run. Without ``runs`` the run fields
+    come from ``records``. csv and json carry the tidy frames instead:
+    "header" (json only; csv has the header line as a comment),
+    "depth_scaling" (with a phase column), "layers" (with a run column),
+    "flow" (with a sentence column), "diverged" and "unreadable" (cell,
+    reason), the last two empty when there is nothing to say.
     """
     _check_format(fmt)
-    sections = _sections(records, runs)
+    sections = _sections(records, runs, unreadable)
     if fmt in ("csv", "json"):
         return _machine_report(sections, fmt)
     return _human_report(sections, fmt)
@@ -418,13 +538,19 @@ def profile_bars(profile: pd.DataFrame, run_names: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _ratio_cell(ratio, verdict) -> str:
+    """"438 · exploding", "0/0 · vanishing", or the verdict alone when it says why there is no ratio."""
+    part = _ratio_part({"first_to_last": ratio, "verdict": verdict})
+    return SEP.join([*([part.removeprefix("ratio ")] if part else []), str(verdict)])
+
+
 def ratio_table(flow: pd.DataFrame) -> pd.DataFrame:
     """Rows depth, columns arch (and norm): "ratio · verdict" of ``analysis.flow_summary`` rows."""
     frame = flow.copy()
     frame["column"] = frame["arch"].astype(str)
     if frame["norm"].nunique() > 1:
         frame["column"] = frame["column"] + " / " + frame["norm"].astype(str)
-    frame["cell"] = [f"{format_number(r)} · {v}" for r, v in zip(frame["first_to_last"], frame["verdict"])]
+    frame["cell"] = [_ratio_cell(r, v) for r, v in zip(frame["first_to_last"], frame["verdict"])]
     order = list(dict.fromkeys(analysis.sort_by_arch(frame, ["arch", "norm", "depth"])["column"]))
     table = frame.pivot(index="depth", columns="column", values="cell").reindex(columns=order).sort_index()
     table.columns.name = None
