@@ -8,7 +8,11 @@ rotating order; a variant's ratio is the median over repetitions of its time ove
 model's time in the same repetition (pairs close in time and a median shrug off the load
 spikes of a shared machine).
 
-    python benchmarks/recorder_overhead.py --reps 20 --steps 2 --depths 6 32 --blocks conv res --threads 1
+    python benchmarks/recorder_overhead.py --reps 20 --steps 2 --depths 6 32 --blocks conv res
+        [--precision fp32|bf16] [--no-channels-last] [--threads T]
+
+The models run as gradlab's trainer runs them: channels-last activations by default, and
+with ``--precision bf16`` under bfloat16 autocast (the recorder's statistics stay float32).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from gradlab import runtime
 from gradlab.models import build_model, probe_points
 from gradlab.recorder import Recorder
 
@@ -72,12 +77,13 @@ class NaiveRecorder:
         return hook
 
 
-def train_steps(model, optimizer, x, y, steps: int, recorder=None) -> list[tuple[float, float]]:
+def train_steps(model, optimizer, x, y, steps: int, recorder=None, bf16: bool = False) -> list[tuple[float, float]]:
     """(wall seconds, process CPU seconds) of each of ``steps`` optimizer steps."""
     times = []
     for _ in range(steps):
         wall, cpu = time.perf_counter(), time.process_time()
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
         if recorder is not None and hasattr(recorder, "record_loss"):
             recorder.record_loss(loss)
         optimizer.zero_grad(set_to_none=True)
@@ -91,10 +97,12 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
     """By clock (0: wall, 1: process CPU time): the bare model's median seconds per step, and
     for the recorders the median over repetitions of their step time over the bare one's."""
     torch.manual_seed(0)
-    base = build_model(block, depth, args.width)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    base = build_model(block, depth, args.width).to(memory_format=memory_format)
     models = {name: copy.deepcopy(base) for name in ("none", "recorder", "naive")}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
-    x = torch.randn(args.batch, 3, 32, 32)
+    x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=memory_format)
+    bf16 = args.precision == "bf16"
     y = torch.randint(0, 10, (args.batch,))
     kept = []  # the recorder's flushed columns; a real sink would write them to disk
     recorders = {
@@ -107,13 +115,13 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
             r.__enter__()
     try:
         for name in models:  # warm-up: allocator, oneDNN primitives, the recorder's layouts
-            train_steps(models[name], optimizers[name], x, y, 2, recorders[name])
+            train_steps(models[name], optimizers[name], x, y, 2, recorders[name], bf16)
         times = {name: [] for name in models}  # per repetition: (wall, cpu) seconds per step
         names = list(models)
         for rep in range(args.reps):
             order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
             for name in order:
-                steps = train_steps(models[name], optimizers[name], x, y, args.steps, recorders[name])
+                steps = train_steps(models[name], optimizers[name], x, y, args.steps, recorders[name], bf16)
                 times[name].append(tuple(statistics.fmean(s[clock] for s in steps) for clock in (0, 1)))
     finally:
         for r in recorders.values():
@@ -134,13 +142,19 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", default=["conv", "res"])
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, as --precision bf16")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC activations, gradlab's default")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
     args = parser.parse_args()
     # The naive recorder's hook on conv1, whose input needs no gradient, warns once per step.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, width {args.width}, batch {args.batch}, "
+    runtime.keep_freed_memory()  # as gradlab's trainer does on a CPU
+    layout = "channels-last" if args.channels_last else "NCHW"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, {layout}, "
+          f"width {args.width}, batch {args.batch}, "
           f"{args.reps} reps x {args.steps} steps, medians")
     print("step time over the bare model's, median over repetitions of the ratio within each;")
     print("wall clock, and in brackets process CPU time, which other load on a shared machine disturbs less")

@@ -1,104 +1,140 @@
-"""Training images/s: gradlab's loop against the notebook's DataLoader-with-PIL pipeline.
+"""Training images/s: gradlab's train loop against the notebook's pipeline, side by side.
 
-    python benchmarks/train_throughput.py [--data-root DIR] [--steps N] [--reps R]
-        [--configs conv:6,res:6,conv:32] [--threads T] [--record]
+    python benchmarks/train_throughput.py [--configs conv:6,res:6,conv:32,res:32] [--steps 8]
+        [--reps 5] [--precisions fp32,bf16] [--threads T] [--data-root DIR]
 
-Both sides train the same DeepCNN (width 32, batch 256, Adam lr 1e-4, cross-entropy) on the
-real CIFAR-10 training images. The notebook side draws batches from `DataLoader(shuffle=True)`
-over the PIL transform pipeline (Resize, ToTensor, Normalize) with num_workers 0, as the
-notebook does; gradlab's side draws uint8 batches from the device and normalises them there.
-`--record` adds gradlab's recorder (every step) to gradlab's side. Repetitions of N steps are
-interleaved and medians reported, so other load on the machine hits both sides alike.
+Every side trains a DeepCNN (width 32, batch 256, Adam lr 1e-4, cross-entropy, the same
+initial weights) on the real CIFAR-10 training images:
+
+- notebook: the notebook's pipeline. `DataLoader(shuffle=True, num_workers=0)` over the PIL
+  transforms (Resize, ToTensor, Normalize), an NCHW float32 model, and its loop: forward,
+  loss, zero_grad, backward, step, `loss.item()` into the loss logger every step.
+- gradlab fp32 / bf16: gradlab's own loop, `Trainer.train_epoch()` over `--steps` batches:
+  uint8 images resident on the device, channels-last activations, losses and accuracy kept
+  on the device; bf16 adds autocast (only where the CPU has native bf16, or on CUDA).
+- +recorder: the same with the recorder on every step (all metrics) and its flush.
+
+Repetitions are interleaved (every side once per repetition, in rotating order) and the
+median images/s is reported, so load from other processes hits every side alike.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import copy
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import NotebookCifar  # noqa: E402  (the notebook's per-image pipeline)
+from notebook import BATCH_SIZE as BATCH  # noqa: E402  (the notebook's pipeline, a sibling script)
+from notebook import NotebookTrainer  # noqa: E402
 
-from gradlab.data import MEAN, STD, DeviceLoader, load_cifar10, resolve_data_root  # noqa: E402
+from gradlab import runtime  # noqa: E402
+from gradlab.data import make_splits  # noqa: E402
 from gradlab.models import build_model  # noqa: E402
-from gradlab.recorder import Recorder  # noqa: E402
-
-BATCH = 256
-
-
-def _batches(loader):
-    """Endless batches, a new shuffled epoch whenever one runs out."""
-    for epoch in itertools.count():
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
+from gradlab.recorder import RecordConfig, RecorderCallback  # noqa: E402
+from gradlab.train import Trainer, TrainConfig, cpu_has_bf16  # noqa: E402
 
 
-def _time_steps(model, optimizer, batches, steps: int) -> float:
-    """Images/s over `steps` optimizer steps (loss read once at the end: one host sync)."""
-    start = time.perf_counter()
-    for x, y in itertools.islice(batches, steps):
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    loss.item()  # host sync: count all queued work
-    return steps * BATCH / (time.perf_counter() - start)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class NotebookSide(NotebookTrainer):
+    """The notebook's train_model() over the ``steps``-batch subset per call."""
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        self.train_model()
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+class GradlabSide:
+    """gradlab's Trainer; one train_epoch() over a ``steps``-batch subset per call."""
+
+    def __init__(self, config: TrainConfig, splits, model: torch.nn.Module, record: bool) -> None:
+        self.callback = RecorderCallback(RecordConfig(every=1), sink=self._keep) if record else None
+        self.trainer = Trainer(config, callbacks=[self.callback] if record else [], splits=splits)
+        self.trainer.model.load_state_dict(model.state_dict())  # the same initial weights
+        self.rows = 0
+        if self.callback is not None:
+            self.callback.on_fit_start(self.trainer)
+
+    def _keep(self, columns: dict) -> None:
+        self.rows += len(columns["value"])  # a real run writes these to records.parquet
+
+    def run(self, steps: int) -> float:
+        trainer = self.trainer
+        start = time.perf_counter()
+        if self.callback is not None:
+            self.callback.on_epoch_start(trainer, trainer.epoch)
+        metrics = trainer.train_epoch()
+        if self.callback is not None:
+            self.callback.on_epoch_end(trainer, trainer.epoch, metrics)  # the flush
+        _sync(trainer.device)
+        trainer.epoch += 1
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.callback is not None:
+            self.callback.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="conv:6,res:6,conv:32,res:32", help="block:depth pairs, comma separated")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per repetition and side")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions; medians over them")
+    parser.add_argument("--precisions", default="fp32,bf16", help="gradlab precisions (bf16 where supported)")
+    parser.add_argument("--no-record", action="store_true", help="skip the +recorder sides")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per repetition")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--configs", default="conv:6", help="block:depth pairs, comma separated")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--record", action="store_true", help="also time gradlab with the recorder on")
     args = parser.parse_args()
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
+    runtime.keep_freed_memory()  # gradlab's allocator setting, for every side: benchmarks/allocator.py measures it
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    precisions = [p for p in args.precisions.split(",")
+                  if p == "fp32" or device.type == "cuda" or cpu_has_bf16()]
 
-    arrays = load_cifar10(resolve_data_root(args.data_root), download=False)
-    images, labels = arrays.train_images, arrays.train_labels
-    notebook = DataLoader(NotebookCifar(images.numpy().transpose(0, 2, 3, 1), labels.tolist(),
-                                        transforms.Compose([transforms.Resize(32), transforms.ToTensor(),
-                                                            transforms.Normalize(MEAN, STD)])),
-                          batch_size=BATCH, shuffle=True, num_workers=0)
-    ours = DeviceLoader(images, labels, BATCH, shuffle=True, seed=0)
+    subset = args.steps * BATCH
+    splits = make_splits("cifar10", args.data_root, seed=0, subset=subset, device=device)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
-          f"{args.steps} steps x {args.reps} interleaved reps (median images/s)")
-    print(f"{'model':<12}{'notebook':>10}{'gradlab':>10}{'ratio':>8}" + (f"{'+recorder':>11}{'ratio':>8}" if args.record else ""))
+    names = ["notebook"] + [f"{p}{suffix}" for p in precisions for suffix in ("", "+rec")[: 1 if args.no_record else 2]]
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, batch {BATCH}, "
+          f"{args.steps} steps x {args.reps} interleaved reps, median images/s")
+    print(f"{'model':<9}" + "".join(f"{n:>13}" for n in names))
     for spec in args.configs.split(","):
         block, depth = spec.split(":")
+        config = TrainConfig(block=block, depth=int(depth), dataset="cifar10", data_root=args.data_root, subset=subset,
+                             device=device.type)
         torch.manual_seed(0)
-        model = build_model(block, int(depth), 32)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        sides = {"notebook": _batches(notebook), "gradlab": _batches(ours)}
-        if args.record:
-            sides["recorded"] = _batches(ours)
-        results = {name: [] for name in sides}
-        _time_steps(model, optimizer, sides["gradlab"], 2)  # warm-up: allocator, kernels
-        for _ in range(args.reps):
-            for name, batches in sides.items():
-                if name == "recorded":
-                    with Recorder(model, optimizer=optimizer, flush_every=64):
-                        results[name].append(_time_steps(model, optimizer, batches, args.steps))
-                else:
-                    results[name].append(_time_steps(model, optimizer, batches, args.steps))
-        med = {name: statistics.median(v) for name, v in results.items()}
-        line = f"{spec:<12}{med['notebook']:>10.0f}{med['gradlab']:>10.0f}{med['gradlab'] / med['notebook']:>7.2f}x"
-        if args.record:
-            line += f"{med['recorded']:>11.0f}{med['recorded'] / med['notebook']:>7.2f}x"
-        print(line)
+        base = build_model(block, int(depth), config.width).to(device)  # every side starts from these weights
+        sides = {"notebook": NotebookSide(block, int(depth), config.width, splits, device, model=copy.deepcopy(base))}
+        for name in names[1:]:
+            precision = name.removesuffix("+rec")
+            sides[name] = GradlabSide(TrainConfig(**{**config.__dict__, "precision": precision}), splits, base,
+                                      record=name.endswith("+rec"))
+        for side in sides.values():  # warm-up: allocator, oneDNN primitives, the recorder's layouts
+            side.run(args.steps)
+        seconds = {name: [] for name in sides}
+        for rep in range(args.reps):
+            order = names[rep % len(names):] + names[: rep % len(names)]
+            for name in order:
+                seconds[name].append(sides[name].run(args.steps))
+        for side in sides.values():
+            if isinstance(side, GradlabSide):
+                side.close()
+        rate = {name: subset / statistics.median(s) for name, s in seconds.items()}
+        print(f"{spec:<9}" + "".join(f"{rate[n]:>13,.0f}" for n in names))
+        print(f"{'':<9}" + "".join(f"{rate[n] / rate['notebook']:>12.2f}x" for n in names), flush=True)
 
 
 if __name__ == "__main__":

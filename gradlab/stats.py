@@ -56,6 +56,11 @@ def new_scratch(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(scratch_numel(x), dtype=stat_dtype(x.dtype), device=x.device)
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Contiguous in NCHW or in channels-last (NHWC) order: ``_flat`` is then a view."""
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """A 1-D view of ``x`` in memory order (a copy only for strided, non-dense tensors)."""
     if x.is_contiguous():
@@ -72,9 +77,10 @@ def _single_chunk(x: torch.Tensor, scratch: torch.Tensor | None) -> Chunk | None
     """The common case, ``(x, its 1-D view, a spare buffer)``: ``x`` small, contiguous and
     already in the statistic dtype, so it is used in place. None when it must be chunked."""
     n = x.numel()
-    if n <= CHUNK and x.dtype == stat_dtype(x.dtype) and x.is_contiguous():
-        spare = scratch[:n] if scratch is not None and scratch.dtype == x.dtype else torch.empty_like(x.view(-1))
-        return x, x.view(-1), spare
+    if n <= CHUNK and x.dtype == stat_dtype(x.dtype) and _dense(x):
+        flat = _flat(x)
+        spare = scratch[:n] if scratch is not None and scratch.dtype == x.dtype else torch.empty_like(flat)
+        return x, flat, spare
     return None
 
 
@@ -86,8 +92,10 @@ def _stat_chunks(x: torch.Tensor, scratch: torch.Tensor | None) -> Iterator[Chun
         scratch = new_scratch(x)
     for chunk in _chunks(x):
         n = chunk.numel()
-        if chunk.dtype != scratch.dtype:  # bf16 / fp16: convert into the second half of the scratch
-            chunk = scratch[n : 2 * n].view(chunk.shape).copy_(chunk)
+        if chunk.dtype != scratch.dtype:  # bf16 / fp16: convert into the second half of the scratch,
+            # in the chunk's own memory order (NCHW or NHWC): a straight copy, not a transpose
+            strides = chunk.stride() if _dense(chunk) else torch.empty(chunk.shape, device="meta").stride()
+            chunk = scratch[n : 2 * n].as_strided(chunk.shape, strides).copy_(chunk)
         yield chunk, _flat(chunk), scratch[:n]
 
 
@@ -125,10 +133,10 @@ def diff_sumsq(
 ) -> torch.Tensor:
     """``||a - b||^2`` for tensors of one shape, a 0-d tensor: the residual branch part of an input gradient."""
     out = _out(out, 1, a).view(())
-    single = _single_chunk(a, scratch) if b.is_contiguous() else None
+    single = _single_chunk(a, scratch) if b.stride() == a.stride() else None
     if single is not None:
         _, flat, spare = single
-        torch.sub(flat, b.view(-1), out=spare)
+        torch.sub(flat, _flat(b), out=spare)
         return torch.dot(spare, spare, out=out)
     parts = []
     for (chunk, _, spare), other in zip(_stat_chunks(a, scratch), _chunks(b)):
@@ -201,7 +209,8 @@ def _channel_sums(x: torch.Tensor) -> torch.Tensor:
     """Sum of each channel (dim 1) over batch and space, a tensor of C.
 
     For a contiguous [B, C, ...] tensor: sums over space of each (sample, channel) row, then
-    over the batch; on a CPU up to twice as fast as one reduction over dims (0, 2, 3).
+    over the batch; on a CPU up to twice as fast as one reduction over dims (0, 2, 3). A
+    channels-last tensor is summed over (0, 2, 3) directly: column sums, as fast.
     """
     if x.dim() > 2 and x.is_contiguous():
         return x.view(x.shape[0], x.shape[1], -1).sum(2).sum(0)

@@ -650,3 +650,6 @@ def test_stats_functions_against_plain_tensor_ops(monkeypatch):
     xb = x.to(torch.bfloat16)
     assert stats.activation_stats(xb).dtype == torch.float32
     torch.testing.assert_close(stats.activation_stats(xb), stats.activation_stats(xb.float()))
+    xb_nhwc = xb.to(memory_format=torch.channels_last)  # converted chunk by chunk in NHWC order
+    torch.testing.assert_close(stats.activation_stats(xb_nhwc), stats.activation_stats(xb.float()))
+    torch.testing.assert_close(stats.sumsq(xb_nhwc), xb.float().square().sum())
