@@ -20,7 +20,7 @@ endif
 # The HTML report tests drive Debian's chromium through playwright (never a downloaded browser).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test test-fast data install browser clean
+.PHONY: demo test test-fast bench data install browser clean
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,18 @@ test: $(VENV)/.dev $(DATA_STAMP) browser
 
 test-fast: $(VENV)/.dev $(DATA_STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The performance table of README.md: every benchmark, side by side against the notebook's pipeline.
+bench: $(VENV)/.base $(DATA_STAMP)
+	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/allocator.py
+	$(PY) benchmarks/recorder_overhead.py --reps 10 --depths 6 32 --blocks conv res
+	$(PY) benchmarks/recorder_overhead.py --reps 10 --depths 6 --blocks conv res --precision bf16
+	$(PY) benchmarks/roofline.py
+	$(PY) benchmarks/epoch.py
+	$(PY) benchmarks/precision.py
+	$(PY) benchmarks/demo_time.py
 
 clean:
 	rm -rf $(VENV) .data runs .pytest_cache
