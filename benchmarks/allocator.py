@@ -1,12 +1,14 @@
-"""What keeping freed memory (gradlab.runtime.keep_freed_memory) is worth, process against process.
+"""Process against process: what keeping freed memory is worth, and what a user of gradlab sees
+against a user of the notebook.
 
     python benchmarks/allocator.py [--steps 8] [--reps 5] [--block conv] [--depth 6] [--threads 0]
 
 The allocator setting is process-wide and cannot be undone inside a process, so this is the
-one benchmark that compares processes: each repetition starts four fresh worker processes in
-a rotating order (gradlab's loop and the notebook's pipeline, each with glibc's default
-allocator and with gradlab's setting), and every worker reports the median images/s of its
-timed epochs of ``--steps`` batches after a warm-up epoch. The last line is what a user sees:
+one benchmark that compares processes: each repetition starts fresh worker processes in a
+rotating order (gradlab's loop and the notebook's pipeline, each with glibc's default
+allocator and with gradlab's setting; and gradlab as a user runs it: fp32 and bf16, with and
+without the recorder on every step), and every worker reports the median images/s of its
+timed epochs of ``--steps`` batches after a warm-up epoch. The last lines are what a user sees:
 a gradlab process (which applies the setting) against a notebook process (which does not).
 The other benchmarks apply the setting to both sides of their in-process comparisons, so
 their ratios leave this gain out.
@@ -22,7 +24,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORKERS = [("gradlab", False), ("gradlab", True), ("notebook", False), ("notebook", True)]
+# (pipeline, freed memory kept, precision, recorder on)
+WORKERS = [("gradlab", False, "fp32", False), ("gradlab", True, "fp32", False), ("notebook", False, "fp32", False),
+           ("notebook", True, "fp32", False), ("gradlab", True, "fp32", True), ("gradlab", True, "bf16", False),
+           ("gradlab", True, "bf16", True)]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -34,6 +39,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from gradlab import runtime
     from gradlab.data import make_splits
+    from gradlab.recorder import RecordConfig, RecorderCallback
     from gradlab.train import Trainer, TrainConfig
 
     runtime.keep_freed_memory()
@@ -46,11 +52,19 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "notebook":
         run = NotebookTrainer(args.block, args.depth, 32, splits, torch.device("cpu")).train_model
     else:
-        trainer = Trainer(TrainConfig(block=args.block, depth=args.depth, dataset="cifar10",
-                                      subset=args.steps * BATCH_SIZE, device="cpu"), splits=splits)
+        recorder = RecorderCallback(RecordConfig(every=1), sink=lambda columns: None) if args.record else None
+        trainer = Trainer(TrainConfig(block=args.block, depth=args.depth, dataset="cifar10", precision=args.precision,
+                                      subset=args.steps * BATCH_SIZE, device="cpu"),
+                          callbacks=[recorder] if recorder else [], splits=splits)
+        if recorder:
+            recorder.on_fit_start(trainer)
 
         def run() -> None:
-            trainer.train_epoch()
+            if recorder:
+                recorder.on_epoch_start(trainer, trainer.epoch)
+            metrics = trainer.train_epoch()
+            if recorder:
+                recorder.on_epoch_end(trainer, trainer.epoch, metrics)  # the flush
             trainer.epoch += 1
 
     rates = []
@@ -72,26 +86,38 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the workers; 0: default")
     parser.add_argument("--worker", choices=["gradlab", "notebook"], help=argparse.SUPPRESS)
     parser.add_argument("--keep", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--record", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     common = ["--steps", args.steps, "--epochs", args.epochs, "--block", args.block, "--depth", args.depth,
               "--threads", args.threads]
-    rates = {w: [] for w in WORKERS}
-    print(f"{args.block} depth {args.depth}, batch 256, fp32 channels-last for gradlab, {args.steps} steps x "
+    from gradlab.train import cpu_has_bf16
+
+    workers = [w for w in WORKERS if w[2] == "fp32" or cpu_has_bf16()]
+    rates = {w: [] for w in workers}
+    print(f"{args.block} depth {args.depth}, batch 256, gradlab channels-last, {args.steps} steps x "
           f"{args.epochs} epochs per worker, {args.reps} interleaved launches per variant (median images/s)")
     for rep in range(args.reps):
-        for name, keep in WORKERS[rep % 4:] + WORKERS[: rep % 4]:
-            command = [sys.executable, __file__, "--worker", name, "--keep", int(keep), *common]
+        shift = rep % len(workers)
+        for name, keep, precision, record in workers[shift:] + workers[:shift]:
+            command = [sys.executable, __file__, "--worker", name, "--keep", int(keep), "--precision", precision,
+                       "--record", int(record), *common]
             out = subprocess.run([str(c) for c in command], capture_output=True, text=True, check=True).stdout
-            rates[name, keep].append(json.loads(out.strip().splitlines()[-1])["images_per_s"])
+            rates[name, keep, precision, record].append(json.loads(out.strip().splitlines()[-1])["images_per_s"])
     med = {w: statistics.median(r) for w, r in rates.items()}
     for name in ("gradlab", "notebook"):
-        print(f"{name:<9} default allocator {med[name, False]:>8,.0f}   freed memory kept {med[name, True]:>8,.0f}"
-              f"   {med[name, True] / med[name, False]:.2f}x")
-    print(f"a gradlab process against a notebook process: {med['gradlab', True]:,.0f} / "
-          f"{med['notebook', False]:,.0f} images/s = {med['gradlab', True] / med['notebook', False]:.2f}x")
+        default, kept = med[name, False, "fp32", False], med[name, True, "fp32", False]
+        print(f"{name:<9} default allocator {default:>8,.0f}   freed memory kept {kept:>8,.0f}   {kept / default:.2f}x")
+    notebook = med["notebook", False, "fp32", False]
+    print(f"a gradlab process against a notebook process ({notebook:,.0f} images/s):")
+    for name, keep, precision, record in workers:
+        if name == "gradlab" and keep:
+            rate = med[name, keep, precision, record]
+            label = f"{precision}{' with the recorder' if record else ''}"
+            print(f"  gradlab {label:<24}{rate:>8,.0f} images/s   {rate / notebook:.2f}x")
 
 
 if __name__ == "__main__":
