@@ -139,7 +139,7 @@ class GradlabSide:
     def flops_per_image(self) -> float:
         trainer = self.trainer
         trainer.model.train()
-        x, y = next(iter(trainer.batches(trainer.train_loader)))
+        x, y = next(iter(trainer.train_loader))
         return train_step_flops(trainer.model, x, y, trainer.autocast()) / len(y)
 
     def images_per_s(self) -> float:

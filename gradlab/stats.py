@@ -35,16 +35,23 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _chunk_rows(x: torch.Tensor) -> int | None:
+    """Samples per chunk of ``x`` (about CHUNK elements); None: ``x`` is one chunk."""
+    if x.dim() == 0 or x.numel() <= CHUNK or x.shape[0] < 2:
+        return None
+    return max(1, CHUNK * x.shape[0] // x.numel())
+
+
 def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``x`` split along the batch dimension into pieces of at most about CHUNK elements."""
-    if x.dim() == 0 or x.numel() <= CHUNK or x.shape[0] < 2:
-        return (x,)
-    return torch.split(x, max(1, CHUNK * x.shape[0] // x.numel()))
+    rows = _chunk_rows(x)
+    return (x,) if rows is None else torch.split(x, rows)
 
 
 def scratch_numel(x: torch.Tensor) -> int:
     """Elements of scratch that every function here needs for ``x``: two of its largest chunks."""
-    return 2 * max(chunk.numel() for chunk in _chunks(x)) if x.numel() else 0
+    rows = _chunk_rows(x)
+    return 2 * (x.numel() if rows is None else rows * (x.numel() // x.shape[0]))
 
 
 def new_scratch(x: torch.Tensor) -> torch.Tensor:

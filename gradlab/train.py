@@ -242,15 +242,16 @@ class Trainer:
         check_precision(config.precision, self.device)
         if self.device.type == "cpu":
             runtime.keep_freed_memory()  # no page faults for the stem's 32 MiB activations every step
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         torch.manual_seed(config.seed)  # initialisation and dropout
         self.splits = splits or make_splits(config.dataset, config.data_root, seed=config.seed,
                                             subset=config.subset, val_fraction=config.val_fraction,
                                             device=self.device)
         model = build_model(config.block, config.depth, config.width, config.norm)
-        self.model: DeepCNN = model.to(self.device, memory_format=self.memory_format)
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model: DeepCNN = model.to(self.device, memory_format=memory_format)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.train_loader = DeviceLoader(*self.splits.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+        self.train_loader = DeviceLoader(*self.splits.train, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                                         channels_last=config.channels_last)
         self.epoch = 0  # epochs completed; during an epoch, its 0-based index
         self.step = 0  # optimizer steps completed; during a step, its 0-based index
         self.best_val_acc = 0.0
@@ -263,11 +264,6 @@ class Trainer:
     def autocast(self) -> torch.autocast:
         """The forward pass's precision: bf16 autocast for ``precision="bf16"``, else a no-op."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
-
-    def batches(self, loader: DeviceLoader):
-        """The loader's batches in the model's memory format (NHWC with channels_last)."""
-        for x, y in loader:
-            yield x.contiguous(memory_format=self.memory_format), y
 
     @property
     def n_params(self) -> int:
@@ -296,7 +292,8 @@ class Trainer:
         runs.fault_point("evaluate")
         images, labels = getattr(self.splits, split)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for x, y in self.batches(DeviceLoader(images, labels, batch_size=self.config.eval_batch_size)):
+        loader = DeviceLoader(images, labels, batch_size=self.config.eval_batch_size, channels_last=self.config.channels_last)
+        for x, y in loader:
             with self.autocast():
                 logits = model(x)
             correct += (logits.argmax(1) == y).sum()
@@ -311,7 +308,7 @@ class Trainer:
         losses = torch.zeros(n_steps, device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         start = time.perf_counter()
-        for i, (x, y) in enumerate(self.batches(self.train_loader)):
+        for i, (x, y) in enumerate(self.train_loader):
             with self.autocast():
                 out = self.model(x)
                 loss = F.cross_entropy(out, y)  # float32 under autocast

@@ -153,6 +153,12 @@ class Server:
         self.wait(launch)
         return launch
 
+    def succeed(self, args: list) -> Launch:
+        """``run`` a command that must exit 0 (its stderr in the failure message)."""
+        launch = self.run(args)
+        assert launch.exit == 0, launch.err()
+        return launch
+
     def close(self) -> None:
         if self.current is not None and self.current.exit is None:  # a test failed while a child paused
             self.kill(self.current)
@@ -343,16 +349,14 @@ PARTIAL = ["train", *SMALL, "--block", "res", "--epochs", 2, "--quiet"]  # TRAIN
 @pytest.fixture(scope="module")
 def partial_run(server, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("partial") / "run"
-    launch = server.run([*PARTIAL, "--out", folder])
-    assert launch.exit == 0, launch.err()
+    server.succeed([*PARTIAL, "--out", folder])
     return folder
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(server, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sweep") / "sweep"
-    launch = server.run([*SWEEP_ARGS, "--out", folder])
-    assert launch.exit == 0, launch.err()
+    server.succeed([*SWEEP_ARGS, "--out", folder])
     return folder
 
 
@@ -431,8 +435,7 @@ def test_a_corrupt_cell_is_refused_untouched_while_the_others_go_on(server, fini
     truncate(bad / runs.LAST)
     before = snapshot(bad)
     longer = [("3" if previous == "--epochs" else a) for previous, a in zip([None, *SWEEP_ARGS], SWEEP_ARGS)]
-    launch = server.run([*longer, "--out", out])  # every cell resumes for a third epoch
-    assert launch.exit == 0, launch.err()
+    launch = server.succeed([*longer, "--out", out])  # every cell resumes for a third epoch
     assert "3 trained, 0 diverged, 0 already finished, 1 failed" in launch.out()
     assert f"res-d1-s0: failed: {bad / runs.LAST}: cannot be loaded" in launch.out()
     assert snapshot(bad) == before
@@ -697,8 +700,7 @@ def _assert_located(run_dir: Path, diverged: dict) -> None:
 
 def test_a_diverging_run_stops_at_the_first_nonfinite_step_and_says_where(server, tmp_path):
     run_dir = tmp_path / "run"
-    launch = server.run([*DIVERGE, "--out", run_dir])
-    assert launch.exit == 0, launch.err()
+    launch = server.succeed([*DIVERGE, "--out", run_dir])
     summary = runs.load_run(run_dir).summary
     diverged = summary["diverged"]
     assert summary["status"] == "diverged" and diverged["step"] <= 5
@@ -715,8 +717,7 @@ def test_a_diverging_run_stops_at_the_first_nonfinite_step_and_says_where(server
     assert snapshot(run_dir) == before
 
     cont = tmp_path / "continued"
-    launch = server.run([*DIVERGE, "--on-nonfinite", "continue", "--out", cont])
-    assert launch.exit == 0, launch.err()
+    launch = server.succeed([*DIVERGE, "--on-nonfinite", "continue", "--out", cont])
     summary = runs.load_run(cont).summary
     assert summary["status"] == "diverged" and summary["diverged"] == diverged
     assert summary["epochs_done"] == 3 and len(runs.load_run(cont).steps) == 3 * STEPS
@@ -725,8 +726,7 @@ def test_a_diverging_run_stops_at_the_first_nonfinite_step_and_says_where(server
 
 
 def test_a_large_but_finite_learning_rate_is_legal(server, tmp_path):
-    launch = server.run([*DIVERGE[:-1], "1e4", "--out", tmp_path / "run"])  # Adam at 1e4: huge, finite
-    assert launch.exit == 0, launch.err()
+    server.succeed([*DIVERGE[:-1], "1e4", "--out", tmp_path / "run"])  # Adam at 1e4: huge, finite
     run = runs.load_run(tmp_path / "run")
     assert run.summary["status"] == "complete" and "diverged" not in run.summary
     assert np.isfinite(run.steps["loss"]).all() and run.steps["loss"].max() > 1e11

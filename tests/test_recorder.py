@@ -289,10 +289,12 @@ def test_every_hook_is_removed_on_exit_and_after_an_exception():
     assert all_hooks_removed(model)
 
 
-def run_steps(rec, model, x, y, steps: int, opt=None) -> list[torch.Tensor]:
+def run_steps(rec, model, x, y, steps: int, opt=None, on_forward=None) -> list[torch.Tensor]:
     outs = []
     for _ in range(steps):
         out = model(x)
+        if on_forward is not None:
+            on_forward(out)
         outs.append(out)
         loss = F.cross_entropy(out, y)
         rec.record_loss(loss)
@@ -309,21 +311,12 @@ def test_only_scheduled_steps_are_recorded(with_optimizer):
     model = make_model("conv", dtype=torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.01) if with_optimizer else None
     x, y = make_batch(dtype=torch.float32)
+    hooked = []
     with Recorder(model, every=3, optimizer=opt) as rec:
-        outs = []
-        for _ in range(7):
-            out = model(x)
-            if with_optimizer:  # an unscheduled step registers no hook at all
-                assert bool(out._backward_hooks) == (rec.step % 3 == 0)
-            outs.append(out)
-            loss = F.cross_entropy(out, y)
-            rec.record_loss(loss)
-            if opt is not None:
-                opt.zero_grad()
-            loss.backward()
-            if opt is not None:
-                opt.step()
+        outs = run_steps(rec, model, x, y, 7, opt, on_forward=lambda out: hooked.append(bool(out._backward_hooks)))
         assert rec.step == 7
+    if with_optimizer:  # an unscheduled step registers no hook at all
+        assert hooked == [True, False, False, True, False, False, True]
     assert sorted(rec.frame().step.unique()) == [0, 3, 6]
     assert not any(out._backward_hooks for out in outs)  # no tensor keeps a hook
 

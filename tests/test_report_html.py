@@ -4,6 +4,7 @@ The sweep is trained for real once per module (conv, res, skip x depths 1, 3 on 
 images, a few seconds); a copy adds a hostile cell whose folder name, error message and
 hardware string are markup, to show that everything read from files is escaped.
 """
+import contextlib
 import json
 import os
 import re
@@ -273,28 +274,37 @@ def _chromium() -> None:
     pytest.skip(message)
 
 
-@pytest.mark.browser
-def test_the_page_in_a_real_browser(hostile_page, tmp_path):
+@contextlib.contextmanager
+def browser_tab(url: str, errors: list, dialogs: list, requests: list | None = None):
+    """A page loaded in the system chromium; console and page errors, dialogs (dismissed) and
+    (when ``requests`` is given) requested URLs are collected into the lists."""
     _chromium()
     from playwright.sync_api import sync_playwright
 
-    url = hostile_page.resolve().as_uri()
-    errors, requests, dialogs = [], [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             tab = browser.new_page(viewport={"width": 1280, "height": 900})
             tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
             tab.on("pageerror", lambda error: errors.append(str(error)))
-            tab.on("request", lambda request: requests.append(request.url))
             tab.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            if requests is not None:
+                tab.on("request", lambda request: requests.append(request.url))
             tab.goto(url, wait_until="load")
-            widths = tab.evaluate("Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
-            ids = tab.evaluate("Array.from(document.querySelectorAll('section[id]'), s => s.id)")
-            shown = tab.evaluate("document.querySelector('#run').innerText")
-            tab.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            yield tab
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_the_page_in_a_real_browser(hostile_page, tmp_path):
+    url = hostile_page.resolve().as_uri()
+    errors, requests, dialogs = [], [], []
+    with browser_tab(url, errors, dialogs, requests) as tab:
+        widths = tab.evaluate("Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
+        ids = tab.evaluate("Array.from(document.querySelectorAll('section[id]'), s => s.id)")
+        shown = tab.evaluate("document.querySelector('#run').innerText")
+        tab.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert errors == []
     assert dialogs == []  # no alert(1): the hostile strings stayed text
     assert [r for r in requests if not r.startswith("data:")] == [url]
@@ -385,9 +395,6 @@ def test_diverged_runs_and_unreadable_cells_get_their_own_sections(broken_report
 @pytest.mark.browser
 def test_a_broken_sweep_in_a_real_browser_shows_markup_as_text(broken_report, tmp_path):
     """Markup from config.json, summary.json, records and a folder name: shown literally, never run."""
-    _chromium()
-    from playwright.sync_api import sync_playwright
-
     page = tmp_path / "broken.html"
     page.write_text(broken_report.to_html(), encoding="utf-8")
     html = page.read_text(encoding="utf-8")
@@ -395,24 +402,15 @@ def test_a_broken_sweep_in_a_real_browser_shows_markup_as_text(broken_report, tm
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     url = page.resolve().as_uri()
     errors, dialogs = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            tab = browser.new_page(viewport={"width": 1280, "height": 900})
-            tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-            tab.on("pageerror", lambda error: errors.append(str(error)))
-            tab.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-            tab.goto(url, wait_until="load")
-            scripts = tab.evaluate("document.scripts.length + document.querySelectorAll('svg, iframe').length")
-            diverged = tab.inner_text("#diverged")
-            unreadable = tab.inner_text("#unreadable")
-            facts = tab.inner_text("#run")
-            badges = tab.evaluate("Array.from(document.querySelectorAll('.badge'), b => "
-                                  "[b.innerText, b.getBoundingClientRect().width > 0])")
-            widths = tab.evaluate("Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
-            body = tab.inner_text("body")
-        finally:
-            browser.close()
+    with browser_tab(url, errors, dialogs) as tab:
+        scripts = tab.evaluate("document.scripts.length + document.querySelectorAll('svg, iframe').length")
+        diverged = tab.inner_text("#diverged")
+        unreadable = tab.inner_text("#unreadable")
+        facts = tab.inner_text("#run")
+        badges = tab.evaluate("Array.from(document.querySelectorAll('.badge'), b => "
+                              "[b.innerText, b.getBoundingClientRect().width > 0])")
+        widths = tab.evaluate("Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
+        body = tab.inner_text("body")
     assert dialogs == [] and errors == [] and scripts == 0  # ... and nothing ran in the browser
     assert f"appeared at {SCRIPT} (from its summary.json)" in diverged  # ... but shows as text
     assert BROKEN_NAME in unreadable and "not valid JSON" in unreadable and "skip-d3-s0" in unreadable

@@ -13,7 +13,7 @@ def first_gradients(config, splits):
     trainer = Trainer(config, splits=splits)
     trainer.model.train()
     trainer.train_loader.set_epoch(0)
-    x, y = next(iter(trainer.batches(trainer.train_loader)))
+    x, y = next(iter(trainer.train_loader))
     torch.manual_seed(1)  # the same dropout mask
     with trainer.autocast():
         logits = trainer.model(x)
