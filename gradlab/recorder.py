@@ -27,7 +27,10 @@ one reduction serve both.
 from __future__ import annotations
 
 import functools
+import itertools
+import logging
 import math
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gradlab import stats
+from gradlab import native, stats
 from gradlab.models import ProbePoint, probe_points
 
 Schedule = Callable[[int], bool]
@@ -153,46 +156,90 @@ class RecordConfig:
 
 
 class _Tap:
-    """The roles of one hooked activation tensor: output of row ``out_of``, input of row ``in_of``."""
+    """The roles of one hooked activation tensor: output of row ``out_of``, input of row
+    ``in_of``; and, when the compiled kernels measured it in the forward pass, its layout
+    (``native.plan``) and strides, which its gradient shares unless its strides differ
+    (autograd gives a gradient the tensor's dtype, device and shape)."""
 
-    __slots__ = ("out_of", "in_of")
+    __slots__ = ("out_of", "in_of", "layout", "stride")
 
-    def __init__(self, out_of: int | None = None, in_of: int | None = None) -> None:
+    def __init__(self, out_of: int | None = None, in_of: int | None = None, seen: tuple = (None, None)) -> None:
         self.out_of, self.in_of = out_of, in_of
+        self.layout, self.stride = seen
+
+
+_NF = len(_FIELDS)
+_GRAD = torch.Tensor.grad.__get__  # p.grad without attribute lookup: 4x faster inside a hook
+_WRITTEN, _COPIED = 1, 2  # marks of a cell: written by a hook, or to take another cell's value
+_MARKS = [bytes([_WRITTEN]) * n for n in range(5)]  # marks for 0 ... 4 consecutive cells
 
 
 class _StepState:
     """One recorded step in progress: its row of the device buffer, which cells are written,
-    and what the backward pass needs from the forward pass."""
+    and what the backward pass needs from the forward pass.
 
-    def __init__(self, step: int, epoch: int, slot: torch.Tensor, rows: int) -> None:
+    Hooks run between large kernels, where every line of Python costs microseconds (cold
+    caches), so the bookkeeping here is plain integers and byte marks."""
+
+    def __init__(self, step: int, epoch: int, slot: torch.Tensor, host: np.ndarray | None, rows: int) -> None:
         self.step, self.epoch = step, epoch
         self.slot = slot  # 1-D device view of this step's [rows, fields] buffer row; hooks write into it
-        self.written = np.zeros(rows * len(_FIELDS), dtype=bool)
-        self.sizes = np.zeros((rows, 3, 2), dtype=np.int64)  # (numel, channels) per row and group
-        self.copies: dict[int, int] = {}  # cell -> cell whose value it takes at the step's end
+        self.host = host  # the same memory as numpy (a CPU buffer), else None
+        # Where the compiled kernels write (a CPU buffer only; 0 elsewhere), and in which precision.
+        self.address = slot.data_ptr() if slot.is_cpu else 0
+        self.itemsize, self.f64 = slot.element_size(), int(slot.dtype == torch.float64)
+        self.threads = torch.get_num_threads()  # asked once per step, not per kernel
+        # Per cell (row * _NF + field): 0, _WRITTEN, or _COPIED (takes the value of copies[cell]
+        # at the step's end). A later write replaces an earlier mark: the last one wins.
+        self.marks = bytearray(rows * _NF)
+        self.copies: dict[int, int] = {}
+        self.sizes = [0] * (rows * 6)  # (numel, channels) per row and group: [rows, 3, 2]
         # The latest probe output, to notice an input that is the previous output: a weak
         # reference (identity only, keeps nothing alive), its row and its tap.
         self.last_out: weakref.ref | None = None
         self.last_row: int | None = None
         self.last_tap: _Tap | None = None
-        self.grad_out: dict[int, torch.Tensor] = {}  # residual row -> its output gradient
+        self.grad_out: dict[int, tuple[torch.Tensor, tuple | None]] = {}  # res row -> (output gradient, its layout)
         self.relu_out: dict[int, torch.Tensor] = {}  # resdown row -> output of its leading ReLU
         self.path_grad: dict[tuple[int, str], torch.Tensor] = {}  # (resdown row, conv) -> grad at the ReLU output
 
     def cells(self, row: int, first: str, n: int = 1) -> torch.Tensor:
         """The buffer view of ``n`` consecutive fields of ``row`` from ``first``, marked written."""
-        i = row * len(_FIELDS) + _F[first]
-        self.written[i : i + n] = True
-        for cell in range(i, i + n):
-            self.copies.pop(cell, None)  # a direct write replaces an earlier copy (last write wins)
+        i = row * _NF + _F[first]
+        self.marks[i : i + n] = _MARKS[n]
         return self.slot[i] if n == 1 else self.slot[i : i + n]
+
+    def at(self, row: int, first: str, n: int = 1) -> int:
+        """The address of ``n`` consecutive fields of ``row`` from ``first`` (CPU buffers), marked written."""
+        i = row * _NF + _F[first]
+        self.marks[i : i + n] = _MARKS[n]
+        return self.address + i * self.itemsize
 
     def copy(self, row: int, first: str, from_row: int, from_first: str, n: int = 1) -> None:
         """Let ``n`` fields of ``row`` take the values of ``from_row``'s at the step's end."""
-        i, j = row * len(_FIELDS) + _F[first], from_row * len(_FIELDS) + _F[from_first]
-        self.written[i : i + n] = True
-        self.copies.update({i + k: j + k for k in range(n)})
+        i, j = row * _NF + _F[first], from_row * _NF + _F[from_first]
+        for k in range(n):
+            self.marks[i + k] = _COPIED
+            self.copies[i + k] = j + k
+
+    def size(self, row: int, group: int, numel: int, channels: int) -> None:
+        """Keep the number of entries and of channels of the tensor measured for ``row`` in ``group``."""
+        k = (row * 3 + group) * 2
+        self.sizes[k], self.sizes[k + 1] = numel, channels
+
+    def size_like(self, row: int, group: int, from_row: int, from_group: int) -> None:
+        """The sizes of ``row``'s ``group`` are those of ``from_row``'s ``from_group``."""
+        k, j = (row * 3 + group) * 2, (from_row * 3 + from_group) * 2
+        self.sizes[k : k + 2] = self.sizes[j : j + 2]
+
+    def pending_copies(self) -> tuple[tuple[int, int], ...]:
+        """(cell, source cell) of the copies no later write replaced, in a stable order."""
+        return tuple(sorted((i, j) for i, j in self.copies.items() if self.marks[i] == _COPIED))
+
+    def bookkeeping(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which cells hold a value (bool, rows x fields, flat) and the sizes ([rows, 3, 2])."""
+        written = np.frombuffer(bytes(self.marks), dtype=np.uint8) != 0
+        return written, np.array(self.sizes, dtype=np.int64).reshape(rows, 3, 2)
 
 
 class Recorder:
@@ -233,6 +280,7 @@ class Recorder:
         self._layers = np.array([MODEL_LAYER] + [p.name for p in self.probes], dtype=object)
         self._blocks = np.array([MODEL_LAYER] + [p.block for p in self.probes], dtype=object)
         self._positions = np.array([-1] + [p.position for p in self.probes], dtype=np.int64)
+        self._kinds = list(self._blocks)  # block kind per row, for the hooks
         self._params = list(model.parameters())
         self._state: _StepState | None = None  # the recorded step in progress
         self.epoch = 0
@@ -246,8 +294,13 @@ class Recorder:
         self._before: list[torch.Tensor] | None = None  # the parameters before the optimizer step
         self._before_kinds: tuple | None = None
         self._before_store: list[torch.Tensor] = []
+        # The compiled kernels' view of the parameters and of a buffer for their values before
+        # the step, with the addresses it was built for (None: the kernels cannot take them).
+        self._compiled: tuple[np.ndarray, tuple[native.Tensors, native.Tensors] | None] | None = None
+        self._compiled_before: tuple[native.Tensors, native.Tensors] | None = None
         self._buffer: torch.Tensor | None = None
-        self._meta: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # step, epoch, written, sizes
+        self._host: np.ndarray | None = None  # the buffer's memory as numpy, when it is on the CPU
+        self._meta: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # step, epoch, written cells, sizes
         self._kept: list[dict[str, np.ndarray]] = []
 
     # -- step and schedule ------------------------------------------------------------
@@ -330,10 +383,16 @@ class Recorder:
             dtype, device = self._buffer_kind()
             if self._buffer is None or self._buffer.dtype != dtype or self._buffer.device != device:
                 self.flush()
-                self._buffer = torch.zeros((self.flush_every, rows, len(_FIELDS)), dtype=dtype, device=device)
+                shape = (self.flush_every, rows, _NF)
+                if device.type == "cpu":  # numpy's memory, so the host writes into it without a conversion
+                    self._host = np.zeros(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+                    self._buffer = torch.from_numpy(self._host)
+                else:
+                    self._host, self._buffer = None, torch.zeros(shape, dtype=dtype, device=device)
             slot = self._buffer[len(self._meta)].view(-1)
             slot.zero_()
-            self._state = _StepState(self._step, self.epoch, slot, rows)
+            host = None if self._host is None else self._host[len(self._meta)].reshape(-1)
+            self._state = _StepState(self._step, self.epoch, slot, host, rows)
         return self._state
 
     def _buffer_kind(self) -> tuple[torch.dtype, torch.device]:
@@ -355,14 +414,15 @@ class Recorder:
         """Close the current step: settle its copied cells, keep its bookkeeping and advance ``step``."""
         state, self._state = self._state, None
         self._remove_grad_hooks()
-        if state is not None and state.written.any():
-            if state.copies:
-                dst, src = self._copy_index(tuple(state.copies.items()), state.slot.device)
+        if state is not None and any(state.marks):
+            copies = state.pending_copies()
+            if copies:
+                dst, src = self._copy_index(copies, state.slot.device)
                 state.slot.index_copy_(0, dst, state.slot.index_select(0, src))
             target = self._buffer[len(self._meta)].view(-1)
             if target.data_ptr() != state.slot.data_ptr():  # a flush came in the middle of the step
                 target.copy_(state.slot)
-            self._meta.append((state.step, state.epoch, state.written, state.sizes))
+            self._meta.append((state.step, state.epoch, *state.bookkeeping(len(self.probes) + 1)))
             if len(self._meta) == self.flush_every:
                 self.flush()
         self.step = self._step + 1
@@ -377,43 +437,57 @@ class Recorder:
     # -- forward hooks -----------------------------------------------------------------
 
     def _on_probe_forward(self, row: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self._live(module) or not isinstance(output, torch.Tensor):
+        if not (self._on and module.training and torch.is_grad_enabled()) or not isinstance(output, torch.Tensor):
             return
-        state = self._begin()
-        out = output.detach()
-        self._measure(stats.activation_moments, out, state.cells(row, "act_sum", 4))
-        state.sizes[row, _ACT] = (out.numel(), stats.channels(out))
+        state = self._state or self._begin()
+        seen = self._moments(state, row, "act_sum", _ACT, output)
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         same = x is not None and state.last_out is not None and state.last_out() is x
-        if self._blocks[row] == "res" and x is not None:  # the skip path is the block input itself
+        seen_x = (None, None)
+        if self._kinds[row] == "res" and x is not None:  # the skip path is the block input itself
             if same:
                 state.copy(row, "skip_chan_sum_sq", state.last_row, "act_chan_sum_sq", 2)
+                state.size_like(row, _SKIP, state.last_row, _ACT)
             else:
-                self._measure(stats.channel_moments, x.detach(), state.cells(row, "skip_chan_sum_sq", 2))
-            state.sizes[row, _SKIP] = (x.numel(), stats.channels(x))
+                seen_x = self._moments(state, row, "skip_chan_sum_sq", _SKIP, x)
         if x is not None and x.requires_grad:
             if same and state.last_tap is not None and state.last_tap.in_of is None:
                 state.last_tap.in_of = row  # one hook serves the previous output and this input
             else:
-                self._tap(x, _Tap(in_of=row))
+                self._tap(x, _Tap(in_of=row, seen=seen_x))
         state.last_out, state.last_row = weakref.ref(output), row
-        state.last_tap = self._tap(output, _Tap(out_of=row)) if output.requires_grad else None
+        state.last_tap = self._tap(output, _Tap(out_of=row, seen=seen)) if output.requires_grad else None
+
+    def _moments(self, state: _StepState, row: int, field: str, group: int, x: torch.Tensor) -> tuple:
+        """Moments of ``x`` into ``row``'s cells from ``field`` (``act_sum``: all four of
+        ``stats.activation_moments``; a ``*_chan_sum_sq`` field: the two of
+        ``stats.channel_moments``), and its sizes for ``group``. Returns ``(layout, strides)``
+        when the compiled kernels took ``x``, else ``(None, None)``."""
+        first, count = (0, 4) if field == "act_sum" else (1, 2)
+        stride = x.stride()
+        layout = native.plan(x, stride) if state.address else None
+        if layout is None:
+            fn = stats.activation_moments if count == 4 else stats.channel_moments
+            self._measure(fn, x.detach(), state.cells(row, field, count))
+            state.size(row, group, x.numel(), stats.channels(x))
+            return None, None
+        # one compiled pass, straight into the buffer
+        native.activation_moments_at(x, layout, state.at(row, field, count), state.f64, first, count, state.threads)
+        _, outer, channels, inner = layout
+        state.size(row, group, outer * channels * inner, channels)
+        return layout, stride
 
     def _measure(self, fn: Callable[..., torch.Tensor], x: torch.Tensor, out: torch.Tensor) -> None:
-        """``fn(x)`` written into the buffer view ``out``, with a scratch for its temporaries."""
+        """``fn(x)`` by eager ops, written into the buffer view ``out``, with a scratch for temporaries."""
         if out.dtype == stats.stat_dtype(x.dtype):
             fn(x, scratch=self._scratch_for(x), out=out)
         else:  # e.g. a float32 tensor in a float64 model: measured in its own precision, then stored
-            out.copy_(fn(x, scratch=self._scratch_for(x)).reshape(out.shape))
+            out.copy_(fn(x, scratch=self._scratch_for(x)).reshape(-1)[: out.numel()].reshape(out.shape))
 
     def _on_branch_forward(self, row: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """conv2 of a res or resdown block: the residual branch before the addition."""
-        if not self._live(module):
-            return
-        state = self._begin()
-        out = output.detach()
-        self._measure(stats.channel_moments, out, state.cells(row, "branch_chan_sum_sq", 2))
-        state.sizes[row, _BRANCH] = (out.numel(), stats.channels(out))
+        if self._on and module.training and torch.is_grad_enabled():
+            self._moments(self._state or self._begin(), row, "branch_chan_sum_sq", _BRANCH, output)
 
     def _on_path_forward(self, row: int, conv: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """conv1 (branch) or conv3 (skip) of a resdown block, both fed by the block's leading ReLU."""
@@ -421,9 +495,7 @@ class Recorder:
             return
         state = self._begin()
         if conv == "conv3":  # the skip path's output
-            out = output.detach()
-            self._measure(stats.channel_moments, out, state.cells(row, "skip_chan_sum_sq", 2))
-            state.sizes[row, _SKIP] = (out.numel(), stats.channels(out))
+            self._moments(state, row, "skip_chan_sum_sq", _SKIP, output)
         if output.grad_fn is None or "Convolution" not in type(output.grad_fn).__name__:
             return  # no graph, or a compiled graph whose nodes are not the modules' own
         state.relu_out[row] = args[0].detach()  # saved by the ReLU for its backward anyway
@@ -440,7 +512,14 @@ class Recorder:
             self._grad_handles.append(output.register_hook(self._on_any_grad))
 
     def _tap(self, tensor: torch.Tensor, tap: _Tap) -> _Tap:
-        self._grad_handles.append(tensor.register_hook(functools.partial(self._on_grad, tap)))
+        """Hook ``tensor``'s gradient. A pre-hook on the node that made it (which receives the
+        gradients of all of the node's outputs) costs half the torch calls of
+        ``Tensor.register_hook``; a leaf has no node and gets a tensor hook."""
+        node = tensor.grad_fn
+        if node is None:
+            self._grad_handles.append(tensor.register_hook(functools.partial(self._on_leaf_grad, tap)))
+        else:
+            self._grad_handles.append(node.register_prehook(functools.partial(self._on_grad, tap, tensor.output_nr)))
         return tap
 
     # -- backward hooks ----------------------------------------------------------------
@@ -453,30 +532,49 @@ class Recorder:
     def _on_any_grad(self, grad: torch.Tensor) -> None:
         self._queue_end()
 
-    def _on_grad(self, tap: _Tap, grad: torch.Tensor) -> None:
-        self._queue_end()
-        state = self._state
-        if state is None:
+    def _on_leaf_grad(self, tap: _Tap, grad: torch.Tensor) -> None:
+        self._on_grad(tap, 0, (grad,))
+
+    def _on_grad(self, tap: _Tap, index: int, grads: tuple) -> None:
+        """The gradient ``grads[index]`` of a tapped tensor (None: no gradient reached it)."""
+        if not self._end_queued:
+            self._queue_end()
+        state, grad = self._state, grads[index]
+        if state is None or grad is None:
             return
-        g = grad.detach()
-        if tap.out_of is not None:
-            row = tap.out_of
-            self._measure(stats.grad_moments, g, state.cells(row, "grad_out_sumsq", 2))
-            if self._blocks[row] in RESIDUAL:
-                state.grad_out[row] = g
-        if tap.in_of is not None:
-            row = tap.in_of
-            if tap.out_of is not None:  # the same gradient: the norm is already measured
-                state.copy(row, "grad_in_sumsq", tap.out_of, "grad_out_sumsq")
+        out_row, in_row = tap.out_of, tap.in_of
+        # A res block's input gradient is its output gradient (the identity skip) plus the
+        # branch's part, so the branch part is grad - grad_out: measured in the same pass.
+        res_grad_out, res_layout = state.grad_out.pop(in_row, (None, None)) if in_row is not None else (None, None)
+        layout = None
+        if state.address:
+            stride = grad.stride()
+            layout = tap.layout if tap.layout is not None and stride == tap.stride else native.plan(grad, stride)
+        if layout is not None and (res_grad_out is None or res_layout == layout):
+            if out_row is not None:  # norm and non-finite count of the output gradient
+                address, count = state.at(out_row, "grad_out_sumsq", 2), 2
+            else:  # only an input: its norm
+                address, count = state.at(in_row, "grad_in_sumsq"), 1
+            branch = 0 if res_grad_out is None else state.at(in_row, "grad_in_branch_sumsq")
+            native.grad_moments_at(grad, layout, address, count, state.f64, res_grad_out, branch, state.threads)
+        else:
+            g = grad.detach()
+            branch = None if res_grad_out is None else state.cells(in_row, "grad_in_branch_sumsq")
+            if out_row is not None:
+                moments = state.cells(out_row, "grad_out_sumsq", 2)
             else:
-                self._measure(stats.sumsq, g, state.cells(row, "grad_in_sumsq"))
-            if self._blocks[row] == "res" and row in state.grad_out:
-                # skip part = grad_out exactly (identity); branch part = grad_in - grad_out
-                grad_out = state.grad_out.pop(row)
-                self._measure(functools.partial(stats.diff_sumsq, b=grad_out), g, state.cells(row, "grad_in_branch_sumsq"))
-                state.copy(row, "grad_in_skip_sumsq", row, "grad_out_sumsq")
-            elif self._blocks[row] == "resdown":
-                self._resdown_parts(state, row)
+                moments = state.cells(in_row, "grad_in_sumsq")
+            other = None if res_grad_out is None else res_grad_out.detach()
+            self._measure(functools.partial(stats.grad_moments, other=other, diff_out=branch), g, moments)
+        if out_row is not None and self._kinds[out_row] == "res":
+            state.grad_out[out_row] = (grad, layout)  # equal layouts: one dtype and one order in memory
+        if in_row is not None:
+            if out_row is not None:  # the same gradient: the norm is already measured
+                state.copy(in_row, "grad_in_sumsq", out_row, "grad_out_sumsq")
+            if res_grad_out is not None:  # the skip part is grad_out itself
+                state.copy(in_row, "grad_in_skip_sumsq", in_row, "grad_out_sumsq")
+            elif self._kinds[in_row] == "resdown":
+                self._resdown_parts(state, in_row)
 
     def _on_path_grad(self, row: int, conv: str, grad_inputs: tuple, grad_outputs: tuple) -> None:
         state = self._state
@@ -515,33 +613,73 @@ class Recorder:
 
     def _on_optimizer_post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         state = self._state
-        if self._on and state is not None and self._before is not None:
+        if self._on and state is not None:
             with torch.no_grad():
-                delta, self._before = self._before, None
-                torch._foreach_sub_(delta, [p.detach() for p in self._params])  # before - after
-                self._add_param_rows(state, stats.param_sumsq(delta), None, "update_sumsq")
+                if self._compiled_before is not None:  # one compiled pass: ||after - before||^2
+                    params, before = self._compiled_before
+                    self._add_param_rows(state, params.sumsq(minus=before), None, "update_sumsq")
+                elif self._before is not None:
+                    self._add_param_rows(state, self._squares(self._params, minus=self._before), None, "update_sumsq")
+        self._before = self._compiled_before = None
         self._end_step()
 
     def _param_moments(self, state: _StepState, keep_before: bool) -> None:
         """Parameter and gradient norms per probe point and of the whole model.
 
-        One fused ``_foreach_norm`` per list of tensors, then one small matrix product sums
-        the squares per probe point. With ``keep_before`` the parameters are copied (into a
-        buffer kept between steps) for the update norm after the optimizer step."""
+        One pass per list of tensors (``_squares``, or the compiled kernels' ``native.Tensors``
+        on a CPU), then one small matrix product sums the squares per probe point. With
+        ``keep_before`` the parameters are copied, in the same pass, into a buffer kept between
+        steps, for the update norm after the optimizer step."""
+        self._before = self._compiled_before = None
         if not self._params:
             return
         with torch.no_grad():
-            params = [p.detach() for p in self._params]
-            grads = [p.grad for p in self._params if p.grad is not None]
-            if grads:
-                present = None if len(grads) == len(params) else tuple(p.grad is not None for p in self._params)
-                self._add_param_rows(state, stats.param_sumsq(grads), present, "param_grad_sumsq")
-            self._add_param_rows(state, stats.param_sumsq(params), None, "param_sumsq")
-            self._before = None
-            if keep_before:
-                before = self._before_buffer(params)
-                torch._foreach_copy_(before, params)
+            grads = list(map(_GRAD, self._params))
+            complete = all(map(operator.is_not, grads, itertools.repeat(None)))
+            compiled = self._compiled_params()
+            squares = compiled[0].sumsq_like(grads) if compiled is not None and complete else None
+            if squares is not None:
+                self._add_param_rows(state, squares, None, "param_grad_sumsq")
+            elif not complete and any(g is not None for g in grads):  # frozen parameters have none
+                present = tuple(g is not None for g in grads)
+                self._add_param_rows(state, self._squares([g for g in grads if g is not None]), present, "param_grad_sumsq")
+            elif complete:
+                self._add_param_rows(state, self._squares(grads), None, "param_grad_sumsq")
+            if compiled is not None:
+                params, before = compiled
+                self._add_param_rows(state, params.sumsq(copy_to=before if keep_before else None), None, "param_sumsq")
+                self._compiled_before = compiled if keep_before else None
+            else:
+                before = self._before_buffer(self._params) if keep_before else None
+                self._add_param_rows(state, self._squares(self._params, copy_to=before), None, "param_sumsq")
                 self._before = before
+
+    def _compiled_params(self) -> tuple[native.Tensors, native.Tensors] | None:
+        """The parameters and a before-the-step buffer as ``native.Tensors``, built once and
+        rebuilt when a parameter moved (``.to()``, ``.data =``); None when the kernels cannot
+        take them (an accelerator, another dtype), a verdict kept for the same addresses."""
+        where = native.pointers(self._params)
+        if self._compiled is None or not np.array_equal(where, self._compiled[0]):
+            params = native.Tensors.of(self._params)
+            pair = None if params is None else (params, native.Tensors([torch.empty_like(p) for p in self._params]))
+            self._compiled = (where, pair)
+        return self._compiled[1]
+
+    @staticmethod
+    def _squares(
+        tensors: list[torch.Tensor], minus: list[torch.Tensor] | None = None, copy_to: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Squared L2 norm of each tensor (of ``tensor - minus``), copying each to ``copy_to`` on
+        the way: one compiled pass on a CPU (float64 results), fused ``_foreach`` kernels
+        elsewhere (float32). ``minus`` is scratch: the ``_foreach`` path overwrites it."""
+        if native.handles_all(tensors, minus, copy_to):
+            return torch.from_numpy(native.sumsq_many(tensors, minus, copy_to))
+        if copy_to is not None:
+            torch._foreach_copy_(copy_to, tensors)
+        if minus is not None:
+            torch._foreach_sub_(minus, tensors)  # minus - tensors: the same norm as tensors - minus
+            tensors = minus
+        return stats.param_sumsq(tensors)
 
     def _before_buffer(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Tensors shaped like the parameters for their values before the optimizer step,
@@ -552,15 +690,31 @@ class Recorder:
         return self._before_store
 
     def _add_param_rows(
-        self, state: _StepState, squares: torch.Tensor, present: tuple[bool, ...] | None, field: str
+        self, state: _StepState, squares: torch.Tensor | np.ndarray, present: tuple[bool, ...] | None, field: str
     ) -> None:
         """Squared norms of the (present) parameters or gradients summed per probe point into
-        the step's buffer row; for gradients also over the whole model (row 0)."""
-        rows, index, owners = self._param_rows(present, field == "param_grad_sumsq", squares.dtype, squares.device)
-        if rows:
-            column = state.slot.view(-1, len(_FIELDS))[:, _F[field]]
-            column.index_copy_(0, index, (owners @ squares).to(column.dtype))
-            state.written[np.array(rows) * len(_FIELDS) + _F[field]] = True
+        the step's buffer row; for gradients also over the whole model (row 0). ``squares``: a
+        device tensor, or float64 numpy from the compiled kernels (a CPU buffer)."""
+        with_model = field == "param_grad_sumsq"
+        if isinstance(squares, np.ndarray):
+            rows, owners = self._param_rows_host(present, with_model)
+            if rows:
+                state.host.reshape(-1, _NF)[rows, _F[field]] = owners @ squares
+        else:
+            rows, index, owners = self._param_rows(present, with_model, squares.dtype, squares.device)
+            if rows:
+                column = state.slot.view(-1, _NF)[:, _F[field]]
+                column.index_copy_(0, index, (owners @ squares).to(column.dtype))
+        for row in rows:
+            state.marks[row * _NF + _F[field]] = _WRITTEN
+
+    def _param_rows_host(self, present: tuple[bool, ...] | None, with_model: bool) -> tuple[list[int], np.ndarray]:
+        """``_param_rows`` for the host: the rows and a float64 numpy owner matrix."""
+        key = ("host rows", present, with_model)
+        if key not in self._layouts:
+            rows, _, owners = self._param_rows(present, with_model, torch.float64, torch.device("cpu"))
+            self._layouts[key] = (rows, np.array(owners.tolist(), dtype=np.float64).reshape(len(rows), -1))
+        return self._layouts[key]
 
     def _present(self, present: tuple[bool, ...] | None) -> list[torch.nn.Parameter]:
         return [p for i, p in enumerate(self._params) if present is None or present[i]]
@@ -638,6 +792,11 @@ class Recorder:
         return pd.DataFrame({c: columns[c][order] for c in COLUMNS})
 
 
+def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One shape, memory layout and dtype: two tensors the compiled kernels read side by side."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+
+
 def empty_columns() -> dict[str, np.ndarray]:
     """Columns of a record table with no rows, with the dtypes of a flush."""
     dtypes = {"step": np.int64, "epoch": np.int64, "position": np.int64, "value": np.float64}
@@ -711,6 +870,11 @@ class RecorderCallback:
             start_step=trainer.step,
         )
         recorder.epoch = getattr(trainer, "epoch", 0)
+        if recorder._buffer_kind()[1].type == "cpu" and not native.available():  # built here, once
+            logging.getLogger("gradlab").warning(
+                "gradient statistics by eager PyTorch ops, not the compiled kernels (%s): "
+                "recording costs about twice as much; see README, Performance", native.status_reason()
+            )
         self.recorder = recorder.__enter__()
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:

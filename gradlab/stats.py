@@ -12,7 +12,10 @@ them into the published metrics once per flush with ``activation_metrics`` and
 gives sum and sum of squares; variances come from E[x^2] - E[x]^2, accurate while |mean|
 is not far above the standard deviation.
 
-Speed on a CPU shapes two choices. Temporaries go to a caller-owned ``scratch`` buffer
+On a CPU, dense float32 and bfloat16 tensors go to compiled kernels (``native``) that read
+each tensor once for all its moments and write them straight into ``out``; the eager ops
+below are the path for accelerators, other dtypes and layouts, and machines without a C
+compiler. Speed on a CPU shapes two more choices for those ops. Temporaries go to a caller-owned ``scratch`` buffer
 (see ``new_scratch``): freshly allocated memory costs page faults that can dwarf the
 arithmetic (on the development machine, up to 16 ms for the passes over a 30 MB stem
 activation with fresh temporaries, 2-3 ms with a reused scratch). Large tensors are reduced
@@ -26,6 +29,8 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
+
+from gradlab import native
 
 CHUNK = 1 << 19  # elements per chunk (2 MiB of float32); smaller chunks cost more launches than they save
 
@@ -111,6 +116,13 @@ def _out(out: torch.Tensor | None, n: int, x: torch.Tensor) -> torch.Tensor:
     return torch.empty(n, dtype=stat_dtype(x.dtype), device=x.device) if out is None else out
 
 
+def _native(out: torch.Tensor | None, *tensors: torch.Tensor) -> bool:
+    """True when the compiled one-pass kernels (``native``) take these tensors and ``out``."""
+    if out is not None and (out.device.type != "cpu" or not out.is_contiguous() or out.dtype not in (torch.float32, torch.float64)):
+        return False
+    return native.handles(*tensors)
+
+
 def _sum_into(parts: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """Sum per-chunk partial results (tensors of ``out``'s shape) into ``out``."""
     return torch.sum(torch.stack(parts), 0, out=out)
@@ -123,6 +135,8 @@ def _sum_into(parts: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
 def sumsq(x: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of squares ``||x||^2``, a 0-d tensor: one fused pass (a dot product), no temporaries
     unless ``x`` must be converted to the statistic dtype."""
+    if _native(out, x):
+        return native.grad_moments(x, _out(out, 1, x).view(1)).view(())
     if x.dtype == stat_dtype(x.dtype):
         flat = _flat(x)
         return torch.dot(flat, flat) if out is None else torch.dot(flat, flat, out=out)
@@ -140,6 +154,9 @@ def diff_sumsq(
 ) -> torch.Tensor:
     """``||a - b||^2`` for tensors of one shape, a 0-d tensor: the residual branch part of an input gradient."""
     out = _out(out, 1, a).view(())
+    if _native(out, a, b):
+        native.grad_moments(a, torch.empty(1, dtype=out.dtype), other=b, diff_out=out.view(1))
+        return out
     single = _single_chunk(a, scratch) if b.stride() == a.stride() else None
     if single is not None:
         _, flat, spare = single
@@ -168,6 +185,9 @@ def relu_part_sumsq(
 ) -> torch.Tensor:
     """``||relu_part(grad, relu_out)||^2``, a 0-d tensor: one path's share of a ReLU's input gradient."""
     out = _out(out, 1, grad).view(())
+    if _native(out, grad, relu_out):
+        native.relu_part_sumsq(grad, relu_out, out.view(1))
+        return out
     parts = []
     for (chunk, _, spare), mask_from in zip(_stat_chunks(grad, scratch), _chunks(relu_out)):
         relu_part(chunk, mask_from.to(chunk.dtype), out=spare.view(chunk.shape))
@@ -182,21 +202,43 @@ def reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def grad_moments(g: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[||g||^2, number of inf and NaN entries]``, a float tensor of 2.
+def grad_moments(
+    g: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    other: torch.Tensor | None = None,
+    diff_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[||g||^2, number of inf and NaN entries]``, a float tensor of 2 (an ``out`` of one entry
+    takes the norm alone); with ``other`` (shaped like ``g``) also ``||g - other||^2``,
+    written to ``diff_out`` (one entry).
 
-    Any inf or NaN entry makes the sum of squares non-finite, so on the host (CPU) the exact
-    count is taken only then: one pass for a healthy gradient instead of three. (A finite
-    gradient whose square sum overflows is counted too, and counts 0.) On an accelerator the
-    count is always computed on the device, where it is cheap and nothing waits.
+    The compiled kernels (``native``, CPU) take all of it in one pass over ``g`` and ``other``.
+    Without them, any inf or NaN entry makes the sum of squares non-finite, so on the host
+    (CPU) the exact count is taken only then: one pass for a healthy gradient instead of
+    three. (A finite gradient whose square sum overflows is counted too, and counts 0.) On an
+    accelerator the count is always computed on the device, where it is cheap and nothing waits.
     """
+    if (other is None) != (diff_out is None):
+        raise ValueError("other and diff_out go together")
     out = _out(out, 2, g)
-    sumsq(g, scratch, out=out[0])
-    # not a host sync: reads_are_free (the CPU computed this value before returning)
-    if reads_are_free(g.device) and math.isfinite(out[0].item()):
-        out[1].zero_()
+    if _native(out, g) and (other is None or (_native(diff_out, g, other) and diff_out.dtype == out.dtype)):
+        native.grad_moments(g, out, other, None if diff_out is None else diff_out.view(1))
         return out
-    nonfinite_count(g, scratch, out=out[1])
+    if other is not None:
+        if diff_out.dtype == stat_dtype(g.dtype):
+            diff_sumsq(g, other, scratch, out=diff_out)
+        else:
+            diff_out.copy_(diff_sumsq(g, other, scratch).reshape(diff_out.shape))
+    norm, *count = out.view(-1)
+    sumsq(g, scratch, out=norm)
+    if not count:  # the norm alone
+        return out
+    # not a host sync: reads_are_free (the CPU computed this value before returning)
+    if reads_are_free(g.device) and math.isfinite(norm.item()):
+        count[0].zero_()
+        return out
+    nonfinite_count(g, scratch, out=count[0])
     return out
 
 
@@ -236,6 +278,8 @@ def channel_moments(x: torch.Tensor, scratch: torch.Tensor | None = None, out: t
     E[x^2] - mean over channels of (channel mean)^2: see ``chan_var_from_moments``.
     """
     out = _out(out, 2, x)
+    if _native(out, x):
+        return native.activation_moments(x, out, first=1)
     if x.dtype == stat_dtype(x.dtype):  # no temporaries: whole-tensor passes
         chan = _channel_sums(x)
         torch.dot(chan, chan, out=out[0])
@@ -259,6 +303,8 @@ def activation_moments(x: torch.Tensor, scratch: torch.Tensor | None = None, out
     moments into the five published activation statistics.
     """
     out = _out(out, 4, x)
+    if _native(out, x):
+        return native.activation_moments(x, out)
     single = _single_chunk(x, scratch)
     if single is not None:
         chunk, flat, spare = single

@@ -36,3 +36,21 @@ def small_config():
     from gradlab.train import TrainConfig
 
     return TrainConfig(block="res", depth=2, width=8, epochs=3, batch_size=64, lr=3e-3, dataset="synthetic", device="cpu")
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def backend(request, monkeypatch):
+    """Runs a test twice: CPU statistics by the compiled one-pass kernels (``gradlab.native``;
+    CI must have them) and by eager PyTorch ops, the path of accelerators and of machines
+    without a C compiler."""
+    from gradlab import native
+
+    if request.param == "eager":
+        monkeypatch.setattr(native, "plan", lambda tensor, stride=None: None)  # no tensor is taken
+        monkeypatch.setattr(native, "handles_all", lambda *lists: False)
+    elif not native.available():
+        message = f"no compiled kernels: {native.status()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return request.param
