@@ -63,8 +63,8 @@ bench: $(VENV)/.base $(DATA_STAMP)
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/allocator.py
-	$(PY) benchmarks/recorder_overhead.py --reps 10 --depths 6 32 --blocks conv res
-	$(PY) benchmarks/recorder_overhead.py --reps 10 --depths 6 --blocks conv res --precision bf16
+	$(PY) benchmarks/recorder_overhead.py --reps 20 --depths 6 32 --blocks conv res
+	$(PY) benchmarks/recorder_overhead.py --reps 20 --depths 6 32 --blocks conv res --precision bf16
 	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/epoch.py
 	$(PY) benchmarks/precision.py

@@ -1,9 +1,11 @@
 """Train-step time with the recorder at every=1 against no recorder, and against a naive recorder.
 
-Three copies of one DeepCNN (same initial weights, each with its own Adam) train side by
-side in one process on one synthetic batch: bare, with ``gradlab.recorder.Recorder``
-(all metrics, every step), and with the obvious naive recorder (plain torch ops and
-``.item()`` in every hook). Each repetition runs ``--steps`` steps of every variant in a
+Four copies of one DeepCNN (same initial weights, each with its own Adam) train side by
+side in one process on one synthetic batch: bare; with ``gradlab.recorder.Recorder`` (all
+metrics, every step) as it runs on a CPU, its statistics by the compiled one-pass kernels
+(``gradlab.native``); the same recorder with eager PyTorch ops instead (``native.disabled()``:
+a machine without a C compiler, and the code path of an accelerator); and the obvious naive
+recorder (plain torch ops and ``.item()`` in every hook). Each repetition runs ``--steps`` steps of every variant in a
 rotating order; a variant's ratio is the median over repetitions of its time over the bare
 model's time in the same repetition (pairs close in time and a median shrug off the load
 spikes of a shared machine).
@@ -17,6 +19,7 @@ with ``--precision bf16`` under bfloat16 autocast (the recorder's statistics sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -25,7 +28,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from gradlab import runtime
+from gradlab import native, runtime
 from gradlab.models import build_model, probe_points
 from gradlab.recorder import Recorder
 
@@ -77,8 +80,15 @@ class NaiveRecorder:
         return hook
 
 
-def train_steps(model, optimizer, x, y, steps: int, recorder=None, bf16: bool = False) -> list[tuple[float, float]]:
-    """(wall seconds, process CPU seconds) of each of ``steps`` optimizer steps."""
+def train_steps(model, optimizer, x, y, steps: int, recorder=None, bf16: bool = False,
+                eager: bool = False) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each of ``steps`` optimizer steps; ``eager``:
+    statistics by eager PyTorch ops (``native.disabled()``), as without a C compiler."""
+    with native.disabled() if eager else contextlib.nullcontext():
+        return _train_steps(model, optimizer, x, y, steps, recorder, bf16)
+
+
+def _train_steps(model, optimizer, x, y, steps, recorder, bf16) -> list[tuple[float, float]]:
     times = []
     for _ in range(steps):
         wall, cpu = time.perf_counter(), time.process_time()
@@ -99,7 +109,7 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     base = build_model(block, depth, args.width).to(memory_format=memory_format)
-    models = {name: copy.deepcopy(base) for name in ("none", "recorder", "naive")}
+    models = {name: copy.deepcopy(base) for name in ("none", "recorder", "eager", "naive")}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
     x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=memory_format)
     bf16 = args.precision == "bf16"
@@ -108,6 +118,7 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
     recorders = {
         "none": None,
         "recorder": Recorder(models["recorder"], every=1, optimizer=optimizers["recorder"], sink=kept.append),
+        "eager": Recorder(models["eager"], every=1, optimizer=optimizers["eager"], sink=kept.append),
         "naive": NaiveRecorder(models["naive"]),
     }
     for r in recorders.values():
@@ -115,20 +126,21 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
             r.__enter__()
     try:
         for name in models:  # warm-up: allocator, oneDNN primitives, the recorder's layouts
-            train_steps(models[name], optimizers[name], x, y, 2, recorders[name], bf16)
+            train_steps(models[name], optimizers[name], x, y, 2, recorders[name], bf16, name == "eager")
         times = {name: [] for name in models}  # per repetition: (wall, cpu) seconds per step
         names = list(models)
         for rep in range(args.reps):
             order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
             for name in order:
-                steps = train_steps(models[name], optimizers[name], x, y, args.steps, recorders[name], bf16)
+                steps = train_steps(models[name], optimizers[name], x, y, args.steps, recorders[name], bf16,
+                                    name == "eager")
                 times[name].append(tuple(statistics.fmean(s[clock] for s in steps) for clock in (0, 1)))
     finally:
         for r in recorders.values():
             if r is not None:
                 r.__exit__(None, None, None)
     result = {("none", clock): statistics.median(t[clock] for t in times["none"]) for clock in (0, 1)}
-    for name in ("recorder", "naive"):  # ratios within each repetition, then their median
+    for name in ("recorder", "eager", "naive"):  # ratios within each repetition, then their median
         for clock in (0, 1):
             result[name, clock] = statistics.median(t[clock] / b[clock] for t, b in zip(times[name], times["none"]))
     return result
@@ -158,12 +170,13 @@ def main() -> None:
           f"{args.reps} reps x {args.steps} steps, medians")
     print("step time over the bare model's, median over repetitions of the ratio within each;")
     print("wall clock, and in brackets process CPU time, which other load on a shared machine disturbs less")
-    print(f"{'block':>7} {'depth':>5} {'bare ms':>9} {'recorder':>18} {'naive (.item())':>18}")
+    print(f"statistics: {native.status()}")
+    print(f"{'block':>7} {'depth':>5} {'bare ms':>9} {'recorder':>18} {'eager ops':>18} {'naive (.item())':>18}")
     for block in args.blocks:
         for depth in args.depths:
             t = measure(block, depth, args)
-            cells = [f"{t[name, 0]:6.3f}x ({t[name, 1]:.3f}x)" for name in ("recorder", "naive")]
-            print(f"{block:>7} {depth:>5} {t['none', 0] * 1e3:9.1f} {cells[0]:>18} {cells[1]:>18}", flush=True)
+            cells = [f"{t[name, 0]:6.3f}x ({t[name, 1]:.3f}x)" for name in ("recorder", "eager", "naive")]
+            print(f"{block:>7} {depth:>5} {t['none', 0] * 1e3:9.1f} " + " ".join(f"{c:>18}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

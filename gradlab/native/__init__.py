@@ -19,6 +19,7 @@ Only dense (contiguous or channels-last) float32 and bfloat16 CPU tensors are ha
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -28,7 +29,7 @@ import platform
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,9 +132,26 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
+_off = 0  # depth of ``disabled()`` blocks
+
+
 def available() -> bool:
-    """True when the compiled kernels are built and loaded (building them on first call)."""
-    return _load()[0] is not None
+    """True when the compiled kernels are built and loaded (building them on first call), and
+    not switched off by ``disabled()``."""
+    return not _off and _load()[0] is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block every statistic is taken by eager PyTorch ops, as on a machine without
+    a C compiler: for side-by-side benchmarks and tests. Recorders created or stepping inside
+    it take the eager path for the steps inside it. Not thread-safe (a process-wide switch)."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
 
 
 def status() -> str:
@@ -142,8 +160,8 @@ def status() -> str:
 
 
 def status_reason() -> str:
-    """Why the compiled kernels are not loaded ("" when they are)."""
-    return _load()[1]
+    """Why the compiled kernels are not in use ("" when they are)."""
+    return "switched off by native.disabled()" if _off and _load()[0] is not None else _load()[1]
 
 
 def plan(x: torch.Tensor, stride: tuple[int, ...] | None = None) -> tuple[int, int, int, int] | None:
@@ -159,7 +177,7 @@ def plan(x: torch.Tensor, stride: tuple[int, ...] | None = None) -> tuple[int, i
     and the layout arithmetic is cached per shape and stride.
     """
     code = DTYPES.get(x.dtype)
-    if code is None or not x.is_cpu or _load()[0] is None:
+    if code is None or not x.is_cpu or not available():
         return None
     layout = _layout(x.shape, x.stride() if stride is None else stride)
     return None if layout is None else (code, *layout)
