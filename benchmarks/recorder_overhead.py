@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import statistics
 import time
 import warnings
@@ -103,6 +104,40 @@ def _train_steps(model, optimizer, x, y, steps, recorder, bf16) -> list[tuple[fl
     return times
 
 
+def time_kernels(model, optimizer, x, y, recorder, bf16: bool, steps: int = 6) -> float:
+    """Median seconds per step spent inside the compiled kernels (the memory traffic of reading
+    every measured tensor once more: the part of the overhead no change to the hooks removes),
+    timed around each call into the library for a few extra steps after the measurement."""
+    lib = native._load()[0]
+    if lib is None:
+        return math.nan
+    spent = [0.0]
+
+    class Timed:
+        def __getattr__(self, name):
+            entry = getattr(lib, name)
+
+            def call(args):
+                start = time.perf_counter()
+                try:
+                    return entry(args)
+                finally:
+                    spent[0] += time.perf_counter() - start
+
+            return call
+
+    loaded, native._lib = native._lib, Timed
+    per_step = []
+    try:
+        for _ in range(steps):
+            spent[0] = 0.0
+            train_steps(model, optimizer, x, y, 1, recorder, bf16)
+            per_step.append(spent[0])
+    finally:
+        native._lib = loaded
+    return statistics.median(per_step)
+
+
 def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str, int], float]:
     """By clock (0: wall, 1: process CPU time): the bare model's median seconds per step, and
     for the recorders the median over repetitions of their step time over the bare one's."""
@@ -135,11 +170,13 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
                 steps = train_steps(models[name], optimizers[name], x, y, args.steps, recorders[name], bf16,
                                     name == "eager")
                 times[name].append(tuple(statistics.fmean(s[clock] for s in steps) for clock in (0, 1)))
+        kernel_seconds = time_kernels(models["recorder"], optimizers["recorder"], x, y, recorders["recorder"], bf16)
     finally:
         for r in recorders.values():
             if r is not None:
                 r.__exit__(None, None, None)
     result = {("none", clock): statistics.median(t[clock] for t in times["none"]) for clock in (0, 1)}
+    result["kernels", 0] = kernel_seconds / result["none", 0]
     for name in ("recorder", "eager", "naive"):  # ratios within each repetition, then their median
         for clock in (0, 1):
             result[name, clock] = statistics.median(t[clock] / b[clock] for t, b in zip(times[name], times["none"]))
@@ -171,12 +208,15 @@ def main() -> None:
     print("step time over the bare model's, median over repetitions of the ratio within each;")
     print("wall clock, and in brackets process CPU time, which other load on a shared machine disturbs less")
     print(f"statistics: {native.status()}")
-    print(f"{'block':>7} {'depth':>5} {'bare ms':>9} {'recorder':>18} {'eager ops':>18} {'naive (.item())':>18}")
+    print("kernels: the recorder's time inside its compiled kernels, over the bare step (its floor)")
+    print(f"{'block':>7} {'depth':>5} {'bare ms':>9} {'recorder':>18} {'kernels':>8} {'eager ops':>18} "
+          f"{'naive (.item())':>18}")
     for block in args.blocks:
         for depth in args.depths:
             t = measure(block, depth, args)
-            cells = [f"{t[name, 0]:6.3f}x ({t[name, 1]:.3f}x)" for name in ("recorder", "eager", "naive")]
-            print(f"{block:>7} {depth:>5} {t['none', 0] * 1e3:9.1f} " + " ".join(f"{c:>18}" for c in cells), flush=True)
+            recorder, eager, naive = (f"{t[name, 0]:6.3f}x ({t[name, 1]:.3f}x)" for name in ("recorder", "eager", "naive"))
+            print(f"{block:>7} {depth:>5} {t['none', 0] * 1e3:9.1f} {recorder:>18} {t['kernels', 0]:7.1%} "
+                  f"{eager:>18} {naive:>18}", flush=True)
 
 
 if __name__ == "__main__":
