@@ -200,3 +200,20 @@ def test_training_without_the_kernels_says_so_and_records_the_same_metrics(tmp_p
     assert len(frames[0]) == len(frames[1]) > 0
     torch.testing.assert_close(torch.tensor(frames[0].value.to_numpy()), torch.tensor(frames[1].value.to_numpy()),
                                rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.skipif(not native.available(), reason="no compiled kernels")
+def test_the_source_also_builds_without_openmp(tmp_path):
+    """Where PyTorch runs on another OpenMP runtime the kernels are built without -fopenmp:
+    they must still build, load and count right, on one thread."""
+    import ctypes
+
+    library = tmp_path / "serial.so"
+    subprocess.run([os.environ.get("CC") or "cc", *native.BASE_FLAGS, "-o", str(library), str(native.SOURCE)], check=True,
+                   capture_output=True, timeout=120)
+    lib = ctypes.CDLL(str(library))
+    g = tensor((4, 8, 3, 3), torch.float32, seed=6, shift=0.0)
+    out = torch.zeros(2, dtype=torch.float64)
+    code, outer, c, inner = native.plan(g)
+    assert lib.gl_grad_moments(native._args(g.data_ptr(), 0, code, outer * c * inner, 2, 2, out.data_ptr(), 0, 1)) == 0
+    close(out, [g.double().square().sum().item(), 0.0])

@@ -12,10 +12,15 @@
  */
 #include <float.h>
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else /* built without -fopenmp (PyTorch on another OpenMP runtime): one thread, pragmas ignored */
+static int omp_get_thread_num(void) { return 0; }
+#endif
 
 typedef int64_t i64;
 enum { F32 = 0, BF16 = 1 };
