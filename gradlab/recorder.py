@@ -201,7 +201,9 @@ class _StepState:
         # Per cell (row * _NF + field): 0, _WRITTEN, or _COPIED (takes the value of copies[cell]
         # at the step's end). A later write replaces an earlier mark: the last one wins.
         self.marks = bytearray(rows * _NF)
+        self.mark_view = np.frombuffer(self.marks, dtype=np.uint8)  # the same bytes, for marking many cells at once
         self.copies: dict[int, int] = {}
+        self.flushes = 0  # the recorder's flush count when the step began
         self.sizes = [0] * (rows * 6)  # (numel, channels) per row and group: [rows, 3, 2]
         # The latest probe output, to notice an input that is the previous output: a weak
         # reference (identity only, keeps nothing alive), its row and its tap.
@@ -309,6 +311,7 @@ class Recorder:
         self._compiled_before: tuple[native.Tensors, native.Tensors] | None = None
         self._buffer: torch.Tensor | None = None
         self._host: np.ndarray | None = None  # the buffer's memory as numpy, when it is on the CPU
+        self._flushes = 0  # flushes so far: a step that saw one has to move its row
         self._meta: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # step, epoch, written cells, sizes
         self._kept: list[dict[str, np.ndarray]] = []
 
@@ -402,6 +405,7 @@ class Recorder:
             slot.zero_()
             host = None if self._host is None else self._host[len(self._meta)].reshape(-1)
             self._state = _StepState(self._step, self.epoch, slot, host, rows)
+            self._state.flushes = self._flushes
         return self._state
 
     def _buffer_kind(self) -> tuple[torch.dtype, torch.device]:
@@ -423,24 +427,28 @@ class Recorder:
         """Close the current step: settle its copied cells, keep its bookkeeping and advance ``step``."""
         state, self._state = self._state, None
         self._remove_grad_hooks()
-        if state is not None and any(state.marks):
+        if state is not None and state.marks.count(0) < len(state.marks):  # something was measured
             copies = state.pending_copies()
-            if copies:
+            if copies and state.host is not None:  # a CPU buffer: numpy indexing on the same memory
+                dst, src = self._copy_index(copies, None)
+                state.host[dst] = state.host[src]
+            elif copies:
                 dst, src = self._copy_index(copies, state.slot.device)
                 state.slot.index_copy_(0, dst, state.slot.index_select(0, src))
-            target = self._buffer[len(self._meta)].view(-1)
-            if target.data_ptr() != state.slot.data_ptr():  # a flush came in the middle of the step
-                target.copy_(state.slot)
+            if state.flushes != self._flushes:  # a flush came in the middle of the step: its row moves
+                self._buffer[len(self._meta)].view(-1).copy_(state.slot)
             self._meta.append((state.step, state.epoch, *state.bookkeeping(len(self.probes) + 1)))
             if len(self._meta) == self.flush_every:
                 self.flush()
         self.step = self._step + 1
 
-    def _copy_index(self, pairs: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _copy_index(self, pairs: tuple[tuple[int, int], ...], device: torch.device | None) -> tuple:
+        """Destination and source cells of ``pairs`` as device index tensors (numpy arrays for
+        ``device=None``), built once per layout of copies, not per step: a copy to the device waits."""
         key = ("copies", pairs, device)
         if key not in self._layouts:
-            # Built once per layout of copies, not per step: the copy to the device waits on it.
-            self._layouts[key] = tuple(torch.tensor(side, device=device) for side in zip(*pairs))
+            sides = [np.array(side, dtype=np.int64) for side in zip(*pairs)]
+            self._layouts[key] = tuple(sides if device is None else (torch.from_numpy(a).to(device) for a in sides))
         return self._layouts[key]
 
     # -- forward hooks -----------------------------------------------------------------
@@ -716,8 +724,8 @@ class Recorder:
             if rows:
                 column = state.slot.view(-1, _NF)[:, _F[field]]
                 column.index_copy_(0, index, (owners @ squares).to(column.dtype))
-        for row in rows:
-            state.marks[row * _NF + _F[field]] = _WRITTEN
+        if rows:
+            state.mark_view[np.asarray(rows) * _NF + _F[field]] = _WRITTEN
 
     def _param_rows_host(self, present: tuple[bool, ...] | None, with_model: bool) -> tuple[list[int], np.ndarray]:
         """``_param_rows`` for the host: the rows and a float64 numpy owner matrix."""
@@ -762,6 +770,7 @@ class Recorder:
         if not self._meta:
             return
         meta, self._meta = self._meta, []
+        self._flushes += 1
         # host sync: the one device -> host copy of this flush (astype copies out of the buffer)
         raw = self._buffer[: len(meta)].cpu().numpy().astype(np.float64)
         columns = self._columns(raw, meta)

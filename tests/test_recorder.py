@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -397,6 +398,24 @@ def test_recorder_rejects_bad_values():
         Recorder(model, flush_every=0)
     with pytest.raises(ValueError, match="-1"):
         logspaced(-1)
+
+
+def test_a_flush_in_the_middle_of_a_step_keeps_that_step_whole(backend):
+    model = make_model("res", dtype=torch.float32)
+    twin = copy.deepcopy(model)
+    x, y = make_batch(dtype=torch.float32)
+    frames = []
+    for m, flush_mid_step in ((model, True), (twin, False)):
+        torch.manual_seed(0)  # the same dropout masks in both
+        with Recorder(m, flush_every=100) as rec:
+            for step in range(3):
+                out = m(x)
+                if flush_mid_step and step == 1:
+                    rec.flush()  # step 0 leaves; step 1 is measured halfway
+                F.cross_entropy(out, y).backward()
+        frames.append(rec.frame())
+    assert sorted(frames[0].step.unique()) == [0, 1, 2]
+    pd.testing.assert_frame_equal(frames[0], frames[1])
 
 
 def test_flushes_in_chunks_with_typed_columns():
