@@ -6,7 +6,7 @@ its count) plus a launch each. ``moments.c`` reads each tensor once and computes
 probe point's moments in that pass, and writes them straight into the recorder's buffer. On
 the development machine that is 3-5x less time for an activation's moments, and a gradient's
 norm and non-finite count for the price of one dot product; the recorder's overhead drops from
-1.13-1.23x a train step to 1.02-1.07x (``benchmarks/recorder_overhead.py``).
+1.12-1.23x a train step to 1.02-1.07x (``benchmarks/recorder_overhead.py``).
 
 The C source ships with gradlab and is compiled on first use with the system's C compiler
 (``$CC``, else ``cc``) into a per-user cache (``$GRADLAB_CACHE_DIR``, else
