@@ -305,9 +305,10 @@ class Recorder:
         self._before: list[torch.Tensor] | None = None  # the parameters before the optimizer step
         self._before_kinds: tuple | None = None
         self._before_store: list[torch.Tensor] = []
-        # The compiled kernels' view of the parameters and of a buffer for their values before
-        # the step, with the addresses it was built for (None: the kernels cannot take them).
-        self._compiled: tuple[np.ndarray, tuple[native.Tensors, native.Tensors] | None] | None = None
+        # The compiled kernels' view of the parameters, and of a buffer for their values before
+        # the step (built for that view of the parameters).
+        self._watched = native.Watched(self._params)
+        self._before_view: tuple[native.Tensors, native.Tensors] | None = None
         self._compiled_before: tuple[native.Tensors, native.Tensors] | None = None
         self._buffer: torch.Tensor | None = None
         self._host: np.ndarray | None = None  # the buffer's memory as numpy, when it is on the CPU
@@ -675,14 +676,12 @@ class Recorder:
         """The parameters and a before-the-step buffer as ``native.Tensors``, built once and
         rebuilt when a parameter moved (``.to()``, ``.data =``); None when the kernels cannot
         take them (an accelerator, another dtype), a verdict kept for the same addresses."""
-        if not native.available():
+        params = self._watched.current()
+        if params is None:
             return None
-        where = native.pointers(self._params)
-        if self._compiled is None or not np.array_equal(where, self._compiled[0]):
-            params = native.Tensors.of(self._params)
-            pair = None if params is None else (params, native.Tensors([torch.empty_like(p) for p in self._params]))
-            self._compiled = (where, pair)
-        return self._compiled[1]
+        if self._before_view is None or self._before_view[0] is not params:
+            self._before_view = (params, native.Tensors([torch.empty_like(p) for p in self._params]))
+        return self._before_view
 
     @staticmethod
     def _squares(

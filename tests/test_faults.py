@@ -747,6 +747,26 @@ def test_locate_nonfinite_prefers_the_first_broken_activation_then_the_first_gra
     assert runs.locate_nonfinite(frame([(4, 0, "model", -1, "model", "loss", nan)])) is None
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["all-trained", "frozen-layer"])
+def test_a_non_finite_gradient_under_a_finite_loss_is_caught_on_the_cpu(small_config, small_splits, backend, frozen):
+    """The watch's host path: a NaN in one weight's gradient at step 3, the loss still finite.
+    Counted by the compiled kernels, or (eager backend, frozen parameters) by the foreach norms."""
+    from gradlab.train import Trainer, _Divergence
+
+    watch = _Divergence()
+    trainer = Trainer(small_config, callbacks=[watch], splits=small_splits)
+    if frozen:
+        trainer.model.layers[1].requires_grad_(False)
+    weight = trainer.model.layers[0].conv1.weight
+    weight.register_hook(lambda grad: grad.clone().fill_(float("nan")) if trainer.step == 3 else grad)
+    trainer._emit("on_fit_start")
+    while not trainer.stop_training and trainer.epoch < small_config.epochs:
+        trainer.train_epoch()
+        trainer.epoch += 1
+    assert trainer.diverged == {"step": 3, "epoch": 3 // len(trainer.train_loader), "cause": "gradient"}
+    assert trainer.step == 4  # stopped after the step that diverged
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_divergence_watch_adds_no_host_sync_per_step_on_cuda():
     """Between its checks the watch only queues device work: CUDA's sync debug mode would raise."""

@@ -372,15 +372,48 @@ class Tensors:
             return None
         return _sumsq_raw(pointers(others), self.numel)
 
+    def nonfinite_like(self, others: Sequence[torch.Tensor]) -> int | None:
+        """The number of inf and NaN entries in tensors laid out like these (as ``sumsq_like``),
+        or None when they are not."""
+        if len(others) != len(self.tensors) or list(map(torch.Tensor.stride, others)) != self.strides:
+            return None
+        bad = np.empty(len(others), dtype=np.float64)
+        _sumsq_raw(pointers(others), self.numel, bad=bad)
+        return int(bad.sum())
+
+
+class Watched:
+    """``Tensors`` of a list whose tensors may move (``.to()``, ``.data =``): ``current()``
+    checks their addresses in one vectorised pass and rebuilds the view when one moved."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
+        self._where: np.ndarray | None = None
+        self._view: Tensors | None = None
+
+    def current(self) -> Tensors | None:
+        """The list as ``Tensors``, or None when the kernels cannot take it (a verdict kept
+        while the addresses stay) or are off."""
+        if not available():
+            return None
+        where = pointers(self.tensors)
+        if self._where is None or not np.array_equal(where, self._where):
+            self._where, self._view = where, Tensors.of(self.tensors)
+        return self._view
+
 
 def _sumsq_raw(
-    a: np.ndarray, numel: np.ndarray, minus: Tensors | None = None, copy_to: Tensors | None = None
+    a: np.ndarray,
+    numel: np.ndarray,
+    minus: Tensors | None = None,
+    copy_to: Tensors | None = None,
+    bad: np.ndarray | None = None,
 ) -> np.ndarray:
     out = np.empty(len(a), dtype=np.float64)
     _check(_lib().gl_sumsq_many(_args(
         len(a), a.ctypes.data, 0 if minus is None else minus.pointers.ctypes.data,
         0 if copy_to is None else copy_to.pointers.ctypes.data, numel.ctypes.data, torch.get_num_threads(),
-        out.ctypes.data,
+        out.ctypes.data, 0 if bad is None else bad.ctypes.data,
     )))  # fmt: skip
     return out
 

@@ -268,28 +268,35 @@ static int relu_part_sumsq(const void *g, int gtype, const void *r, int rtype, i
 /* ---- parameters: squared norms of many float32 tensors ---- */
 
 /* out[i] = ||a[i] - b[i]||^2 (||a[i]||^2 when b is NULL) as float64; with `copy`, a[i] is also
- * copied to copy[i] in the same pass. */
+ * copied to copy[i] in the same pass; with `bad`, bad[i] = the count of inf and NaN in a[i]. */
 static int sumsq_many(i64 k, const float *const *a, const float *const *b, float *const *copy, const i64 *numel,
-                      int threads, double *out) {
+                      int threads, double *out, double *bad) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && k > 1)
     for (i64 t = 0; t < k; t++) {
         const float *x = a[t], *y = b ? b[t] : NULL;
         const i64 n = numel[t];
-        double total = 0.0;
+        double total = 0.0, nonfinite = 0.0;
         for (i64 i0 = 0; i0 < n; i0 += BLOCK) {
             const i64 i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
-            float q = 0.0f;
+            float q = 0.0f, nf = 0.0f;
             if (y == NULL) {
-#pragma omp simd reduction(+ : q)
-                for (i64 i = i0; i < i1; i++) q += x[i] * x[i];
+#pragma omp simd reduction(+ : q, nf)
+                for (i64 i = i0; i < i1; i++) {
+                    q += x[i] * x[i];
+                    nf += !(fabsf(x[i]) <= FLT_MAX);
+                }
             } else {
-#pragma omp simd reduction(+ : q)
-                for (i64 i = i0; i < i1; i++) q += (x[i] - y[i]) * (x[i] - y[i]);
+#pragma omp simd reduction(+ : q, nf)
+                for (i64 i = i0; i < i1; i++) {
+                    q += (x[i] - y[i]) * (x[i] - y[i]);
+                    nf += !(fabsf(x[i]) <= FLT_MAX);
+                }
             }
-            total += q;
+            total += q, nonfinite += nf;
         }
         if (copy) memcpy(copy[t], x, (size_t)n * sizeof(float));
         out[t] = total;
+        if (bad) bad[t] = nonfinite;
     }
     return 0;
 }
@@ -315,5 +322,7 @@ int gl_relu_part_sumsq(const i64 *a) {
     return relu_part_sumsq(P(a[0]), (int)a[1], P(a[2]), (int)a[3], a[4], (int)a[5], P(a[6]), (int)a[7]);
 }
 
-/* k, tensors, minus, copy_to, numel, threads, out: arrays of k pointers or sizes */
-int gl_sumsq_many(const i64 *a) { return sumsq_many(a[0], P(a[1]), P(a[2]), P(a[3]), P(a[4]), (int)a[5], P(a[6])); }
+/* k, tensors, minus, copy_to, numel, threads, out, bad: arrays of k pointers, sizes or results */
+int gl_sumsq_many(const i64 *a) {
+    return sumsq_many(a[0], P(a[1]), P(a[2]), P(a[3]), P(a[4]), (int)a[5], P(a[6]), P(a[7]));
+}
