@@ -688,10 +688,8 @@ class Recorder:
         tensors: list[torch.Tensor], minus: list[torch.Tensor] | None = None, copy_to: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Squared L2 norm of each tensor (of ``tensor - minus``), copying each to ``copy_to`` on
-        the way: one compiled pass on a CPU (float64 results), fused ``_foreach`` kernels
-        elsewhere (float32). ``minus`` is scratch: the ``_foreach`` path overwrites it."""
-        if native.handles_all(tensors, minus, copy_to):
-            return torch.from_numpy(native.sumsq_many(tensors, minus, copy_to))
+        the way, by fused ``_foreach`` kernels: the path where ``native.Tensors`` cannot go (an
+        accelerator, another dtype, frozen parameters). ``minus`` is scratch: it is overwritten."""
         if copy_to is not None:
             torch._foreach_copy_(copy_to, tensors)
         if minus is not None:

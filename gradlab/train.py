@@ -402,12 +402,13 @@ class _Divergence(Callback):
         device = trainer.device
         self.host = device.type == "cpu"
         self.params = list(trainer.model.parameters())
-        self.watched = native.Watched(self.params)
-        self.first = torch.full((2,), self.NONE, dtype=torch.long, device=device)  # first bad loss, gradient step
-        self.host_first = [self.NONE, self.NONE]
-        self.step = torch.tensor(trainer.step, device=device)  # the step on the device: one copy per fit
-        self.loss_bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.loss_bad_now = False
+        if self.host:  # first bad loss and gradient step, and this step's loss verdict, as Python values
+            self.host_first, self.loss_bad_now = [self.NONE, self.NONE], False
+            self.watched = native.Watched(self.params)  # the compiled kernels' view of the parameters
+        else:  # the same on the device, with the step there too (one copy per fit)
+            self.first = torch.full((2,), self.NONE, dtype=torch.long, device=device)
+            self.step = torch.tensor(trainer.step, device=device)
+            self.loss_bad = torch.zeros((), dtype=torch.bool, device=device)
         self.check_every = 1 if self.host else DIVERGENCE_CHECK_EVERY
         self.steps_per_epoch = len(trainer.train_loader)
 
@@ -443,6 +444,7 @@ class _Divergence(Callback):
         view = self.watched.current() if len(present) == len(grads) else None
         count = None if view is None else view.nonfinite_like(grads)
         if count is None:
+            # not a host sync: the CPU computed it
             return not math.isfinite(torch.stack(torch._foreach_norm(present, math.inf)).max().item())
         return count > 0
 

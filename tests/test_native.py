@@ -118,20 +118,42 @@ def test_a_large_stem_activation_on_one_and_two_threads():
 
 
 @pytest.mark.skipif(not native.available(), reason="no compiled kernels")
-def test_sumsq_many_norms_differences_and_copies():
+def test_tensor_lists_norms_differences_copies_and_nonfinite_counts():
     tensors = [tensor(s, torch.float32, seed=i) for i, s in enumerate([(16, 8, 3, 3), (16,), (0,), (10, 512)])]
     tensors[0] = tensors[0].to(memory_format=torch.channels_last)  # dense in another order
-    others = [torch.randn_like(t) for t in tensors]
-    copies = [torch.empty_like(t) for t in tensors]
-    assert native.handles_all(tensors, others, copies)
-    got = native.sumsq_many(tensors, copy_to=copies)
-    close(got, [t.double().square().sum().item() for t in tensors])
-    assert all(torch.equal(c, t) for c, t in zip(copies, tensors))
-    got = native.sumsq_many(tensors, minus=others)
-    close(got, [(t.double() - o.double()).square().sum().item() for t, o in zip(tensors, others)])
-    assert not native.handles_all([t.double() for t in tensors])
-    assert not native.handles_all(tensors, [o.contiguous() for o in others])  # another memory order
-    assert not native.handles_all([tensors[3].t()])  # strided: not dense
+    view = native.Tensors.of(tensors)
+    assert view is not None
+    others = native.Tensors([torch.randn_like(t) for t in tensors])
+    copies = native.Tensors([torch.empty_like(t) for t in tensors])
+    close(view.sumsq(copy_to=copies), [t.double().square().sum().item() for t in tensors])
+    assert all(torch.equal(c, t) for c, t in zip(copies.tensors, tensors))
+    close(view.sumsq(minus=others), [(t.double() - o.double()).square().sum().item()
+                                     for t, o in zip(tensors, others.tensors)])
+    like = [torch.randn_like(t) for t in tensors]  # gradients: the tensors' strides
+    close(view.sumsq_like(like), [g.double().square().sum().item() for g in like])
+    like[3][2, 7], like[3][4, 0], like[0][1, 2, 0, 0] = math.nan, math.inf, -math.inf
+    assert view.nonfinite_like(like) == 3
+    assert view.sumsq_like([g.contiguous() for g in like]) is None  # another memory order: not taken
+    assert view.nonfinite_like(like[:3]) is None
+    assert native.Tensors.of([t.double() for t in tensors]) is None
+    assert native.Tensors.of([tensors[3].t()]) is None  # strided: not dense
+
+
+@pytest.mark.skipif(not native.available(), reason="no compiled kernels")
+def test_watched_tensors_follow_a_parameter_that_moved():
+    params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.full((5,), 2.0))]
+    watched = native.Watched(params)
+    first = watched.current()
+    assert first is not None and watched.current() is first  # unchanged addresses: the same view
+    params[1].data = torch.full((5,), 3.0)  # .data = moves it
+    moved = watched.current()
+    assert moved is not first
+    close(moved.sumsq(), [12.0, 45.0])
+    params[0].data = params[0].data.double()  # a dtype the kernels do not take
+    assert watched.current() is None
+    with native.disabled():
+        params[0].data = params[0].data.float()
+        assert watched.current() is None
 
 
 def test_what_the_compiled_kernels_take():

@@ -121,14 +121,8 @@ def reference(model, x, y, seed: int) -> dict:
 
 def recorded_step(model, x, y, seed: int, optimizer=None, **kwargs):
     with Recorder(model, optimizer=optimizer, **kwargs) as rec:
-        torch.manual_seed(seed)
-        loss = F.cross_entropy(model(x), y)
-        rec.record_loss(loss)
-        if optimizer is not None:
-            optimizer.zero_grad()
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
+        torch.manual_seed(seed)  # the dropout mask the reference pass draws too
+        run_steps(rec, model, x, y, 1, optimizer)
     return rec.frame()
 
 

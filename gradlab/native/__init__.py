@@ -323,20 +323,12 @@ def _dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
-def handles_all(tensors: Sequence[torch.Tensor], *others: Sequence[torch.Tensor] | None) -> bool:
-    """True when ``sumsq_many`` can take these lists: loaded, every tensor dense float32 on the
-    CPU, and each list of ``others`` (None: absent) shaped and laid out like ``tensors``."""
+def handles_all(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when the kernels can take this list as ``Tensors``: loaded, and every tensor dense
+    float32 on the CPU."""
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32 or not _dense(t):
             return False
-    for other in others:
-        if other is None:
-            continue
-        if len(other) != len(tensors):
-            return False
-        for o, t in zip(other, tensors):
-            if o.device.type != "cpu" or o.dtype != torch.float32 or o.shape != t.shape or o.stride() != t.stride():
-                return False
     return available()
 
 
@@ -416,19 +408,3 @@ def _sumsq_raw(
         out.ctypes.data, 0 if bad is None else bad.ctypes.data,
     )))  # fmt: skip
     return out
-
-
-def sumsq_many(
-    tensors: Sequence[torch.Tensor],
-    minus: Sequence[torch.Tensor] | None = None,
-    copy_to: Sequence[torch.Tensor] | None = None,
-) -> np.ndarray:
-    """Squared L2 norm of each tensor (of ``tensors[i] - minus[i]`` with ``minus``), float64
-    numpy; with ``copy_to``, each tensor is also copied there in the same pass. The lists must
-    pass ``handles_all``: dense float32 CPU tensors, ``minus`` and ``copy_to`` laid out alike."""
-    numel = [t.numel() for t in tensors]
-    for other in (minus, copy_to):
-        if other is not None and [t.numel() for t in other] != numel:
-            raise ValueError("minus and copy_to must match tensors in number and sizes")
-    lists = [None if t is None else Tensors(t) for t in (minus, copy_to)]
-    return _sumsq_raw(pointers(tensors), np.array(numel, dtype=np.int64), *lists)
