@@ -49,38 +49,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gradlab import native, stats
-from gradlab.models import ProbePoint, probe_points
+from gradlab import native, probes as probe_specs, schema, stats
+from gradlab.probes import ProbePoint
 
 Schedule = Callable[[int], bool]
 Sink = Callable[[dict[str, np.ndarray]], Any]
 
-# The public record format: one row per (step, probe point, metric).
-COLUMNS = ("step", "epoch", "layer", "position", "block", "metric", "value")
-METRICS = (
-    # forward, on the probe point's output; channels are dim 1, statistics over batch and space
-    "act_mean",
-    "act_std",
-    "act_nonpos_frac",  # fraction <= 0: what the next ReLU kills
-    "act_chan_mean_sq",  # mean over channels of the squared channel mean (Brock et al. 2021)
-    "act_chan_var",  # mean over channels of the channel variance (Brock et al. 2021)
-    "branch_chan_var",  # res, resdown: the residual branch (conv2's output) before the addition
-    "skip_chan_var",  # res: the block input; resdown: conv3's output
-    # backward: L2 norms of the loss gradient with respect to output and input
-    "grad_out_norm",
-    "grad_in_norm",
-    "grad_gain",  # grad_in_norm / grad_out_norm
-    "grad_in_branch_norm",  # res, resdown: the part of the input gradient through the branch
-    "grad_in_skip_norm",  # res, resdown: the part through the skip path
-    "nonfinite_grads",  # count of inf and NaN entries in the output gradient
-    # parameters of the probe point, sub-modules included; the model row: all parameters
-    "param_grad_norm",
-    "param_norm",  # before the optimizer step
-    "update_ratio",  # ||delta theta|| / ||theta|| of the optimizer step
-    "loss",  # model row only
-)
-MODEL_LAYER = "model"  # layer and block of the per-step row; its position is -1
-RESIDUAL = ("res", "resdown")
+# The public record format (``schema``): one row per (step, probe point, metric).
+COLUMNS = schema.RECORD_COLUMNS
+METRICS = schema.METRIC_NAMES  # what each one is: schema.METRICS
+MODEL_LAYER = schema.MODEL_LAYER  # layer and role of the per-step row; its position is -1
 SCHEDULES = ("every", "log")
 
 # Moments kept on the device per probe point and step; ``_metrics`` derives METRICS from them.
@@ -140,6 +118,7 @@ class RecordConfig:
     every: int = 1  # record every N-th step; 0 disables
     schedule: str = "every"  # "every" | "log": 0, 1, 2, ..., 8, 10, 13, 16, 20, ... (every > 0 switches it on)
     flush_every: int = 64  # recorded steps held on the device between host syncs
+    probes: tuple[str, ...] | None = None  # module names or globs to record; None: probes.select's default
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
@@ -148,6 +127,11 @@ class RecordConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; known: {list(SCHEDULES)}")
         if isinstance(self.flush_every, bool) or not isinstance(self.flush_every, int) or self.flush_every < 1:
             raise ValueError(f"flush_every must be an integer >= 1, got {self.flush_every!r}")
+        if self.probes is not None:
+            probes = (self.probes,) if isinstance(self.probes, str) else tuple(self.probes)
+            if not probes or not all(isinstance(p, str) and p.strip() for p in probes):
+                raise ValueError(f"probes must be module names or globs, got {self.probes!r}")
+            object.__setattr__(self, "probes", probes)
 
     @property
     def enabled(self) -> bool:
@@ -166,14 +150,16 @@ class RecordConfig:
 
 class _Tap:
     """The roles of one hooked activation tensor: output of row ``out_of``, input of row
-    ``in_of``; and, when the compiled kernels measured it in the forward pass, its layout
+    ``in_of``, or the branch output of row ``skip_of`` (whose gradient is that identity
+    block's skip gradient); and, when the compiled kernels measured it in the forward pass, its layout
     (``native.plan``) and strides, which its gradient shares unless its strides differ
     (autograd gives a gradient the tensor's dtype, device and shape)."""
 
-    __slots__ = ("out_of", "in_of", "layout", "stride")
+    __slots__ = ("out_of", "in_of", "skip_of", "layout", "stride")
 
-    def __init__(self, out_of: int | None = None, in_of: int | None = None, seen: tuple = (None, None)) -> None:
-        self.out_of, self.in_of = out_of, in_of
+    def __init__(self, out_of: int | None = None, in_of: int | None = None, seen: tuple = (None, None),
+                 skip_of: int | None = None) -> None:
+        self.out_of, self.in_of, self.skip_of = out_of, in_of, skip_of
         self.layout, self.stride = seen
 
 
@@ -209,10 +195,11 @@ class _StepState:
         # reference (identity only, keeps nothing alive), its row and its tap.
         self.last_out: weakref.ref | None = None
         self.last_row: int | None = None
+        self.last_version = 0
         self.last_tap: _Tap | None = None
-        self.grad_out: dict[int, tuple[torch.Tensor, tuple | None]] = {}  # res row -> (output gradient, its layout)
-        self.relu_out: dict[int, torch.Tensor] = {}  # resdown row -> output of its leading ReLU
-        self.path_grad: dict[tuple[int, str], torch.Tensor] = {}  # (resdown row, conv) -> grad at the ReLU output
+        self.skip_grad: dict[int, tuple[torch.Tensor, tuple | None]] = {}  # identity row -> (skip gradient, layout)
+        self.path_in: dict[int, torch.Tensor] = {}  # projection row -> the paths' input (a pre_relu mask)
+        self.path_grad: dict[tuple[int, str], torch.Tensor] = {}  # (projection row, path) -> its input gradient
 
     def cells(self, row: int, first: str, n: int = 1) -> torch.Tensor:
         """The buffer view of ``n`` consecutive fields of ``row`` from ``first``, marked written."""
@@ -261,7 +248,10 @@ class Recorder:
     ``optimizer.step()`` and the parameter update is measured; without one, every backward
     pass is one step. ``sink``: a callable that receives each flush's columns (a dict of
     numpy arrays keyed by COLUMNS); without one the records are kept for ``frame()``.
-    ``probes``: the probe points, ``models.probe_points(model)`` by default.
+    ``probes``: which modules to measure: names or globs, a function ``(name, module) ->
+    bool``, or ``ProbePoint`` objects (``probes.select``; by default the model's declared
+    points, else the automatic rule). Residual blocks are split into branch and skip by
+    their declared decomposition (``probes.Residual``), never by guessing.
 
     A forward pass in training mode with gradients enabled belongs to step ``step``;
     evaluation passes (``no_grad``, ``inference_mode``, ``model.eval()``) are not recorded.
@@ -280,18 +270,25 @@ class Recorder:
         sink: Sink | None = None,
         flush_every: int = 64,
         start_step: int = 0,
-        probes: Sequence[ProbePoint] | None = None,
+        probes: probe_specs.Selection = None,
     ) -> None:
         self.schedule: Schedule = _as_schedule(every)
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
         self.model, self.optimizer, self.sink, self.flush_every = model, optimizer, sink, flush_every
-        self.probes = list(probe_points(model) if probes is None else probes)
-        # Row 0 is the model's per-step row (position -1); row i + 1 is probe position i.
+        self.probes: list[ProbePoint] = probe_specs.select(model, probes)
+        # Row 0 is the model's per-step row (position -1); row i + 1 is the i-th probe point.
         self._layers = np.array([MODEL_LAYER] + [p.name for p in self.probes], dtype=object)
-        self._blocks = np.array([MODEL_LAYER] + [p.block for p in self.probes], dtype=object)
-        self._positions = np.array([-1] + [p.position for p in self.probes], dtype=np.int64)
-        self._kinds = list(self._blocks)  # block kind per row, for the hooks
+        self._roles = np.array([MODEL_LAYER] + [p.role for p in self.probes], dtype=object)
+        self._stack = np.array([schema.NOT_IN_STACK] + [p.stack_index for p in self.probes], dtype=np.int64)
+        self._types = np.array([type(model).__name__] + [p.module_type for p in self.probes], dtype=object)
+        self._positions = np.array([schema.MODEL_POSITION] + [p.position for p in self.probes], dtype=np.int64)
+        # Per row, what the gradient hooks do for a residual block (None: not one): the skip
+        # gradient is the block's output gradient ("out": an identity with nothing after the
+        # addition), the branch output's gradient ("branch": an identity followed by, say, a
+        # ReLU) or the parts through two paths ("paths": a projection).
+        self._residual = [None] + [p.residual for p in self.probes]
+        self._skip_grad = [None] + [_skip_gradient(p.residual) for p in self.probes]
         self._params = list(model.parameters())
         self._state: _StepState | None = None  # the recorded step in progress
         self.epoch = 0
@@ -341,11 +338,16 @@ class Recorder:
         try:
             for row, probe in enumerate(self.probes, start=1):
                 self._hook(probe.module, functools.partial(self._on_probe_forward, row))
-                if probe.block in RESIDUAL:
-                    self._hook(probe.module.conv2, functools.partial(self._on_branch_forward, row))
-                if probe.block == "resdown":
-                    self._hook(probe.module.conv1, functools.partial(self._on_path_forward, row, "conv1"))
-                    self._hook(probe.module.conv3, functools.partial(self._on_path_forward, row, "conv3"))
+                residual = probe.residual
+                if residual is None:
+                    continue
+                sub = functools.partial(probe_specs.submodule, probe.module)
+                self._hook(sub(residual.branch), functools.partial(self._on_branch_forward, row))
+                if residual.skip is not None:
+                    self._hook(sub(residual.skip), functools.partial(self._on_skip_forward, row))
+                    for path, name in (("branch", residual.entry), ("skip", residual.skip)):
+                        self._handles.append(sub(name).register_forward_pre_hook(
+                            functools.partial(self._on_path_input, row, path)))
             if self.optimizer is None:
                 self._hook(self.model, self._on_model_forward)
             else:
@@ -460,9 +462,10 @@ class Recorder:
         state = self._state or self._begin()
         seen = self._moments(state, row, "act_sum", _ACT, output)
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        same = x is not None and state.last_out is not None and state.last_out() is x
+        # The previous probe point's output, unchanged since (an in-place op would bump its version).
+        same = x is not None and state.last_out is not None and state.last_out() is x and x._version == state.last_version
         seen_x = (None, None)
-        if self._kinds[row] == "res" and x is not None:  # the skip path is the block input itself
+        if x is not None and self._skip_grad[row] in ("out", "branch"):  # an identity: the skip is the input
             if same:
                 state.copy(row, "skip_chan_sum_sq", state.last_row, "act_chan_sum_sq", 2)
                 state.size_like(row, _SKIP, state.last_row, _ACT)
@@ -473,7 +476,7 @@ class Recorder:
                 state.last_tap.in_of = row  # one hook serves the previous output and this input
             else:
                 self._tap(x, _Tap(in_of=row, seen=seen_x))
-        state.last_out, state.last_row = weakref.ref(output), row
+        state.last_out, state.last_row, state.last_version = weakref.ref(output), row, output._version
         state.last_tap = self._tap(output, _Tap(out_of=row, seen=seen)) if output.requires_grad else None
 
     def _moments(self, state: _StepState, row: int, field: str, group: int, x: torch.Tensor) -> tuple:
@@ -502,24 +505,33 @@ class Recorder:
         else:  # e.g. a float32 tensor in a float64 model: measured in its own precision, then stored
             out.copy_(fn(x, scratch=self._scratch_for(x)).reshape(-1)[: out.numel()].reshape(out.shape))
 
-    def _on_branch_forward(self, row: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        """conv2 of a res or resdown block: the residual branch before the addition."""
-        if self._on and module.training and torch.is_grad_enabled():
-            self._moments(self._state or self._begin(), row, "branch_chan_sum_sq", _BRANCH, output)
-
-    def _on_path_forward(self, row: int, conv: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        """conv1 (branch) or conv3 (skip) of a resdown block, both fed by the block's leading ReLU."""
-        if not self._live(module):
+    def _on_branch_forward(self, row: int, module: nn.Module, args: tuple, output: Any) -> None:
+        """A residual block's branch just before the addition; with an operation after the
+        addition, the branch output's gradient is the skip gradient of an identity block."""
+        if not (self._on and module.training and torch.is_grad_enabled()) or not isinstance(output, torch.Tensor):
             return
+        state = self._state or self._begin()
+        seen = self._moments(state, row, "branch_chan_sum_sq", _BRANCH, output)
+        if self._skip_grad[row] == "branch" and output.requires_grad:
+            self._tap(output, _Tap(skip_of=row, seen=seen))
+
+    def _on_skip_forward(self, row: int, module: nn.Module, args: tuple, output: Any) -> None:
+        """A residual block's projection on the skip path."""
+        if self._live(module) and isinstance(output, torch.Tensor):
+            self._moments(self._state or self._begin(), row, "skip_chan_sum_sq", _SKIP, output)
+
+    def _on_path_input(self, row: int, path: str, module: nn.Module, args: tuple) -> tuple | None:
+        """The input of a projection block's branch entry or skip module: an alias of it (a view,
+        no copy) gets its own graph node, whose gradient is this path's part of the gradient."""
+        if not self._live(module) or not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+            return None
         state = self._begin()
-        if conv == "conv3":  # the skip path's output
-            self._moments(state, row, "skip_chan_sum_sq", _SKIP, output)
-        if output.grad_fn is None or "Convolution" not in type(output.grad_fn).__name__:
-            return  # no graph, or a compiled graph whose nodes are not the modules' own
-        state.relu_out[row] = args[0].detach()  # saved by the ReLU for its backward anyway
-        # The convolution node's gradient with respect to its input: this path's share of
-        # the gradient at the ReLU output, before autograd adds the two paths together.
-        self._grad_handles.append(output.grad_fn.register_hook(functools.partial(self._on_path_grad, row, conv)))
+        x = args[0]
+        if self._residual[row].pre_relu:
+            state.path_in[row] = x.detach()  # the ReLU's output: its mask; saved by the ReLU anyway
+        alias = x.view_as(x)
+        self._grad_handles.append(alias.grad_fn.register_prehook(functools.partial(self._on_path_grad, row, path)))
+        return (alias, *args[1:])
 
     def _on_model_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Without an optimizer the step ends with the backward pass; an unrecorded step needs
@@ -560,63 +572,77 @@ class Recorder:
         state, grad = self._state, grads[index]
         if state is None or grad is None:
             return
-        out_row, in_row = tap.out_of, tap.in_of
-        # A res block's input gradient is its output gradient (the identity skip) plus the
-        # branch's part, so the branch part is grad - grad_out: measured in the same pass.
-        res_grad_out, res_layout = state.grad_out.pop(in_row, (None, None)) if in_row is not None else (None, None)
         layout = None
         if state.address:
             stride = grad.stride()
             layout = tap.layout if tap.layout is not None and stride == tap.stride else native.plan(grad, stride)
-        if layout is not None and (res_grad_out is None or res_layout == layout):
-            if out_row is not None:  # norm and non-finite count of the output gradient
-                address, count = state.at(out_row, "grad_out_sumsq", 2), 2
-            else:  # only an input: its norm
-                address, count = state.at(in_row, "grad_in_sumsq"), 1
-            branch = 0 if res_grad_out is None else state.at(in_row, "grad_in_branch_sumsq")
-            native.grad_moments_at(grad, layout, address, count, state.f64, res_grad_out, branch, state.threads)
-        else:
-            g = grad.detach()
-            branch = None if res_grad_out is None else state.cells(in_row, "grad_in_branch_sumsq")
-            if out_row is not None:
-                moments = state.cells(out_row, "grad_out_sumsq", 2)
-            else:
-                moments = state.cells(in_row, "grad_in_sumsq")
-            other = None if res_grad_out is None else res_grad_out.detach()
-            self._measure(functools.partial(stats.grad_moments, other=other, diff_out=branch), g, moments)
-        if out_row is not None and self._kinds[out_row] == "res":
-            state.grad_out[out_row] = (grad, layout)  # equal layouts: one dtype and one order in memory
+        if tap.skip_of is not None:  # an identity block's skip gradient: the branch output's
+            self._grad_norm(state, grad, layout, tap.skip_of, "grad_in_skip_sumsq", 1)
+            state.skip_grad[tap.skip_of] = (grad, layout)
+            return
+        out_row, in_row = tap.out_of, tap.in_of
+        # An identity block's input gradient is its skip gradient plus the branch's part, so the
+        # branch part is grad - skip gradient: measured in the same pass.
+        skip, skip_layout = state.skip_grad.pop(in_row, (None, None)) if in_row is not None else (None, None)
+        if out_row is not None:  # norm and non-finite count of the output gradient
+            field, count = "grad_out_sumsq", 2
+        else:  # only an input: its norm
+            field, count = "grad_in_sumsq", 1
+        row = out_row if out_row is not None else in_row
+        self._grad_norm(state, grad, layout, row, field, count, skip, skip_layout, in_row)
+        if out_row is not None and self._skip_grad[out_row] == "out":
+            state.skip_grad[out_row] = (grad, layout)  # equal layouts: one dtype and one order in memory
         if in_row is not None:
             if out_row is not None:  # the same gradient: the norm is already measured
                 state.copy(in_row, "grad_in_sumsq", out_row, "grad_out_sumsq")
-            if res_grad_out is not None:  # the skip part is grad_out itself
+            if skip is not None and self._skip_grad[in_row] == "out":  # the skip part is grad_out itself
                 state.copy(in_row, "grad_in_skip_sumsq", in_row, "grad_out_sumsq")
-            elif self._kinds[in_row] == "resdown":
-                self._resdown_parts(state, in_row)
+            elif self._skip_grad[in_row] == "paths":
+                self._path_parts(state, in_row)
 
-    def _on_path_grad(self, row: int, conv: str, grad_inputs: tuple, grad_outputs: tuple) -> None:
+    def _grad_norm(self, state: _StepState, grad: torch.Tensor, layout: tuple | None, row: int, field: str,
+                   count: int, skip: torch.Tensor | None = None, skip_layout: tuple | None = None,
+                   branch_row: int | None = None) -> None:
+        """``count`` moments of ``grad`` (its squared norm, and its non-finite count) into ``row``'s
+        cells from ``field``; with ``skip``, ``||grad - skip||^2`` into ``branch_row``'s branch part."""
+        if layout is not None and (skip is None or skip_layout == layout):  # one compiled pass
+            branch = 0 if skip is None else state.at(branch_row, "grad_in_branch_sumsq")
+            native.grad_moments_at(grad, layout, state.at(row, field, count), count, state.f64, skip, branch,
+                                   state.threads)
+            return
+        branch = None if skip is None else state.cells(branch_row, "grad_in_branch_sumsq")
+        other = None if skip is None else skip.detach()
+        self._measure(functools.partial(stats.grad_moments, other=other, diff_out=branch), grad.detach(),
+                      state.cells(row, field, count))
+
+    def _on_path_grad(self, row: int, path: str, grads: tuple) -> None:
+        """The gradient of a projection block's path input alias: that path's part."""
         state = self._state
-        if state is not None and grad_inputs and grad_inputs[0] is not None:
-            state.path_grad[row, conv] = grad_inputs[0].detach()
+        if state is not None and grads and grads[0] is not None:
+            state.path_grad[row, path] = grads[0].detach()
 
-    def _resdown_parts(self, state: _StepState, row: int) -> None:
-        """Both paths pass the block's leading ReLU: each part is the ReLU mask times that path's gradient."""
-        relu_out = state.relu_out.pop(row, None)
-        branch = state.path_grad.pop((row, "conv1"), None)
-        skip = state.path_grad.pop((row, "conv3"), None)
-        if relu_out is None or branch is None or skip is None:
+    def _path_parts(self, state: _StepState, row: int) -> None:
+        """A projection block's branch and skip parts of its input gradient; with ``pre_relu``
+        both paths passed the block's leading ReLU, whose mask each part then takes."""
+        branch = state.path_grad.pop((row, "branch"), None)
+        skip = state.path_grad.pop((row, "skip"), None)
+        relu_out = state.path_in.pop(row, None)
+        if branch is None or skip is None or (relu_out is None and self._residual[row].pre_relu):
             return
         parts = state.cells(row, "grad_in_branch_sumsq", 2)
         for i, path in enumerate((branch, skip)):
-            self._measure(functools.partial(stats.relu_part_sumsq, relu_out=relu_out), path, parts[i])
+            if relu_out is not None:
+                self._measure(functools.partial(stats.relu_part_sumsq, relu_out=relu_out), path, parts[i])
+            else:
+                self._measure(stats.grad_moments, path, parts[i])
 
     def _on_backward_end(self) -> None:
         self._end_queued = False
         self._remove_grad_hooks()  # the graph is done: no tensor keeps a hook of ours
         state = self._state
         if state is not None:
-            state.grad_out.clear()
-            state.relu_out.clear()
+            state.skip_grad.clear()
+            state.path_in.clear()
             state.path_grad.clear()
         if self.optimizer is None:
             if self._on:
@@ -789,7 +815,9 @@ class Recorder:
             "epoch": epochs[k],
             "layer": self._layers[r],
             "position": self._positions[r],
-            "block": self._blocks[r],
+            "role": self._roles[r],
+            "stack_index": self._stack[r],
+            "module_type": self._types[r],
             "metric": np.array(METRICS, dtype=object)[m],
             "value": values[k, r, m],
         }
@@ -809,15 +837,16 @@ class Recorder:
         return pd.DataFrame({c: columns[c][order] for c in COLUMNS})
 
 
-def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """One shape, memory layout and dtype: two tensors the compiled kernels read side by side."""
-    return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+def _skip_gradient(residual: probe_specs.Residual | None) -> str | None:
+    """Where a residual block's skip gradient comes from (see ``Recorder._skip_grad``)."""
+    if residual is None:
+        return None
+    if residual.skip is not None:
+        return "paths"
+    return "out" if residual.post is None else "branch"
 
 
-def empty_columns() -> dict[str, np.ndarray]:
-    """Columns of a record table with no rows, with the dtypes of a flush."""
-    dtypes = {"step": np.int64, "epoch": np.int64, "position": np.int64, "value": np.float64}
-    return {c: np.zeros(0, dtype=dtypes.get(c, object)) for c in COLUMNS}
+empty_columns = schema.empty_columns
 
 
 def _metrics(raw: np.ndarray, written: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -885,6 +914,7 @@ class RecorderCallback:
             sink=self.sink,
             flush_every=self.config.flush_every,
             start_step=trainer.step,
+            probes=self.config.probes,
         )
         recorder.epoch = getattr(trainer, "epoch", 0)
         if recorder._buffer_kind()[1].type == "cpu" and not native.available():  # built here, once
