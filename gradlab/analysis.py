@@ -274,6 +274,13 @@ def _fill_run_keys(frame: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
                         block=frame["block"].astype(object).where(~missing_block, block))
 
 
+def network_labels(frame: pd.DataFrame) -> pd.Series:
+    """``network_label`` of every row of ``frame`` (columns ``block`` and, optionally, ``model``)."""
+    pairs = frame.reindex(columns=["model", "block"]).astype(object)
+    labels = [network_label({"model": m, "block": b}) for m, b in zip(pairs["model"], pairs["block"])]
+    return pd.Series(labels, index=frame.index, dtype=object)
+
+
 def run_table(records: pd.DataFrame) -> pd.DataFrame:
     """One row per run with ``RUN_KEYS`` as recorded (depth and block from the stack when not
     recorded; other missing keys NaN)."""

@@ -106,9 +106,7 @@ def block_order(networks: Iterable) -> list:
 def _with_network(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with a ``network`` column, ``analysis.network_label`` of its ``model`` (optional)
     and ``block``: the key of panels and colours."""
-    pairs = df.reindex(columns=["model", "block"]).astype(object)
-    labels = [analysis.network_label({"model": m, "block": b}) for m, b in zip(pairs["model"], pairs["block"])]
-    return df.assign(network=pd.Series(labels, index=df.index, dtype=object))
+    return df.assign(network=analysis.network_labels(df))
 
 
 # ---------------------------------------------------------------- small helpers

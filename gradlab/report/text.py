@@ -276,7 +276,7 @@ def depth_scaling_table(scaling: pd.DataFrame) -> pd.DataFrame:
     if scaling.empty:
         return pd.DataFrame(index=pd.Index([], name="depth"))
     frame = scaling.copy()
-    label = _network_labels(frame)
+    label = analysis.network_labels(frame)
     if frame["norm"].nunique(dropna=False) > 1:
         label = label + " / " + frame["norm"].astype(str)
     if "phase" in frame and frame["phase"].nunique() > 1:
@@ -289,12 +289,6 @@ def depth_scaling_table(scaling: pd.DataFrame) -> pd.DataFrame:
     table = table.reindex(columns=columns).sort_index().fillna(MISSING)
     table.columns.name = None
     return table
-
-
-def _network_labels(frame: pd.DataFrame) -> pd.Series:
-    """``analysis.network_label`` of each row: "res", "torchvision:resnet18, BasicBlock"."""
-    rows = frame.reindex(columns=["model", "block"]).to_dict("records")
-    return pd.Series([analysis.network_label(row) for row in rows], index=frame.index, dtype=object)
 
 
 # ---------------------------------------------------------------- the report
@@ -612,7 +606,7 @@ def _ratio_cell(ratio, verdict) -> str:
 def ratio_table(flow: pd.DataFrame) -> pd.DataFrame:
     """Rows depth, columns network (and norm): "ratio · verdict" of ``analysis.flow_summary`` rows."""
     frame = flow.copy()
-    frame["column"] = _network_labels(frame)
+    frame["column"] = analysis.network_labels(frame)
     if frame["norm"].nunique() > 1:
         frame["column"] = frame["column"] + " / " + frame["norm"].astype(str)
     frame["cell"] = [_ratio_cell(r, v) for r, v in zip(frame["first_to_last"], frame["verdict"])]
