@@ -252,7 +252,8 @@ def test_a_resnet18_like_run_is_judged_by_its_stack():
     assert profile.index.tolist() == ["conv1", *RESNET18_STACK, "fc"]  # forward order, stem and head kept
     assert profile["position"].tolist() == list(range(10))
     assert profile.loc["layer4.1", "relative"] == 1 and profile.loc["layer1.0", "relative"] == pytest.approx(128)
-    assert profile.loc["conv1", "relative"] == pytest.approx(256) and profile.loc["fc", "relative"] == pytest.approx(0.5)
+    assert profile.loc["conv1", "relative"] == pytest.approx(256)
+    assert profile.loc["fc", "relative"] == pytest.approx(0.5)
     table = layer_table(records, "r18")
     assert table["role"].tolist() == ["stem", *["stack"] * 8, "head"]
     assert table["stack_index"].tolist() == [-1, *range(8), -1]

@@ -388,8 +388,8 @@ def test_the_machine_formats_carry_divergence_and_unreadable_cells(broken):
         "epoch": 1, "layer": "layers.1", "position": 4, "cause": "gradient", "source": "summary"}
     where = load_run(root / "runs" / "conv-d3-s0-none").summary["diverged"]
     assert diverged["conv-d3-s0-none"] == {
-        "run": "conv-d3-s0-none", "model": "deepcnn", "block": "conv", "depth": 3, "width": 4, "norm": "none", "seed": 0,
-        "status": "diverged",
+        "run": "conv-d3-s0-none", "model": "deepcnn", "block": "conv", "depth": 3, "width": 4, "norm": "none",
+        "seed": 0, "status": "diverged",
         "step": 1, "epoch": 0, "layer": where["layer"], "position": where["position"], "cause": "activation",
         "source": "summary"}
     assert [row["cell"] for row in report["unreadable"]] == ["res-d3-s1", "skip-d3-s0"]
@@ -429,7 +429,8 @@ def test_the_report_of_a_resnet18_like_run_names_its_modules():
     records = make_resnet("r18-s0", gain=2.0, g_last=1e-3, steps=[0, 10, 20])
     text = report_text(records)
     assert text.startswith("gradlab report: 1 run · models: torchvision:resnet18 · blocks: BasicBlock · depths: 8")
-    assert "Gradient flow per layer at initialisation: r18-s0 (torchvision:resnet18, BasicBlock, depth 8, batch norm)" in text
+    assert ("Gradient flow per layer at initialisation: r18-s0 (torchvision:resnet18, BasicBlock, depth 8, "
+            "batch norm)") in text
     table = text.split("batch norm)\n")[1].split("\n\n")[1].splitlines()
     assert table[0].split()[:5] == ["layer", "position", "role", "stack_index", "module_type"]
     assert [line.split()[:5] for line in table[2:]] == [

@@ -622,7 +622,8 @@ def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Fi
     versus skip (dashed) variance of residual blocks. Hue: network; one line per run; log y. NaN and inf (an
     overflowing sum of squares, a diverged run) are left out; exact zeros are drawn ▼.
     """
-    panels = [(metric_label("act_chan_mean_sq"), ["act_chan_mean_sq"]), (metric_label("act_chan_var"), ["act_chan_var"]),
+    panels = [(metric_label("act_chan_mean_sq"), ["act_chan_mean_sq"]),
+              (metric_label("act_chan_var"), ["act_chan_var"]),
               ("residual branch vs skip variance", ["branch_chan_var", "skip_chan_var"])]
     fig, axes = _figure(1, len(panels), (4.0, 3.4), sharex=True)
     if _missing(activation, ["run", "block", "position", "metric", "value"], "signal_propagation"):
@@ -727,7 +728,8 @@ def _panels(frames: Sequence[pd.DataFrame]) -> list[tuple[str, object]]:
     frames = [_with_network(f) for f in frames if "block" in f]
     if not frames:
         return []
-    keys = pd.concat([f.reindex(columns=["network", "norm"]) for f in frames], ignore_index=True).dropna(subset=["network"])
+    keys = pd.concat([f.reindex(columns=["network", "norm"]) for f in frames], ignore_index=True)
+    keys = keys.dropna(subset=["network"])
     keys = keys.assign(network=keys["network"].astype(str))
     several_norms = keys["norm"].nunique() > 1
     pairs = keys.drop_duplicates() if several_norms else keys.drop_duplicates("network").assign(norm=None)

@@ -319,8 +319,9 @@ def _deepest_verdicts(scaling: pd.DataFrame) -> pd.DataFrame:
     rows = scaling.dropna(subset=["verdict"])
     if rows.empty:
         return rows
-    rows = rows.sort_values("depth", ascending=False, kind="stable").drop_duplicates(["phase", "model", "block", "norm"])
-    return analysis.sort_by_block(rows, ["phase", "model", "block", "norm"])
+    keys = ["phase", "model", "block", "norm"]
+    rows = rows.sort_values("depth", ascending=False, kind="stable").drop_duplicates(keys)
+    return analysis.sort_by_block(rows, keys)
 
 
 def _png(fig, alt: str, dpi: int) -> Image:

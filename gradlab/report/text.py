@@ -361,7 +361,8 @@ def _deepest_runs(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 def _run_title(run: dict) -> str:
     """"conv-d16-s0 (conv, depth 16, batch norm)", "r18 (torchvision:resnet18, BasicBlock, depth 8, ...)"."""
-    return f"{run['run']} ({analysis.network_label(run)}, depth {format_number(run['depth'])}, {norm_words(run['norm'])})"
+    depth = format_number(run["depth"])
+    return f"{run['run']} ({analysis.network_label(run)}, depth {depth}, {norm_words(run['norm'])})"
 
 
 DIVERGED_COLUMNS = [*RUN_KEYS, "status", *DIVERGED_FIELDS, "source"]
