@@ -2,9 +2,36 @@
 
 Pure pandas and numpy: this module never imports torch, so reports can be
 built on a machine without it. Every function takes the recorder's tidy table
-(``run, arch, depth, norm, seed, step, epoch, layer, position, block, metric,
-value``) and returns a tidy table. Work is vectorised (filter ``metric`` first,
-then groupby/pivot); there is no Python loop over rows or steps.
+with the run keys in front (``run, model, block, depth, width, norm, seed``,
+``schema.RUN_KEYS``, then the record columns ``step, epoch, layer, position,
+role, stack_index, module_type, metric, value``, ``schema.RECORD_COLUMNS``) and
+returns a tidy table. Work is vectorised (filter ``metric`` first, then
+groupby/pivot); there is no Python loop over rows or steps.
+
+Probe points are described, never parsed
+----------------------------------------
+Every record row says what its probe point is: ``role`` (``stem``, ``stack``,
+``head``, or ``model`` for the per-step rows) and ``stack_index`` (0 ... n-1
+along the stack, -1 elsewhere). The block stack of a run is its rows with role
+``stack``; its first block is stack_index 0 and its last block the highest
+stack_index the run recorded. This module never reads meaning into a layer
+name, so any model works: a DeepCNN (stack ``layers.0 .. layers.{N-1}``), a
+torchvision resnet18 (stack ``layer1.0 .. layer4.1``), or a mix of the two in
+one sweep. ``layer`` is only shown; ``position`` (forward order) orders every
+profile, stem and head included. Records in the legacy format (a ``block``
+kind instead of role and stack_index) are upgraded by ``gradlab.runs`` when a
+run directory is read; this module refuses them with that hint.
+
+Run keys
+--------
+``model`` is the model spec (``deepcnn``, ``torchvision:resnet18``,
+``file.py:factory``); ``block`` the network's block type (``conv``, ``res``,
+... for a DeepCNN, the stack's module type such as ``BasicBlock`` otherwise);
+``depth`` the number of blocks in the stack. When ``depth`` is not recorded it
+is the number of distinct stack_index values of the run (0 without a stack);
+when ``block`` is not recorded it is the stack's module types joined with "/"
+(``schema.stack_block``). Runs are grouped by ``model, block, norm, depth``
+(NaN keys kept, never dropped).
 
 Phases
 ------
@@ -24,18 +51,21 @@ Phases
 When a phase spans several steps the median skips NaN values; a phase whose
 values are all NaN stays NaN.
 
-Gradient-flow measures (over the block stack ``layers.0 .. layers.{N-1}``)
--------------------------------------------------------------------------
+Gradient-flow measures (over the block stack, role ``stack``)
+-------------------------------------------------------------
 ``first_to_last``
-    ``grad_out_norm`` at ``layers.0`` divided by ``grad_out_norm`` at
-    ``layers.{N-1}``: the gradient at the first block relative to the last.
+    ``grad_out_norm`` at stack_index 0 divided by ``grad_out_norm`` at the
+    last stack_index: the gradient at the first block relative to the last.
     Above 1 it grows on its way back toward the input.
 ``gain_geomean``
-    Geometric mean of the blocks' ``grad_gain`` (= grad_in / grad_out): the
-    per-block rate of growth (>1) or decay (<1).
+    Geometric mean of the stack blocks' ``grad_gain`` (= grad_in / grad_out):
+    the per-block rate of growth (>1) or decay (<1).
 ``log_slope``
-    Least-squares slope of log10 ``grad_out_norm`` against block position, in
+    Least-squares slope of log10 ``grad_out_norm`` against stack_index, in
     decades per block (negative: larger toward the input).
+``relative`` (profiles and per-layer tables)
+    A value divided by the run's value at its last stack block; stem and head
+    rows are divided by the same value.
 
 Verdict (on ``first_to_last``; the thresholds are module constants)
 ------------------------------------------------------------------
@@ -45,8 +75,8 @@ Verdict (on ``first_to_last``; the thresholds are module constants)
     ``gain_geomean`` and ``log_slope`` are NaN and the verdict names where the
     first non-finite value appeared ("(loss)" when it was the loss).
 ``n/a``
-    Fewer than 2 blocks (depth 0 or 1), or ``grad_out_norm`` not recorded at
-    the first or the last block: there is nothing to compare.
+    Fewer than 2 stack blocks, or ``grad_out_norm`` not recorded at the first
+    or the last block: there is nothing to compare.
 ``non-finite``
     Either norm is NaN or inf in a run not known to have diverged (the
     caller passed an empty ``diverged`` frame). ``first_to_last`` is then NaN.
@@ -70,14 +100,15 @@ Divergence (``divergence``)
 A run diverged when its summary says so (``status == "diverged"``, with the
 trainer's ``diverged_step, diverged_epoch, diverged_layer, diverged_position,
 diverged_cause`` columns in the runs table) or, without that, when its
-records hold a non-finite value of a metric in ``EVIDENCE`` or a
-``nonfinite_grads`` count above 0 (a probe, an older trainer). The first such
-step is the divergence step; within it the forward pass comes first (the
-lowest activation position), then the loss, then the backward pass, which
-starts at the output (the highest gradient position). Second moments
-(``act_std``, ``act_chan_*``) are not evidence: float32 sums of squares
-overflow long before the values do. Ratios (``grad_gain``, ``update_ratio``)
-are not either: 0/0 is NaN for gradients that vanished to exactly 0.
+records hold a non-finite value of a metric in ``schema.EVIDENCE`` or a
+``nonfinite_grads`` count above 0 (a probe, an older trainer), as found by
+``schema.first_nonfinite``: the first such step is the divergence step; within
+it the forward pass comes first (the lowest activation position), then the
+loss, then the backward pass, which starts at the output (the highest gradient
+position). Second moments (``act_std``, ``act_chan_*``) are not evidence:
+float32 sums of squares overflow long before the values do. Ratios
+(``grad_gain``, ``update_ratio``) are not either: 0/0 is NaN for gradients
+that vanished to exactly 0.
 
 No direction is assumed: BatchNorm nets without skips typically explode
 toward the input at init (Yang et al. 2019); nets without normalisation
@@ -90,40 +121,41 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-PHASES = ("init", "epoch1", "end")
+from gradlab import schema
+from gradlab.schema import (  # noqa: F401  (NORM_WORDS, DIVERGED_FIELDS: re-exported for cli.py and probe.py)
+    DEFAULT_MODEL,
+    DIVERGED,
+    DIVERGED_FIELDS,
+    EVIDENCE,
+    MODEL_LAYER,
+    NORM_WORDS,
+    PHASES,
+    PHASE_WORDS,
+    first_nonfinite,
+    norm_words,
+    stack_block,
+)
+
 END_STEPS = 3  # the end phase is the median of this many last recorded steps
 EXPLODING_RATIO = 10.0  # first_to_last at or above: exploding
 VANISHING_RATIO = 0.1  # first_to_last at or below: vanishing
-DIVERGED = "diverged"  # the status, and the first word of a diverged verdict
 VERDICTS = (DIVERGED, "non-finite", "exploding", "vanishing", "stable", "n/a")  # also the tie-break order
-CAUSES = ("activation", "loss", "gradient")  # the order one step computes them: forward, loss, backward
-EVIDENCE = {  # metric -> cause: a non-finite value (a count above 0 for nonfinite_grads) means divergence
-    "act_mean": "activation",
-    "loss": "loss",
-    "grad_out_norm": "gradient",
-    "grad_in_norm": "gradient",
-    "grad_in_branch_norm": "gradient",
-    "grad_in_skip_norm": "gradient",
-    "param_grad_norm": "gradient",
-    "nonfinite_grads": "gradient",
-}
-EVIDENCE_METRICS = list(EVIDENCE)
-DIVERGED_FIELDS = ("step", "epoch", "layer", "position", "cause")  # summary.json's "diverged" object
 DIVERGENCE_COLUMNS = ["run", *DIVERGED_FIELDS, "source"]  # source: "summary" or "records"
-ARCH_ORDER = ("conv", "res", "resdown", "skip")  # display order; other archs follow by name
+BLOCK_ORDER = ("conv", "res", "resdown", "skip")  # display order; other block types follow by name
+STACK = "stack"  # the role of the blocks whose gradient flow is compared
 
-MODEL_LAYER = "model"  # the per-step rows (loss, total param_grad_norm)
-RUN_KEYS = ["run", "arch", "depth", "norm", "seed"]
-LAYER_KEYS = ["layer", "position", "block"]
+RUN_KEYS = list(schema.RUN_KEYS)
+LAYER_KEYS = list(schema.LAYER_KEYS)
 VALUE_COLUMNS = [*RUN_KEYS, *LAYER_KEYS, "metric", "value"]
+GROUP_KEYS = ["model", "block", "norm", "depth"]  # a depth-scaling cell: its runs differ by seed only
 
 PROFILE_COLUMNS = [*RUN_KEYS, *LAYER_KEYS, "value", "relative"]
 FLOW_COLUMNS = [
-    "run", "phase", "arch", "depth", "norm", "seed",
+    "run", "phase", *RUN_KEYS[1:],
     "first_grad", "last_grad", "first_to_last", "gain_geomean", "log_slope", "verdict",
 ]
 SCALING_COLUMNS = [
-    "phase", "arch", "norm", "depth", "n_seeds", "n_failed", "n_diverged", "n_ratios",
+    "phase", *GROUP_KEYS, "n_seeds", "n_failed", "n_diverged", "n_ratios",
     "test_acc_mean", "test_acc_std", "best_val_acc_mean", "best_val_acc_std",
     "final_train_acc_mean", "final_train_acc_std",
     "first_to_last", "first_to_last_gstd", "gain_geomean", "gain_geomean_gstd",
@@ -138,17 +170,12 @@ LAYER_TABLE_METRICS = [
     "grad_out_norm", "grad_in_norm", "grad_gain", "act_std", "param_grad_norm", "update_ratio",
 ]
 LAYER_TABLE_COLUMNS = [
-    "layer", "block", "position", "grad_out_norm", "grad_in_norm", "grad_gain",
+    *LAYER_KEYS, "grad_out_norm", "grad_in_norm", "grad_gain",
     "relative", "act_std", "param_grad_norm", "update_ratio",
 ]
 ACCURACIES = ["test_acc", "best_val_acc", "final_train_acc"]
 
-_PHASE_WORDS = {
-    "init": "at initialisation",
-    "epoch1": "over the first epoch",
-    "end": "at the end of training",
-}
-NORM_WORDS = {"batch": "batch norm", "none": "no normalisation"}
+EVIDENCE_METRICS = list(EVIDENCE)  # alias kept for demo.py; use schema.EVIDENCE
 
 
 # ---------------------------------------------------------------- helpers
@@ -157,6 +184,15 @@ NORM_WORDS = {"batch": "batch norm", "none": "no normalisation"}
 def _check_phase(phase: str) -> None:
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; known: {list(PHASES)}")
+
+
+def _check_records(records: pd.DataFrame) -> None:
+    """Refuse legacy records (a ``block`` kind, no role): their stack is not described."""
+    if "role" not in records.columns and {"layer", "position"} <= set(records.columns):
+        raise ValueError(
+            "records without a role column (the legacy format of gradlab <= 0.3: a block kind instead of "
+            "role, stack_index and module_type); read them with gradlab.load_run or gradlab.load_sweep, "
+            "which upgrade them")
 
 
 def _empty(columns: Sequence[str]) -> pd.DataFrame:
@@ -171,46 +207,110 @@ def _with_columns(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
     return df
 
 
-def _block_index(layer: pd.Series) -> pd.Series:
-    """i for ``layers.i``, NaN for stem, head and model rows."""
-    digits = layer.astype(str).str.extract(r"^layers\.(\d+)$", expand=False)
-    return pd.to_numeric(digits, errors="coerce")
+def _stack_index(values: pd.DataFrame) -> pd.Series:
+    """The stack_index of the stack rows (role ``stack``, index >= 0); NaN for every other row."""
+    index = pd.to_numeric(values["stack_index"], errors="coerce")
+    return index.where((values["role"] == STACK) & (index >= 0))
+
+
+def _last_in_stack(values: pd.DataFrame) -> pd.Series:
+    """True on the rows at their run's last stack block (its highest stack_index)."""
+    index = _stack_index(values)
+    return index.notna() & (index == index.groupby(values["run"]).transform("max"))
+
+
+def _rank(values: pd.Series, first: Sequence[str]) -> pd.Series:
+    """A sort key: the values in ``first`` in that order, every other value after them by name."""
+    text = values.astype(str)
+    order = [*first, *sorted(set(text) - set(first))]
+    return text.map({v: i for i, v in enumerate(order)})
+
+
+def sort_by_block(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """``df`` sorted by the columns ``by``; block in BLOCK_ORDER and model deepcnn first, the
+    other block types and models after them by name."""
+    if df.empty:
+        return df
+    ranks = {"block": BLOCK_ORDER, "model": (DEFAULT_MODEL,)}
+    keyed = df.assign(**{f"_{c}_rank": _rank(df[c], ranks[c]) for c in by if c in ranks})
+    keys = [f"_{c}_rank" if c in ranks else c for c in by]
+    return keyed.sort_values(keys, kind="stable").drop(columns=[k for k in keys if k.startswith("_")])
 
 
 def sort_by_arch(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
-    """``df`` sorted by the columns ``by``; arch in ARCH_ORDER, unknown archs after by name."""
-    if df.empty or "arch" not in by:
-        return df.sort_values(list(by), kind="stable") if not df.empty else df
-    archs = df["arch"].astype(str)
-    extra = sorted(set(archs) - set(ARCH_ORDER))
-    rank = archs.map({a: i for i, a in enumerate([*ARCH_ORDER, *extra])})
-    keys = ["_arch_rank" if c == "arch" else c for c in by]
-    return df.assign(_arch_rank=rank).sort_values(keys, kind="stable").drop(columns="_arch_rank")
+    """Alias of ``sort_by_block`` kept for main's cli.py: "arch" in ``by`` means "block"."""
+    return sort_by_block(df, ["block" if c == "arch" and "arch" not in df.columns else c for c in by])
+
+
+def network_label(row: Mapping | pd.Series) -> str:
+    """The network of a run in words: its block type ("res"), and the model unless it is a DeepCNN
+    ("torchvision:resnet18, BasicBlock")."""
+    model, block = row.get("model"), row.get("block")
+    block = str(block) if block is not None and pd.notna(block) else "?"
+    if model is None or pd.isna(model) or model == DEFAULT_MODEL:
+        return block
+    return f"{model}, {block}"
+
+
+def _stack_keys(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per run with stack rows: ``depth`` (its distinct stack_index values) and ``block`` (its
+    module types in stack order, ``schema.stack_block``)."""
+    index = _stack_index(rows)
+    stack = rows.assign(_index=index).dropna(subset=["_index"]).sort_values(["run", "_index"], kind="stable")
+    grouped = stack.groupby("run", sort=False)
+    return pd.DataFrame({"depth": grouped["_index"].nunique(), "block": grouped["module_type"].agg(stack_block)})
+
+
+def _fill_run_keys(frame: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``depth`` and ``block`` where not recorded taken from the stack rows in
+    ``rows`` (module docstring): depth 0 and block ``schema.UNKNOWN`` for a run without a stack."""
+    missing_depth, missing_block = frame["depth"].isna(), frame["block"].isna()
+    if not (missing_depth.any() or missing_block.any()):
+        return frame
+    keys = _stack_keys(rows)
+    depth = pd.to_numeric(frame["run"].map(keys["depth"]), errors="coerce").fillna(0).astype(int)
+    block = frame["run"].map(keys["block"]).astype(object).fillna(schema.UNKNOWN)
+    return frame.assign(depth=frame["depth"].where(~missing_depth, depth),
+                        block=frame["block"].astype(object).where(~missing_block, block))
+
+
+def network_labels(frame: pd.DataFrame) -> pd.Series:
+    """``network_label`` of every row of ``frame`` (columns ``block`` and, optionally, ``model``)."""
+    pairs = frame.reindex(columns=["model", "block"]).astype(object)
+    labels = [network_label({"model": m, "block": b}) for m, b in zip(pairs["model"], pairs["block"])]
+    return pd.Series(labels, index=frame.index, dtype=object)
 
 
 def run_table(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per run with ``run, arch, depth, norm, seed`` as recorded."""
+    """One row per run with ``RUN_KEYS`` as recorded (depth and block from the stack when not
+    recorded; other missing keys NaN)."""
     if records.empty or "run" not in records.columns:
         return _empty(RUN_KEYS)
     present = [c for c in RUN_KEYS[1:] if c in records.columns]
     meta = records.groupby("run", observed=True, sort=True)[present].first().reset_index()
-    return _with_columns(meta, RUN_KEYS)[RUN_KEYS]
+    meta = _with_columns(meta, RUN_KEYS)
+    if meta["depth"].isna().any() or meta["block"].isna().any():
+        stack = _with_columns(records, LAYER_KEYS)
+        stack = stack.loc[stack["role"] == STACK, ["run", *LAYER_KEYS]].drop_duplicates(["run", "stack_index"])
+        meta = _fill_run_keys(meta, stack)
+    return meta[RUN_KEYS]
 
 
 def phase_values(records: pd.DataFrame, phase: str, metrics: Sequence[str]) -> pd.DataFrame:
     """One value per (run, layer, metric) for ``phase`` (see the module docstring).
 
     Returns a long frame with columns ``VALUE_COLUMNS``. Metrics that were not
-    recorded simply have no rows. ``depth``, when not recorded, is inferred
-    from the highest ``layers.i`` seen (0 when there is none).
+    recorded simply have no rows. ``depth`` and ``block``, when not recorded,
+    come from the run's stack rows.
     """
     _check_phase(phase)
     if records.empty or "metric" not in records.columns:
         return _empty(VALUE_COLUMNS)
+    _check_records(records)
     df = records.loc[records["metric"].isin(list(metrics))]
     if df.empty:
         return _empty(VALUE_COLUMNS)
-    df = _with_columns(df, ["step", "epoch", "position", "block", *RUN_KEYS[1:]])
+    df = _with_columns(df, ["step", "epoch", *LAYER_KEYS[1:], *RUN_KEYS[1:]])
     by_run_metric = df.groupby(["run", "metric"], observed=True, sort=False)["step"]
     if phase == "init":
         df = df.loc[df["step"] == by_run_metric.transform("min")]
@@ -228,7 +328,7 @@ def phase_values(records: pd.DataFrame, phase: str, metrics: Sequence[str]) -> p
         .reset_index()
     )
     layer_meta = (
-        df.groupby(["run", "layer"], observed=True, sort=False)[["position", "block"]]
+        df.groupby(["run", "layer"], observed=True, sort=False)[LAYER_KEYS[1:]]
         .first()
         .reset_index()
     )
@@ -240,47 +340,22 @@ def phase_values(records: pd.DataFrame, phase: str, metrics: Sequence[str]) -> p
     )
     for column in ("run", "layer", "metric"):
         out[column] = out[column].astype(str)
-    if out["depth"].isna().any():
-        inferred = _block_index(out["layer"]).groupby(out["run"]).transform("max") + 1
-        out["depth"] = out["depth"].fillna(inferred).fillna(0)
-    return out[VALUE_COLUMNS].reset_index(drop=True)
+    return _fill_run_keys(out, out)[VALUE_COLUMNS].reset_index(drop=True)
 
 
 def _relative_to_last(values: pd.DataFrame) -> pd.Series:
-    """``value`` divided by the value at the run's last block ``layers.{depth-1}``."""
-    index = _block_index(values["layer"])
-    is_last = index == pd.to_numeric(values["depth"], errors="coerce") - 1
-    last = values.loc[is_last].set_index("run")["value"]
+    """``value`` divided by the value at the run's last stack block."""
+    last = values.loc[_last_in_stack(values)].drop_duplicates("run").set_index("run")["value"]
     with np.errstate(divide="ignore", invalid="ignore"):
         return values["value"] / values["run"].map(last)
 
 
+def _probe_rows(values: pd.DataFrame) -> pd.DataFrame:
+    """``values`` without the per-step model rows."""
+    return values.loc[values["role"] != MODEL_LAYER]
+
+
 # ---------------------------------------------------------------- divergence
-
-
-def _divergence_in_records(records: pd.DataFrame) -> pd.DataFrame:
-    """Per run with evidence: the first non-finite step and where in it (module docstring)."""
-    need = {"run", "step", "metric", "value"}
-    if records.empty or not need <= set(records.columns):
-        return _empty(DIVERGENCE_COLUMNS)
-    rows = records.loc[records["metric"].isin(EVIDENCE_METRICS)]
-    values = pd.to_numeric(rows["value"], errors="coerce").to_numpy(float)
-    counted = (rows["metric"] == "nonfinite_grads").to_numpy()
-    bad = rows.loc[np.where(counted, values > 0, ~np.isfinite(values))]
-    if bad.empty:
-        return _empty(DIVERGENCE_COLUMNS)
-    bad = _with_columns(bad, ["epoch", "layer", "position"])
-    cause = bad["metric"].map(EVIDENCE)
-    position = pd.to_numeric(bad["position"], errors="coerce")
-    # forward: the lowest probe point first; backward: the gradient starts at the output
-    order = position.where(cause != "gradient", -position)
-    first = (
-        bad.assign(cause=cause, _rank=cause.map({c: i for i, c in enumerate(CAUSES)}), _order=order)
-        .sort_values(["run", "step", "_rank", "_order"], kind="stable")
-        .drop_duplicates("run")
-    )
-    out = first.assign(run=first["run"].astype(str), source="records")
-    return out[DIVERGENCE_COLUMNS].reset_index(drop=True)
 
 
 def divergence(records: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -288,10 +363,15 @@ def divergence(records: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.Da
 
     A run whose ``runs`` status is "diverged" takes step, epoch, layer, position and cause
     from the ``diverged_*`` columns (source "summary"); when they are missing, from its
-    records (source "records"); when those show nothing either, the fields are NaN. A run
-    with non-finite records but another status is found from its records.
+    records (source "records", by ``schema.first_nonfinite``); when those show nothing either,
+    the fields are NaN. A run with non-finite records but another status is found from its
+    records.
     """
-    found = _divergence_in_records(records)
+    found = _empty(DIVERGENCE_COLUMNS)
+    if not records.empty and "run" in records.columns:
+        first = first_nonfinite(records, by=("run",))
+        if not first.empty:
+            found = first.assign(run=first["run"].astype(str), source="records")[DIVERGENCE_COLUMNS]
     if runs is None or runs.empty or "status" not in runs.columns:
         return found
     flagged = runs.loc[runs["status"].astype(str) == DIVERGED]
@@ -332,14 +412,13 @@ def gradient_profile(
 ) -> pd.DataFrame:
     """The whole gradient path of each run: stem, blocks and head, in forward order.
 
-    Columns ``PROFILE_COLUMNS``: run fields, ``layer, position, block``, the
-    phase-aggregated ``value`` of ``metric`` and ``relative`` = value / value
-    at the run's last block ``layers.{N-1}`` (NaN for a run without blocks).
-    Stem and head rows are normalised by the same last block. The ``model``
-    rows are left out.
+    Columns ``PROFILE_COLUMNS``: run keys, ``layer, position, role, stack_index,
+    module_type``, the phase-aggregated ``value`` of ``metric`` and ``relative`` =
+    value / value at the run's last stack block (NaN for a run without a stack).
+    Stem and head rows keep their position and are normalised by the same last
+    block. The ``model`` rows are left out.
     """
-    values = phase_values(records, phase, [metric])
-    values = values.loc[values["layer"] != MODEL_LAYER]
+    values = _probe_rows(phase_values(records, phase, [metric]))
     if values.empty:
         return _empty(PROFILE_COLUMNS)
     values = values.assign(relative=_relative_to_last(values))
@@ -349,17 +428,16 @@ def gradient_profile(
 
 
 def activation_profile(records: pd.DataFrame, phase: str = "init") -> pd.DataFrame:
-    """Per run and position: ``act_chan_mean_sq, act_chan_var`` and, for res/resdown
+    """Per run and position: ``act_chan_mean_sq, act_chan_var`` and, for residual
     blocks, ``branch_chan_var, skip_chan_var`` (long format: ``metric, value``)."""
-    values = phase_values(records, phase, ACTIVATION_METRICS)
-    values = values.loc[values["layer"] != MODEL_LAYER]
+    values = _probe_rows(phase_values(records, phase, ACTIVATION_METRICS))
     if values.empty:
         return _empty(VALUE_COLUMNS)
     return values.sort_values(["run", "position", "metric"], kind="stable").reset_index(drop=True)
 
 
 def branch_skip_share(records: pd.DataFrame, phase: str = "init") -> pd.DataFrame:
-    """How the input gradient of each res/resdown block splits between branch and skip.
+    """How the input gradient of each residual block splits between branch and skip.
 
     ``branch_share = b² / (b² + s²)`` with ``b = grad_in_branch_norm`` and
     ``s = grad_in_skip_norm``: 1 means the gradient reaching the block input
@@ -367,7 +445,7 @@ def branch_skip_share(records: pd.DataFrame, phase: str = "init") -> pd.DataFram
     not orthogonal in general (‖b + s‖² ≠ b² + s²), so this is a share of the
     squared part norms, not of the total; the raw norms and ``skip_to_branch
     = s / b`` are given too. 0/0 gives NaN, s/0 gives inf. Only blocks that
-    recorded these metrics (res and resdown) appear.
+    recorded these metrics (residual blocks: res and resdown in a DeepCNN) appear.
     """
     parts = ["grad_in_branch_norm", "grad_in_skip_norm"]
     values = phase_values(records, phase, parts)
@@ -387,8 +465,9 @@ def branch_skip_share(records: pd.DataFrame, phase: str = "init") -> pd.DataFram
 def layer_table(records: pd.DataFrame, run: str, phase: str = "init") -> pd.DataFrame:
     """The per-layer gradient-flow table of one run, in forward order.
 
-    Columns ``LAYER_TABLE_COLUMNS``; ``relative`` is grad_out_norm relative to
-    the last block. A metric the run did not record (``update_ratio`` without
+    Columns ``LAYER_TABLE_COLUMNS`` (the probe point's layer, role, stack_index,
+    module_type and position, then the metrics); ``relative`` is grad_out_norm
+    relative to the last stack block. A metric the run did not record (``update_ratio`` without
     an optimizer) is a NaN column. Raises ValueError for a run not in
     ``records`` (unless ``records`` is empty: then the table is empty).
     """
@@ -399,12 +478,11 @@ def layer_table(records: pd.DataFrame, run: str, phase: str = "init") -> pd.Data
     if mine.empty:
         known = sorted(map(str, pd.unique(records["run"])))
         raise ValueError(f"unknown run {run!r}; known: {known}")
-    values = phase_values(mine, phase, LAYER_TABLE_METRICS)
-    values = values.loc[values["layer"] != MODEL_LAYER]
+    values = _probe_rows(phase_values(mine, phase, LAYER_TABLE_METRICS))
     if values.empty:
         return _empty(LAYER_TABLE_COLUMNS)
     wide = values.pivot(index="layer", columns="metric", values="value").reset_index()
-    meta = values.drop_duplicates("layer")[["layer", "block", "position", "run", "depth"]]
+    meta = values.drop_duplicates("layer")[[*LAYER_KEYS, "run"]]
     table = _with_columns(meta.merge(wide, on="layer", how="left"), LAYER_TABLE_METRICS)
     table["relative"] = _relative_to_last(table.assign(value=table["grad_out_norm"]))
     table = table.sort_values("position", kind="stable")
@@ -442,7 +520,7 @@ def _geometric_mean_by_run(values: pd.DataFrame) -> pd.Series:
 
 
 def _log_slope_by_run(norms: pd.DataFrame) -> pd.Series:
-    """Least-squares slope of log10 value against block index, per run.
+    """Least-squares slope of log10 value against stack_index (the ``index`` column), per run.
 
     NaN unless the run has at least 2 blocks and every log10 is finite.
     """
@@ -480,23 +558,22 @@ def _diverged_in_phase(run: pd.Series, records: pd.DataFrame, phase: str, diverg
 
 def _flow_phase(records: pd.DataFrame, phase: str, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
     """``FLOW_COLUMNS`` for one phase: one row per run that recorded gradients."""
-    values = phase_values(records, phase, ["grad_out_norm", "grad_gain"])
-    values = values.loc[values["layer"] != MODEL_LAYER]
+    values = _probe_rows(phase_values(records, phase, ["grad_out_norm", "grad_gain"]))
     if values.empty:
         return _empty(FLOW_COLUMNS)
-    index = _block_index(values["layer"])
-    depth = pd.to_numeric(values["depth"], errors="coerce")
-    blocks = values.assign(index=index, depth=depth).loc[index.notna() & (index < depth)]
+    index = _stack_index(values)
+    blocks = values.assign(index=index).loc[index.notna()]
+    size = blocks.groupby("run")["index"].max() + 1  # the stack's length: its last index over both metrics
     norms = blocks.loc[blocks["metric"] == "grad_out_norm"]
     first = norms.loc[norms["index"] == 0].set_index("run")["value"]
-    last = norms.loc[norms["index"] == norms["depth"] - 1].set_index("run")["value"]
+    last = norms.loc[norms["index"] == pd.to_numeric(norms["run"].map(size)) - 1].set_index("run")["value"]
 
     out = values.drop_duplicates("run")[RUN_KEYS].reset_index(drop=True)
     out.insert(1, "phase", phase)
     out["first_grad"] = out["run"].map(first)
     out["last_grad"] = out["run"].map(last)
     has_pair = out["run"].isin(first.index) & out["run"].isin(last.index)
-    has_pair &= pd.to_numeric(out["depth"], errors="coerce") >= 2
+    has_pair &= pd.to_numeric(out["run"].map(size)) >= 2
     out["first_to_last"], out["verdict"] = _verdicts(
         out["first_grad"].to_numpy(float), out["last_grad"].to_numpy(float), has_pair.to_numpy()
     )
@@ -520,8 +597,8 @@ def flow_summary(
 ) -> pd.DataFrame:
     """One row per (run, phase): ``FLOW_COLUMNS`` (see the module docstring).
 
-    ``first_grad`` and ``last_grad`` are the raw grad_out_norm at ``layers.0``
-    and ``layers.{N-1}``. When ``runs`` is given, its other columns (width,
+    ``first_grad`` and ``last_grad`` are the raw grad_out_norm at stack_index 0
+    and at the last stack_index. When ``runs`` is given, its other columns (width,
     status, accuracies, ...) are joined on ``run``. A run without gradient
     records has no row here (``depth_scaling`` still counts it).
     ``diverged`` (the ``divergence`` frame) is computed from ``records`` and
@@ -561,12 +638,15 @@ def describe_flow(row: Mapping | pd.Series) -> str:
 
     "conv, depth 32 (batch norm) at initialisation: the gradient grows
     4.1e+03× from the last block to the first (×1.3 per block) — exploding."
+
+    A model other than the DeepCNN is named before its block type
+    ("torchvision:resnet18, BasicBlock, depth 8 (batch norm) at initialisation: ...").
     """
-    arch, depth, norm = row.get("arch"), row.get("depth"), row.get("norm")
+    depth, norm = row.get("depth"), row.get("norm")
     phase = row.get("phase", "init")
     depth_text = f"depth {int(depth)}" if pd.notna(depth) else "depth ?"
-    norm_text = f" ({NORM_WORDS.get(norm, f'{norm} norm')})" if pd.notna(norm) else ""
-    subject = f"{arch}, {depth_text}{norm_text} {_PHASE_WORDS.get(phase, phase)}"
+    norm_text = f" ({norm_words(norm)})" if pd.notna(norm) else ""
+    subject = f"{network_label(row)}, {depth_text}{norm_text} {PHASE_WORDS.get(phase, phase)}"
     verdict = row.get("verdict", "n/a")
     ratio = row.get("first_to_last", np.nan)
     gain = row.get("gain_geomean", np.nan)
@@ -620,7 +700,7 @@ def depth_scaling(
     phase: str = "init",
     diverged: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Per (arch, norm, depth): accuracy and gradient flow over seeds.
+    """Per (model, block, norm, depth): accuracy and gradient flow over seeds.
 
     Columns ``SCALING_COLUMNS``. Accuracies: mean and sample std (ddof=1, NaN
     for one seed) over the seeds' runs, NaN accuracies skipped.
@@ -651,7 +731,7 @@ def depth_scaling(
         records = records.loc[records["metric"].isin(["grad_out_norm", "grad_gain"])]
     flow = _flow_phase(records, phase, diverged)
     flow = flow[["run", "first_to_last", "gain_geomean", "log_slope", "verdict"]]
-    table = _with_columns(runs, ["arch", "norm", "depth", "status", *ACCURACIES])
+    table = _with_columns(runs, [*GROUP_KEYS, "status", *ACCURACIES])
     table = table.assign(run=table["run"].astype(str)).merge(flow, on="run", how="left")
     status = table["status"].astype(object)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -664,7 +744,7 @@ def depth_scaling(
             log_slope=pd.to_numeric(table["log_slope"]),
             **{a: pd.to_numeric(table[a], errors="coerce") for a in ACCURACIES},
         )
-    keys = ["arch", "norm", "depth"]
+    keys = GROUP_KEYS
     aggregations = {
         "n_seeds": ("run", "count"),
         "n_failed": ("_failed", "sum"),
@@ -688,7 +768,7 @@ def depth_scaling(
         out["gain_geomean_gstd"] = np.exp(out["_log_gain_std"])
     out["phase"] = phase
     out = out.merge(_majority_verdict(table, keys), on=keys, how="left")
-    return sort_by_arch(out, keys)[SCALING_COLUMNS].reset_index(drop=True)
+    return sort_by_block(out, keys)[SCALING_COLUMNS].reset_index(drop=True)
 
 
 def _majority_verdict(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -7,7 +7,9 @@ A run directory holds
                        time; a diverged run's "diverged": {step, epoch, layer, position, cause}
     history.parquet    one row per epoch: losses, accuracies, timings
     steps.parquet      one row per optimizer step: the training loss (the notebook's loss curve)
-    records.parquet/   the recorder's long-format rows, one Parquet part per flush (page checksums)
+    records.parquet/   the recorder's long-format rows, one Parquet part per flush (page checksums),
+                       columns ``schema.RECORD_COLUMNS``; parts in the legacy format of gradlab <= 0.3
+                       (``schema.LEGACY_RECORD_COLUMNS``) are upgraded when read (``upgrade_records``)
     last.pt, best.pt   checkpoints with a content digest (written and read by gradlab.train; torch
                        lives there, not here)
     gradlab.lock       while a process writes the run: its pid and host (gradlab.lock)
@@ -20,6 +22,7 @@ what to do. This module never imports torch.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -33,11 +36,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from gradlab import schema
+from gradlab.schema import DEFAULT_MODEL, LEGACY_RECORD_COLUMNS, RECORD_COLUMNS, RECORD_DTYPES, RUN_KEYS, UNKNOWN
 
 CONFIG, SUMMARY, HISTORY, STEPS, RECORDS = "config.json", "summary.json", "history.parquet", "steps.parquet", "records.parquet"
 LAST, BEST = "last.pt", "best.pt"
-RECORD_COLUMNS = ("step", "epoch", "layer", "position", "block", "metric", "value")
 # What to do about a corrupt or foreign file in a run directory.
 RESTART_HINT = "to train the run again, rerun with --restart (a sweep cell: delete its folder and rerun the sweep)"
 
@@ -148,6 +154,9 @@ class RecordsWriter:
         steps = columns["step"]
         if len(steps) == 0:
             return
+        if is_legacy(columns):  # the legacy layout: upgraded as on load, so every new part is current
+            legacy = pd.DataFrame({name: columns[name] for name in LEGACY_RECORD_COLUMNS})
+            columns = {name: values.to_numpy() for name, values in upgrade_records(legacy).items()}
         table = pa.table({name: columns[name] for name in RECORD_COLUMNS})
         name = f"part-{int(steps.min()):010d}-{int(steps.max()):010d}.parquet"
         # Page checksums: a resume's check_records tells a garbled part from a good one.
@@ -203,30 +212,118 @@ def remove_temporary(run_dir: str | os.PathLike) -> int:
     return len(found)
 
 
-# The activation statistic whose non-finite value means the forward pass broke at a probe point:
-# the mean is non-finite exactly when an entry is. The squared statistics (act_std, the channel
-# variances) overflow float32 already when entries pass ~1e19 while every entry is still finite.
-ACTIVATION_METRICS = ("act_mean",)
+# --- the legacy record format (gradlab <= 0.3) ----------------------------------------------------
+# The one place that reads meaning into layer names. Records then carried a block kind instead of
+# role, stack_index and module_type, and the only model was the DeepCNN, whose block stack is
+# ``layers.0 .. layers.{N-1}`` (stem conv1..conv3, head linear1, the per-step rows ``model``).
+LEGACY_MODULE_TYPES = {"conv": "ConvBlock", "res": "ResBlock", "resdown": "ResDownBlock", "skip": "SkipBlock",
+                       "stem": "Conv2d", "head": "Linear", "model": "DeepCNN"}  # block kind -> module_type
+LEGACY_STACK_LAYER = r"^layers\.(\d+)$"  # the DeepCNN's stack: stack_index is the number
+LEGACY_ROLES = ("stem", "head", schema.MODEL_LAYER)  # kinds that are roles; every other kind is a stack block
+
+
+def is_legacy(columns) -> bool:
+    """Whether records with these column names are in the legacy format (a block kind, no role)."""
+    return "block" in columns and "role" not in columns
+
+
+def upgrade_records(frame: pd.DataFrame) -> pd.DataFrame:
+    """Records in the legacy format as records of ``schema.RECORD_COLUMNS`` (other frames unchanged).
+
+    The ``model`` rows get role ``model``; block kinds ``stem`` and ``head`` become those roles;
+    a block kind (conv, res, resdown, skip) becomes role ``stack`` with stack_index N from its
+    layer ``layers.N``; module_type comes from ``LEGACY_MODULE_TYPES``. Columns other than the
+    record columns are kept after them. ValueError for a kind or a stack layer name that gradlab
+    never wrote.
+    """
+    if not is_legacy(frame.columns):
+        return frame
+    kind = frame["block"].astype(str)
+    unknown = sorted(set(kind) - set(LEGACY_MODULE_TYPES))
+    if unknown:
+        raise ValueError(f"legacy records with unknown block kind(s) {unknown}; known: {sorted(LEGACY_MODULE_TYPES)}")
+    model = (frame["layer"].astype(str) == schema.MODEL_LAYER) | (kind == schema.MODEL_LAYER)
+    kind = kind.mask(model, schema.MODEL_LAYER)
+    stack = ~kind.isin(LEGACY_ROLES)
+    index = pd.to_numeric(frame["layer"].astype(str).str.extract(LEGACY_STACK_LAYER, expand=False), errors="coerce")
+    if (stack & index.isna()).any():
+        odd = sorted(set(frame.loc[stack & index.isna(), "layer"].astype(str)))[:5]
+        raise ValueError(f"legacy records with stack blocks named {odd}; the DeepCNN's are layers.N")
+    upgraded = frame.drop(columns="block").assign(
+        role=kind.where(~stack, "stack").astype(object),
+        stack_index=index.where(stack, schema.NOT_IN_STACK).astype("int64"),
+        module_type=kind.map(LEGACY_MODULE_TYPES).astype(object),
+    )
+    present = [c for c in RECORD_COLUMNS if c in upgraded.columns]
+    return upgraded[[*present, *(c for c in upgraded.columns if c not in present)]]
+
+
+# The activation statistics whose non-finite value means the forward pass broke at a probe point.
+ACTIVATION_METRICS = tuple(m for m, cause in schema.EVIDENCE.items() if cause == "activation")  # alias: test_faults
 
 
 def locate_nonfinite(records: pd.DataFrame) -> dict | None:
-    """Where one step's records first show a non-finite value: {layer, position, cause}, or None.
+    """Where one step's records first show a non-finite value at a probe point: {layer, position,
+    cause}, or None when they do not tell (the loss alone is no probe point).
 
-    The first probe point in forward order whose activation mean is non-finite (cause
-    ``activation``); else the highest position with non-finite gradient entries, the first one
-    the backward pass reaches (cause ``gradient``); else None (the records do not tell).
+    ``schema.first_nonfinite`` over the probe rows (position >= 0): the first probe point in
+    forward order whose activation is non-finite (cause ``activation``); else the highest
+    position with a non-finite gradient, the first one the backward pass reaches (``gradient``).
     """
-    probes = records[records["position"] >= 0]
-    values = probes["value"].to_numpy(dtype=np.float64)
-    broken = probes[probes["metric"].isin(ACTIVATION_METRICS).to_numpy() & ~np.isfinite(values)]
-    if len(broken):
-        row = broken.loc[broken["position"].idxmin()]
-        return {"layer": str(row["layer"]), "position": int(row["position"]), "cause": "activation"}
-    counts = probes[(probes["metric"] == "nonfinite_grads").to_numpy() & ~(values <= 0)]
-    if len(counts):
-        row = counts.loc[counts["position"].idxmax()]
-        return {"layer": str(row["layer"]), "position": int(row["position"]), "cause": "gradient"}
-    return None
+    probes = records.loc[pd.to_numeric(records["position"], errors="coerce") >= 0]
+    found = schema.first_nonfinite(probes, by=())
+    if found.empty:
+        return None
+    row = found.iloc[0]
+    return {"layer": str(row["layer"]), "position": int(row["position"]), "cause": str(row["cause"])}
+
+
+def _empty_records(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=RECORD_DTYPES.get(c, "object")) for c in columns})
+
+
+def _parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def _unreadable(folder: Path, part: Path, exc: Exception) -> RunError:
+    reason = (str(exc).splitlines() or [""])[0]
+    return RunError(f"{folder}: cannot be read as Parquet ({part.name}: {reason}); the file is corrupt: {RESTART_HINT}")
+
+
+def read_records(folder: Path, parts: list[Path], metrics: list[str] | None = None,
+                 columns: list[str] | None = None) -> pd.DataFrame:
+    """The rows of ``parts`` (of the records folder ``folder``) in the current format, legacy parts
+    upgraded; only ``metrics`` and ``columns`` when given. RunError naming the folder and the part."""
+    wanted = list(columns or RECORD_COLUMNS)
+    groups: list[tuple[bool, list[Path]]] = []  # consecutive parts of one format, read together
+    for part in parts:
+        try:
+            legacy = is_legacy(pq.read_schema(part).names)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise _unreadable(folder, part, exc) from None
+        if groups and groups[-1][0] == legacy:
+            groups[-1][1].append(part)
+        else:
+            groups.append((legacy, [part]))
+    where = pc.field("metric").isin(list(metrics)) if metrics else None
+    frames = []
+    for legacy, group in groups:
+        read = list(LEGACY_RECORD_COLUMNS) if legacy else wanted
+        try:
+            frame = ds.dataset(group, format="parquet").to_table(columns=read, filter=where).to_pandas()
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise _unreadable(folder, group[0], exc) from None
+        if legacy:
+            try:
+                frame = upgrade_records(frame)[wanted]
+            except ValueError as exc:
+                raise RunError(f"{folder}: {exc}; the records are corrupt: {RESTART_HINT}") from None
+        frames.append(frame)
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return _empty_records(wanted)
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 @dataclass
@@ -248,16 +345,45 @@ class Run:
         return self.config.get("train", {})
 
     def records(self, metrics: list[str] | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-        """The recorder's rows, optionally only some metrics and columns (read column-wise)."""
+        """The recorder's rows, optionally only some metrics and columns (read column-wise);
+        legacy parts are upgraded to ``schema.RECORD_COLUMNS``."""
         folder = self.path / RECORDS
-        if not folder.is_dir() or not any(folder.glob("part-*.parquet")):
-            return pd.DataFrame({c: pd.Series(dtype=_RECORD_DTYPES[c]) for c in (columns or RECORD_COLUMNS)})
-        filters = [("metric", "in", list(metrics))] if metrics else None
-        return read_parquet(folder, columns=columns, filters=filters)
+        return read_records(folder, _parts(folder), metrics=metrics, columns=columns)
 
+    @functools.cached_property
+    def stack(self) -> pd.DataFrame:
+        """The run's block stack: ``layer, stack_index, module_type`` in stack order, from the first
+        records part that holds stack rows (every recorded step covers every probe point); empty
+        without records."""
+        folder = self.path / RECORDS
+        for part in _parts(folder):
+            rows = read_records(folder, [part], columns=["layer", "role", "stack_index", "module_type"])
+            rows = rows.loc[rows["role"] == "stack"]
+            if len(rows):
+                rows = rows.drop_duplicates("stack_index").sort_values("stack_index", kind="stable")
+                return rows[["layer", "stack_index", "module_type"]].reset_index(drop=True)
+        return _empty_records(["layer", "stack_index", "module_type"])
 
-_RECORD_DTYPES = {"step": "int64", "epoch": "int64", "layer": "object", "position": "int64",
-                  "block": "object", "metric": "object", "value": "float64"}
+    def identity(self) -> dict:
+        """The run keys (``schema.RUN_KEYS``), never None: ``model`` is config train.model
+        (absent: ``deepcnn``, the only model of older runs). A DeepCNN's block, depth and width
+        are its options; another model's ``block`` is its stack's module type(s)
+        (``schema.stack_block``), ``depth`` the number of stack probe points (0 when its records
+        cannot tell) and ``width`` NaN. ``norm`` is the option when the config has one, else
+        ``schema.UNKNOWN``."""
+        train = self.train
+        model = str(train.get("model") or DEFAULT_MODEL)
+        if model == DEFAULT_MODEL and train.get("block") is not None and train.get("depth") is not None:
+            block, depth, width = train["block"], train["depth"], train.get("width", np.nan)
+        else:
+            try:
+                stack = self.stack
+            except RunError:  # the report names the unreadable records; the run keeps its place
+                stack = _empty_records(["module_type"])
+            block, depth, width = schema.stack_block(stack["module_type"]), len(stack), np.nan
+        norm = train.get("norm")
+        return {"run": self.name, "model": model, "block": block, "depth": depth, "width": width,
+                "norm": UNKNOWN if norm is None else norm, "seed": train.get("seed")}
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -280,15 +406,13 @@ SWEEP = "sweep.json"
 RUNS_FOLDER = "runs"
 SWEEP_HINT = ("delete it and rerun the same gradlab sweep command to write it again "
               "(finished cells are kept; each cell checks its own options)")
-RUN_COLUMNS = ["run", "arch", "depth", "width", "norm", "seed", "status", "epochs", "epochs_done",
-               "final_train_acc", "best_val_acc", "test_acc", "n_params", "wall_seconds", "dataset",
-               "synthetic", "error"]
+RUN_COLUMNS = [*RUN_KEYS, "status", "epochs", "epochs_done", "final_train_acc", "best_val_acc", "test_acc",
+               "n_params", "wall_seconds", "dataset", "synthetic", "error"]
 
 
 def _run_row(run: Run) -> dict:
     train, summary = run.train, run.summary
-    return {"run": run.name, "arch": train.get("block"), "depth": train.get("depth"), "width": train.get("width"),
-            "norm": train.get("norm"), "seed": train.get("seed"), "status": summary.get("status", "running"),
+    return {**run.identity(), "status": summary.get("status", "running"),
             "epochs": train.get("epochs"), "epochs_done": summary.get("epochs_done", 0),
             "final_train_acc": summary.get("final_train_acc", np.nan), "best_val_acc": summary.get("best_val_acc", np.nan),
             "test_acc": summary.get("test_acc", np.nan), "n_params": summary.get("n_params"),
@@ -310,19 +434,18 @@ class Sweep:
         return pd.DataFrame([_run_row(r) for r in self.runs], columns=RUN_COLUMNS)
 
     def records(self, metrics: list[str] | None = None) -> pd.DataFrame:
-        """Every run's records with the run's identity (run, arch, depth, norm, seed) in front."""
+        """Every run's records with the run keys (``schema.RUN_KEYS``: run, model, block, depth,
+        width, norm, seed; ``Run.identity``) in front."""
         frames = []
         for run in self.runs:
             frame = run.records(metrics=metrics)
             if frame.empty:
                 continue
-            train = run.train
-            frames.append(frame.assign(run=run.name, arch=train["block"], depth=train["depth"],
-                                       norm=train["norm"], seed=train["seed"]))
+            frames.append(frame.assign(**run.identity()))
         if not frames:
-            return pd.DataFrame(columns=["run", "arch", "depth", "norm", "seed", *RECORD_COLUMNS])
+            return pd.DataFrame(columns=[*RUN_KEYS, *RECORD_COLUMNS])
         combined = pd.concat(frames, ignore_index=True)
-        return combined[["run", "arch", "depth", "norm", "seed", *RECORD_COLUMNS]]
+        return combined[[*RUN_KEYS, *RECORD_COLUMNS]]
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:

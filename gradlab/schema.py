@@ -126,9 +126,22 @@ def metric_label(name: str) -> str:
 
 RUN_KEYS = ("run", "model", "block", "depth", "width", "norm", "seed")  # what identifies a run in a sweep
 DEFAULT_MODEL = "deepcnn"
+UNKNOWN = "n/a"  # a run key the run does not define (the norm of a model gradlab did not build)
 PHASES = ("init", "epoch1", "end")
 PHASE_WORDS = {"init": "at initialisation", "epoch1": "over the first epoch", "end": "at the end of training"}
-NORM_WORDS = {"batch": "batch norm", "none": "no normalisation"}
+NORM_WORDS = {"batch": "batch norm", "none": "no normalisation", UNKNOWN: "normalisation not recorded"}
+
+
+def norm_words(norm) -> str:
+    """The norm for a sentence: "batch norm", "no normalisation", "layer norm" for "layer"."""
+    return NORM_WORDS.get(norm, f"{norm} norm")
+
+
+def stack_block(module_types) -> str:
+    """The ``block`` run key of a model gradlab did not build: its stack's module types in stack
+    order, each once, joined with "/" ("BasicBlock", "BasicBlock/Bottleneck"); UNKNOWN for none."""
+    distinct = [str(t) for t in dict.fromkeys(module_types) if isinstance(t, str) and t]
+    return "/".join(distinct) or UNKNOWN
 DIVERGED = "diverged"  # the status, and the first word of a diverged verdict
 DIVERGED_FIELDS = ("step", "epoch", "layer", "position", "cause")  # summary.json's "diverged" object
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradlab import analysis
+from gradlab import analysis, schema
 from gradlab.analysis import (
     activation_profile,
     branch_skip_share,
@@ -23,9 +23,13 @@ from gradlab.analysis import (
 RES_BLOCKS = ("res", "resdown")
 
 
+MODULE_TYPES = {"conv": "ConvBlock", "res": "ResBlock", "resdown": "ResDownBlock", "skip": "SkipBlock"}
+STEM, HEAD = ("conv1", "conv2", "conv3"), "linear1"
+
+
 def make_records(
     run="conv-d16-s0",
-    arch="conv",
+    block="conv",
     depth=16,
     gain=1.5,
     norm="batch",
@@ -35,19 +39,30 @@ def make_records(
     g_last=1e-2,
     scale=None,
     optimizer=True,
+    stack=None,
+    stem=STEM,
+    head=HEAD,
+    module_type=None,
+    model="deepcnn",
+    width=64,
 ):
-    """Records of one run whose grad_out_norm at block i is ``g_last * gain**(N-1-i)``.
+    """Records of one run whose grad_out_norm at stack block i is ``g_last * gain**(N-1-i)``.
 
-    Every probe point follows the same law through its block index i = position - 3
-    (stem i < 0, head i = N), so the stem and head extend the geometric profile.
-    ``scale(steps) -> factors`` multiplies every gradient norm at each step.
-    One step's rows are built in Python, then tiled over steps with numpy.
+    The probe points are ``stem``, the stack (``stack`` names, default the DeepCNN's
+    ``layers.0 .. layers.{depth-1}``) and ``head``. Every probe point follows the same law
+    through i = position - len(stem) (stem i < 0, head i = N), so the stem and head extend
+    the geometric profile. ``scale(steps) -> factors`` multiplies every gradient norm at each
+    step. One step's rows are built in Python, then tiled over steps with numpy.
     """
-    layers = ["conv1", "conv2", "conv3", *[f"layers.{i}" for i in range(depth)], "linear1"]
-    kinds = ["stem"] * 3 + [arch] * depth + ["head"]
+    stack = list(stack) if stack is not None else [f"layers.{i}" for i in range(depth)]
+    depth = len(stack)
+    kind = module_type or MODULE_TYPES.get(block, block)
+    points = ([(layer, "stem", -1, "Conv2d") for layer in stem]
+              + [(layer, "stack", i, kind) for i, layer in enumerate(stack)]
+              + [(layer, "head", -1, "Linear") for layer in ([head] if head else [])])
     rows = []
-    for position, (layer, kind) in enumerate(zip(layers, kinds)):
-        grad_out = g_last * gain ** (depth - 1 - (position - 3))
+    for position, (layer, role, index, module) in enumerate(points):
+        grad_out = g_last * gain ** (depth - 1 - (position - len(stem)))
         metrics = {
             "act_mean": 0.1, "act_std": 1.0 + position, "act_nonpos_frac": 0.5,
             "act_chan_mean_sq": 0.01 * position, "act_chan_var": 1.0 + position,
@@ -56,15 +71,17 @@ def make_records(
         }
         if optimizer:
             metrics["update_ratio"] = 1e-3
-        if kind in RES_BLOCKS:
+        if role == "stack" and block in RES_BLOCKS:
             metrics |= {
                 "branch_chan_var": 0.5, "skip_chan_var": 2.0,
                 "grad_in_branch_norm": 0.6 * grad_out * gain,
                 "grad_in_skip_norm": 0.8 * grad_out * gain,
             }
-        rows += [(layer, position, kind, m, v) for m, v in metrics.items()]
-    rows += [("model", -1, "model", "loss", 2.3), ("model", -1, "model", "param_grad_norm", 1.0)]
-    one = pd.DataFrame(rows, columns=["layer", "position", "block", "metric", "value"])
+        rows += [(layer, position, role, index, module, m, v) for m, v in metrics.items()]
+    model_type = "DeepCNN" if model == "deepcnn" else "ResNet"
+    rows += [("model", -1, "model", -1, model_type, "loss", 2.3),
+             ("model", -1, "model", -1, model_type, "param_grad_norm", 1.0)]
+    one = pd.DataFrame(rows, columns=["layer", "position", "role", "stack_index", "module_type", "metric", "value"])
 
     steps = np.asarray(list(steps), dtype=int)
     frame = one.iloc[np.tile(np.arange(len(one)), len(steps))].reset_index(drop=True)
@@ -74,8 +91,18 @@ def make_records(
         grad = frame["metric"].str.startswith("grad_") & (frame["metric"] != "grad_gain")
         factor = np.repeat(np.asarray(scale(steps), dtype=float), len(one))
         frame["value"] = np.where(grad, frame["value"] * factor, frame["value"])
-    meta = {"run": run, "arch": arch, "depth": depth, "norm": norm, "seed": seed}
+    meta = {"run": run, "model": model, "block": block, "depth": depth, "width": width, "norm": norm, "seed": seed}
+    assert [*meta, *frame.columns] == [*schema.RUN_KEYS, *schema.RECORD_COLUMNS]
     return frame.assign(**meta)[[*meta, *frame.columns]]
+
+
+RESNET18_STACK = [f"layer{stage}.{i}" for stage in (1, 2, 3, 4) for i in (0, 1)]
+
+
+def make_resnet(run="r18", **changes):
+    """A torchvision resnet18-like run: stem conv1, stack layer1.0 .. layer4.1 (BasicBlock), head fc."""
+    return make_records(run, **{**dict(block="BasicBlock", stack=RESNET18_STACK, stem=("conv1",), head="fc",
+                                       model="torchvision:resnet18", norm="batch", width=np.nan), **changes})
 
 
 def make_runs(records, **columns):
@@ -206,6 +233,96 @@ def test_shallow_nets_have_no_first_to_last(depth):
         assert only_row(profile, layer="layers.0")["relative"] == 1
 
 
+# ------------------------------------------------------------------ any model: roles, not names
+
+
+def test_a_resnet18_like_run_is_judged_by_its_stack():
+    records = make_resnet(gain=2.0, g_last=1e-3)
+    row = only_row(flow_summary(records), phase="init")
+    # stack_index 0 is layer1.0, the last (7) is layer4.1: 1e-3 * 2**7 over 1e-3
+    assert (row["model"], row["block"], row["depth"]) == ("torchvision:resnet18", "BasicBlock", 8)
+    assert row["first_grad"] == pytest.approx(1e-3 * 2.0**7) and row["last_grad"] == pytest.approx(1e-3)
+    assert row["first_to_last"] == pytest.approx(2.0**7, rel=1e-12)
+    assert row["gain_geomean"] == pytest.approx(2.0, rel=1e-12)
+    assert row["log_slope"] == pytest.approx(-math.log10(2.0), abs=1e-12)
+    assert row["verdict"] == "exploding"
+    assert describe_flow(row).startswith("torchvision:resnet18, BasicBlock, depth 8 (batch norm) at initialisation: "
+                                         "the gradient grows 128× from the last block to the first")
+    profile = gradient_profile(records).set_index("layer")
+    assert profile.index.tolist() == ["conv1", *RESNET18_STACK, "fc"]  # forward order, stem and head kept
+    assert profile["position"].tolist() == list(range(10))
+    assert profile.loc["layer4.1", "relative"] == 1 and profile.loc["layer1.0", "relative"] == pytest.approx(128)
+    assert profile.loc["conv1", "relative"] == pytest.approx(256)
+    assert profile.loc["fc", "relative"] == pytest.approx(0.5)
+    table = layer_table(records, "r18")
+    assert table["role"].tolist() == ["stem", *["stack"] * 8, "head"]
+    assert table["stack_index"].tolist() == [-1, *range(8), -1]
+    assert set(table.loc[table["role"] == "stack", "module_type"]) == {"BasicBlock"}
+    assert only_row(table, layer="layer2.1")["relative"] == pytest.approx(2.0**4)
+
+
+def test_layer_names_are_never_parsed():
+    """The same DeepCNN records under other names give the same numbers: only role and stack_index count."""
+    names = {f"layers.{i}": f"trunk.unit{7 - i}" for i in range(8)} | {"conv1": "a", "conv2": "b", "conv3": "c"}
+    records = make_records(depth=8, gain=1.5, steps=[0, 10, 20])
+    renamed = records.assign(layer=records["layer"].replace(names))
+    for phase in ("init", "end"):
+        expected, got = (flow_summary(r, phases=[phase]) for r in (records, renamed))
+        pd.testing.assert_frame_equal(got, expected)
+        ratios = gradient_profile(renamed, phase).set_index("layer")["relative"]
+        assert ratios["trunk.unit7"] == pytest.approx(1.5**7) and ratios["trunk.unit0"] == 1
+    poisoned = set_value(renamed, "trunk.unit5", "grad_out_norm", np.nan)
+    assert analysis.divergence(poisoned)["layer"].tolist() == ["trunk.unit5"]
+
+
+def test_a_mixed_sweep_has_one_row_per_run_and_a_cell_per_model_and_block():
+    records = pd.concat([make_records("conv-d8-s0", depth=8, gain=1.5), make_records("res-d8-s0", block="res", depth=8,
+                                                                                  gain=1.0),
+                         make_resnet("r18-s0", gain=1.2), make_resnet("r18-s1", gain=1.3, seed=1)], ignore_index=True)
+    flow = flow_summary(records, phases=["init"]).set_index("run")
+    assert flow.index.tolist() == ["conv-d8-s0", "r18-s0", "r18-s1", "res-d8-s0"]
+    assert flow["block"].tolist() == ["conv", "BasicBlock", "BasicBlock", "res"]
+    assert flow["depth"].tolist() == [8, 8, 8, 8]
+    assert flow.loc["r18-s1", "first_to_last"] == pytest.approx(1.3**7)
+    scaling = depth_scaling(records, None)
+    assert scaling[["model", "block", "depth"]].values.tolist() == [
+        ["deepcnn", "conv", 8], ["deepcnn", "res", 8], ["torchvision:resnet18", "BasicBlock", 8]]
+    resnet = only_row(scaling, block="BasicBlock")
+    assert resnet["n_seeds"] == 2 and resnet["first_to_last"] == pytest.approx(np.sqrt(1.2**7 * 1.3**7))
+    # without block and depth keys (a recorder's frame), both come from the stack rows
+    bare = records.drop(columns=["block", "depth"])
+    mixed = pd.concat([bare, make_resnet("mix", block="BasicBlock", module_type="Bottleneck").drop(
+        columns=["block", "depth"])], ignore_index=True)
+    mixed.loc[(mixed["run"] == "mix") & (mixed["stack_index"] < 2), "module_type"] = "BasicBlock"
+    inferred = flow_summary(mixed, phases=["init"]).set_index("run")
+    assert inferred.loc["r18-s0", ["block", "depth"]].tolist() == ["BasicBlock", 8]
+    assert inferred.loc["conv-d8-s0", ["block", "depth"]].tolist() == ["ConvBlock", 8]
+    assert inferred.loc["mix", "block"] == "BasicBlock/Bottleneck"
+    assert depth_scaling(mixed, None)["n_seeds"].sum() == 5  # no row lost to a missing key
+
+
+def test_a_run_without_a_stack_and_a_run_without_run_keys():
+    stemless = make_records("solo", depth=3, stem=(), head=None)
+    assert only_row(flow_summary(stemless), phase="init")["first_to_last"] == pytest.approx(1.5**2)
+    keyless = make_resnet().drop(columns=["model", "block", "depth", "width", "norm", "seed"])
+    scaling = depth_scaling(keyless, None)
+    assert len(scaling) == 1 and scaling["n_seeds"].tolist() == [1] and scaling["depth"].tolist() == [8]
+    assert scaling["block"].tolist() == ["BasicBlock"] and scaling["verdict"].tolist() == ["exploding"]
+
+
+def test_legacy_records_are_refused_with_the_way_to_read_them():
+    records = make_records(depth=2).drop(columns=["role", "stack_index", "module_type"])
+    with pytest.raises(ValueError, match="legacy format.*gradlab.load_run"):
+        flow_summary(records)
+
+
+def test_sort_by_block_and_the_kept_alias():
+    frame = pd.DataFrame({"block": ["skip", "BasicBlock", "conv", "res"], "model": ["deepcnn", "tv", "deepcnn", "a"]})
+    assert analysis.sort_by_block(frame, ["block"])["block"].tolist() == ["conv", "res", "skip", "BasicBlock"]
+    assert analysis.sort_by_block(frame, ["model", "block"])["block"].tolist() == ["conv", "skip", "res", "BasicBlock"]
+    assert analysis.sort_by_arch(frame, ["arch"])["block"].tolist() == ["conv", "res", "skip", "BasicBlock"]
+
+
 # ------------------------------------------------------------------ phases
 
 
@@ -261,18 +378,19 @@ def test_gradient_profile_covers_the_whole_path():
 
 
 def test_activation_profile_is_long_and_has_branch_metrics_only_for_res():
-    records = pd.concat([make_records("c", depth=3), make_records("r", arch="res", depth=3)])
+    records = pd.concat([make_records("c", depth=3), make_records("r", block="res", depth=3)])
     profile = activation_profile(records)
     assert profile.columns.tolist() == analysis.VALUE_COLUMNS
     assert set(profile["metric"]) == set(analysis.ACTIVATION_METRICS)
     assert "model" not in set(profile["layer"])
     branch = profile.loc[profile["metric"] == "branch_chan_var"]
-    assert set(branch["run"]) == {"r"} and set(branch["block"]) == {"res"}
+    assert set(branch["run"]) == {"r"} and set(branch["module_type"]) == {"ResBlock"}
+    assert set(branch["role"]) == {"stack"} and set(branch["block"]) == {"res"}
     assert len(profile.loc[profile["run"] == "c"]) == 7 * 2
 
 
 def test_branch_skip_share_by_hand():
-    records = make_records("r", arch="resdown", depth=3, gain=1.0, g_last=1.0)
+    records = make_records("r", block="resdown", depth=3, gain=1.0, g_last=1.0)
     records = set_value(records, "layers.1", "grad_in_branch_norm", 0.0)
     records = set_value(records, "layers.1", "grad_in_skip_norm", 0.0)
     with warnings.catch_warnings():
@@ -324,20 +442,20 @@ def test_depth_scaling_aggregates_seeds_by_hand():
     gains, accs = [1.5, 2.0, 1.2], [0.40, 0.42, 0.47]
     records = pd.concat(
         [make_records(f"conv-d8-s{s}", depth=8, gain=g, seed=s) for s, g in enumerate(gains)]
-        + [make_records("res-d8-s0", arch="res", depth=8, gain=1.0)]
+        + [make_records("res-d8-s0", block="res", depth=8, gain=1.0)]
     )
     runs = make_runs(records)
     runs["test_acc"] = runs["run"].map(
         {f"conv-d8-s{s}": a for s, a in enumerate(accs)} | {"res-d8-s0": 0.6}
     )
-    failed = {"run": "conv-d8-s3", "arch": "conv", "depth": 8, "norm": "batch", "seed": 3,
+    failed = {"run": "conv-d8-s3", "model": "deepcnn", "block": "conv", "depth": 8, "norm": "batch", "seed": 3,
               "status": "failed", "test_acc": np.nan}
     runs = pd.concat([runs, pd.DataFrame([failed])], ignore_index=True)
 
     scaling = depth_scaling(records, runs, phase="init")
     assert scaling.columns.tolist() == analysis.SCALING_COLUMNS
-    assert scaling["arch"].tolist() == ["conv", "res"]
-    conv = only_row(scaling, arch="conv")
+    assert scaling["block"].tolist() == ["conv", "res"]
+    conv = only_row(scaling, block="conv")
     assert conv["n_seeds"] == 4 and conv["n_failed"] == 1 and conv["n_diverged"] == 0
     assert conv["test_acc_mean"] == pytest.approx(np.mean(accs))
     assert conv["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
@@ -347,7 +465,7 @@ def test_depth_scaling_aggregates_seeds_by_hand():
     assert conv["gain_geomean"] == pytest.approx(np.exp(np.mean(np.log(gains))))
     assert conv["log_slope_mean"] == pytest.approx(-np.mean(np.log10(gains)))
     assert conv["verdict"] == "exploding (2/3)"  # 1.2**7 = 3.6 is stable; a failed run does not vote
-    res = only_row(scaling, arch="res")
+    res = only_row(scaling, block="res")
     assert res["verdict"] == "stable" and res["n_seeds"] == 1 and np.isnan(res["test_acc_std"])
 
 
@@ -553,7 +671,7 @@ def test_describe_flow_zero_and_phase_words():
     last = describe_flow(only_row(zero_last, phase="epoch1"))
     assert "over the first epoch" in last and "exactly 0 at the last block" in last
     assert last.endswith("— exploding.")
-    assert describe_flow(dict(arch="res", depth=0, norm="batch", verdict="n/a")).endswith(
+    assert describe_flow(dict(block="res", depth=0, norm="batch", verdict="n/a")).endswith(
         "no blocks — n/a."
     )
 
@@ -562,9 +680,13 @@ def test_describe_flow_zero_and_phase_words():
 
 
 def test_analysis_and_report_do_not_import_torch():
+    """With torch made unimportable, the report side and the run directory still import and work."""
     code = (
-        "import sys, gradlab.analysis, gradlab.report.text; "
-        "assert 'torch' not in sys.modules, 'torch imported'"
+        "import sys; sys.modules['torch'] = None\n"
+        "import gradlab.schema, gradlab.runs, gradlab.analysis, gradlab.report.text, gradlab.report.figures, "
+        "gradlab.report.html\n"
+        "from gradlab import load_run, load_sweep\n"
+        "assert sys.modules['torch'] is None, 'torch imported'\n"
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
@@ -574,12 +696,12 @@ def big_sweep(n_runs=45, rows_per_run=50_000):
     """A sweep-sized frame built by tiling: 45 runs of ~50k rows each."""
     frames = []
     for i in range(n_runs):
-        arch = ["conv", "res", "skip"][i % 3]
+        block = ["conv", "res", "skip"][i % 3]
         depth = [4, 16, 32][(i // 3) % 3]
-        one_step = len(make_records(arch=arch, depth=depth, steps=[0]))
+        one_step = len(make_records(block=block, depth=depth, steps=[0]))
         steps = np.arange(max(1, rows_per_run // one_step)) * 5
         frames.append(
-            make_records(f"{arch}-d{depth}-s{i // 9}", arch=arch, depth=depth, seed=i // 9,
+            make_records(f"{block}-d{depth}-s{i // 9}", block=block, depth=depth, seed=i // 9,
                          gain=1.0 + 0.01 * i, steps=steps, steps_per_epoch=200)
         )
     return pd.concat(frames, ignore_index=True)

@@ -34,18 +34,20 @@ def _texts(fig: Figure) -> str:
     return "\n".join(parts)
 
 
-def profile(archs=("conv", "res"), depths=(2, 4), phases=("init", "end"), value=None) -> pd.DataFrame:
+def profile(blocks=("conv", "res"), depths=(2, 4), phases=("init", "end"), value=None) -> pd.DataFrame:
     """A gradient_profile-like frame: stem (2 probes), the blocks, the head; grows toward the input."""
     rows = []
     for phase in phases:
-        for arch in archs:
+        for block in blocks:
             for depth in depths:
                 layers = ["conv1", "conv2", *(f"layers.{i}" for i in range(depth)), "linear1"]
                 for position, layer in enumerate(layers):
-                    block = "stem" if layer.startswith("conv") else "head" if layer == "linear1" else arch
+                    index = position - 2 if 2 <= position < 2 + depth else -1
+                    role = "stem" if position < 2 else "head" if index < 0 else "stack"
                     relative = 2.0 ** (depth + 1 - position)
-                    rows.append({"run": f"{arch}-d{depth}", "arch": arch, "depth": depth, "norm": "batch", "seed": 0,
-                                 "phase": phase, "layer": layer, "position": position, "block": block,
+                    rows.append({"run": f"{block}-d{depth}", "model": "deepcnn", "block": block, "depth": depth,
+                                 "norm": "batch", "seed": 0, "phase": phase, "layer": layer, "position": position,
+                                 "role": role, "stack_index": index,
                                  "value": 0.01 * relative if value is None else value, "relative": relative})
     return pd.DataFrame(rows)
 
@@ -61,7 +63,7 @@ def test_gradient_flow_has_a_log_panel_per_phase_and_block_type_and_a_line_per_r
 
 
 def test_gradient_flow_title_states_the_verdicts():
-    verdicts = pd.DataFrame({"phase": ["init"], "arch": ["conv"], "norm": ["batch"], "depth": [4],
+    verdicts = pd.DataFrame({"phase": ["init"], "block": ["conv"], "norm": ["batch"], "depth": [4],
                              "first_to_last": [41.0], "verdict": ["exploding"]})
     fig = figures.gradient_flow(profile(), verdicts=verdicts, title="conv explodes toward the input")
     text = _texts(fig)
@@ -70,13 +72,13 @@ def test_gradient_flow_title_states_the_verdicts():
 
 
 def test_gradient_flow_colours_are_shades_of_the_block_type():
-    fig = figures.gradient_flow(profile(archs=("res",), depths=(4,), phases=("init",)))
+    fig = figures.gradient_flow(profile(blocks=("res",), depths=(4,), phases=("init",)))
     (line,) = _data_lines(_panels(fig)[0])
     assert np.allclose(to_rgb(line.get_color()), to_rgb(figures.PALETTE["res"]))
 
 
 def test_one_block_type_puts_the_phases_side_by_side():
-    fig = figures.gradient_flow(profile(archs=("skip",)))
+    fig = figures.gradient_flow(profile(blocks=("skip",)))
     assert [ax.get_subplotspec().get_geometry()[:2] for ax in _panels(fig)] == [(1, 2), (1, 2)]
 
 
@@ -105,11 +107,11 @@ def test_raw_values_can_be_drawn_instead_of_relative_ones():
 
 
 @pytest.mark.parametrize("draw, frame", [
-    (figures.gradient_flow, pd.DataFrame({"arch": ["conv"], "depth": [2]})),
-    (figures.depth_scaling_ratio, pd.DataFrame({"arch": ["conv"]})),
-    (figures.accuracy_vs_depth, pd.DataFrame({"arch": ["conv"], "depth": [2]})),
+    (figures.gradient_flow, pd.DataFrame({"block": ["conv"], "depth": [2]})),
+    (figures.depth_scaling_ratio, pd.DataFrame({"block": ["conv"]})),
+    (figures.accuracy_vs_depth, pd.DataFrame({"block": ["conv"], "depth": [2]})),
     (figures.signal_propagation, pd.DataFrame({"run": ["a"]})),
-    (figures.branch_skip, pd.DataFrame({"arch": ["res"], "depth": [2]})),
+    (figures.branch_skip, pd.DataFrame({"block": ["res"], "depth": [2]})),
     (figures.run_heatmaps, pd.DataFrame({"run": ["a"], "step": [0]})),
 ])
 def test_a_missing_column_warns_and_leaves_the_panel_empty(draw, frame):
@@ -120,17 +122,17 @@ def test_a_missing_column_warns_and_leaves_the_panel_empty(draw, frame):
 
 def test_training_curves_warn_on_missing_columns():
     with pytest.warns(UserWarning, match="missing column"):
-        fig = figures.training_curves(pd.DataFrame({"run": ["a"], "arch": ["conv"], "depth": [2]}),
-                                      pd.DataFrame({"run": ["a"], "arch": ["conv"], "depth": [2]}))
+        fig = figures.training_curves(pd.DataFrame({"run": ["a"], "block": ["conv"], "depth": [2]}),
+                                      pd.DataFrame({"run": ["a"], "block": ["conv"], "depth": [2]}))
     assert "no loss per step" in _texts(fig)
 
 
 def scaling() -> pd.DataFrame:
     rows = []
     for phase in ("init", "end"):
-        for arch, base in (("conv", 4.0), ("res", 1.1), ("skip", 0.5)):
+        for block, base in (("conv", 4.0), ("res", 1.1), ("skip", 0.5)):
             for depth in (2, 8, 32):
-                rows.append({"phase": phase, "arch": arch, "norm": "batch", "depth": depth,
+                rows.append({"phase": phase, "model": "deepcnn", "block": block, "norm": "batch", "depth": depth,
                              "first_to_last": base ** (depth / 2), "verdict": "stable"})
     return pd.DataFrame(rows)
 
@@ -159,10 +161,10 @@ def test_depth_scaling_ratio_draws_zero_and_inf_at_the_edges():
 
 def runs_table() -> pd.DataFrame:
     rows = []
-    for arch in ("conv", "res"):
+    for block in ("conv", "res"):
         for depth in (2, 8):
             for seed in (0, 1):
-                rows.append({"run": f"{arch}-d{depth}-s{seed}", "arch": arch, "depth": depth, "norm": "batch",
+                rows.append({"run": f"{block}-d{depth}-s{seed}", "block": block, "depth": depth, "norm": "batch",
                              "seed": seed, "test_acc": 0.5 + 0.01 * depth, "best_val_acc": 0.52})
     return pd.DataFrame(rows)
 
@@ -219,13 +221,14 @@ def test_run_heatmaps_with_zero_nan_inf_and_a_missing_metric():
     assert "exactly 0" in " ".join(ax.get_ylabel() for ax in fig.axes)
 
 
-def activation(arch="res", run="r") -> pd.DataFrame:
+def activation(block="res", run="r") -> pd.DataFrame:
     rows = []
-    metrics = ["act_chan_mean_sq", "act_chan_var"] + (["branch_chan_var", "skip_chan_var"] if arch == "res" else [])
+    metrics = ["act_chan_mean_sq", "act_chan_var"] + (["branch_chan_var", "skip_chan_var"] if block == "res" else [])
     for position in range(5):
         for metric in metrics:
-            rows.append({"run": run, "arch": arch, "depth": 3, "norm": "batch", "seed": 0, "layer": f"l{position}",
-                         "position": position, "block": arch, "metric": metric, "value": 0.1 * (position + 1)})
+            rows.append({"run": run, "block": block, "depth": 3, "norm": "batch", "seed": 0, "layer": f"l{position}",
+                         "position": position, "role": "stack", "stack_index": position, "metric": metric,
+                         "value": 0.1 * (position + 1)})
     return pd.DataFrame(rows)
 
 
@@ -248,10 +251,10 @@ def test_signal_propagation_without_residual_blocks_says_so():
 def test_branch_skip_has_a_row_per_block_type_and_a_column_per_phase():
     rows = []
     for phase in ("init", "end"):
-        for arch in ("res", "resdown"):
+        for block in ("res", "resdown"):
             for depth in (2, 4):
                 for i in range(depth):
-                    rows.append({"run": f"{arch}{depth}", "arch": arch, "depth": depth, "phase": phase,
+                    rows.append({"run": f"{block}{depth}", "block": block, "depth": depth, "phase": phase,
                                  "position": 2 + i, "branch_share": [0.5, np.nan, 0.2, np.inf][i]})
     fig = figures.branch_skip(pd.DataFrame(rows))
     axes = _panels(fig)
@@ -261,12 +264,12 @@ def test_branch_skip_has_a_row_per_block_type_and_a_column_per_phase():
 
 def test_training_curves_have_loss_and_accuracy_panels_per_block_type_and_norm():
     steps, history = [], []
-    for arch in ("conv", "res"):
+    for block in ("conv", "res"):
         for norm in ("batch", "none"):
-            run = f"{arch}-{norm}"
-            steps += [{"run": run, "arch": arch, "norm": norm, "depth": 2, "step": s,
+            run = f"{block}-{norm}"
+            steps += [{"run": run, "block": block, "norm": norm, "depth": 2, "step": s,
                        "loss": [2.3, np.nan, np.inf, 2.0, 1.9][s]} for s in range(5)]
-            history += [{"run": run, "arch": arch, "norm": norm, "depth": 2, "epoch": e,
+            history += [{"run": run, "block": block, "norm": norm, "depth": 2, "epoch": e,
                          "train_acc": 0.3 + 0.1 * e, "val_acc": 0.25} for e in range(3)]
     fig = figures.training_curves(pd.DataFrame(steps), pd.DataFrame(history))
     axes = _panels(fig)
@@ -299,7 +302,7 @@ def test_depth_shades_keep_the_block_colour_and_darken_with_depth():
     brightness = [sum(shades[d]) for d in (2, 8, 32)]
     assert brightness == sorted(brightness, reverse=True)
     assert figures.depth_shades("res", [4]) == {4: to_rgb(figures.PALETTE["res"])}
-    assert figures.arch_color("unknown") == figures.arch_color("unknown")  # stable for other archs
+    assert figures.block_color("unknown") == figures.block_color("unknown")  # stable for other block types
 
 
 def test_figures_leave_global_matplotlib_settings_alone():
@@ -346,7 +349,7 @@ def _crosses(fig: Figure) -> list:
 
 
 def test_gradient_flow_leaves_non_finite_values_out_and_marks_the_diverged_run():
-    frame = profile(archs=("conv",), depths=(2, 4), phases=("init", "end"))
+    frame = profile(blocks=("conv",), depths=(2, 4), phases=("init", "end"))
     bad = (frame["run"] == "conv-d4") & (frame["phase"] == "end") & (frame["position"] <= 3)
     frame.loc[bad, "value"] = np.inf  # the diverged run's measured norms overflowed ...
     frame.loc[bad, "relative"] = np.inf  # ... so their ratios are inf too, and must not be drawn as "▲ inf"
@@ -364,10 +367,10 @@ def test_gradient_flow_leaves_non_finite_values_out_and_marks_the_diverged_run()
 
 
 def test_training_curves_mark_the_divergence_step_and_go_logarithmic():
-    steps = pd.DataFrame({"run": ["a"] * 6 + ["b"] * 6, "arch": "conv", "depth": [2] * 6 + [8] * 6,
+    steps = pd.DataFrame({"run": ["a"] * 6 + ["b"] * 6, "block": "conv", "depth": [2] * 6 + [8] * 6,
                           "step": list(range(6)) * 2,
                           "loss": [2.3, 2.1, 2.0, 1.9, 1.8, 1.7, 2.3, 4e12, np.inf, np.nan, np.nan, np.nan]})
-    history = pd.DataFrame({"run": ["a", "b"], "arch": "conv", "depth": [2, 8], "epoch": [0, 0],
+    history = pd.DataFrame({"run": ["a", "b"], "block": "conv", "depth": [2, 8], "epoch": [0, 0],
                             "train_acc": [0.3, 0.1], "val_acc": [0.25, np.nan]})
     diverged = pd.DataFrame({"run": ["b"], "step": [2], "layer": ["model"], "position": [-1], "cause": ["loss"]})
     fig = figures.training_curves(steps, history, diverged=diverged)
@@ -395,7 +398,7 @@ def test_run_heatmaps_draw_a_line_at_the_divergence_step():
 
 def test_depth_scaling_and_accuracy_mark_diverged_runs():
     frame = scaling().assign(n_diverged=0)
-    frame.loc[(frame["arch"] == "conv") & (frame["depth"] == 32), ["first_to_last", "n_diverged"]] = [np.nan, 2]
+    frame.loc[(frame["block"] == "conv") & (frame["depth"] == 32), ["first_to_last", "n_diverged"]] = [np.nan, 2]
     fig = figures.depth_scaling_ratio(frame)
     assert sorted(x for _, x in _crosses(fig)) == [32.0, 32.0]  # one per phase panel
     assert "conv, depth 32: 2 runs diverged, left out of the ratio" in _texts(fig)
@@ -428,8 +431,7 @@ def test_figures_of_real_runs_that_diverged(tmp_path, small_splits):
     root = broken_sweep(tmp_path / "sweep", small_splits)
     sweep = load_sweep(root)
     good = [r for r in sweep.runs if r.name != "skip-d3-s0"]  # its records are corrupt
-    records = pd.concat([r.records().assign(run=r.name, arch=r.train["block"], depth=r.train["depth"],
-                                            norm=r.train["norm"], seed=r.train["seed"]) for r in good])
+    records = pd.concat([r.records().assign(**r.identity()) for r in good])
     table = read_runs(sweep)
     diverged = analysis.divergence(records, table)
     assert sorted(diverged["run"]) == ["conv-d3-s0-none", "conv-d3-s1"]
@@ -441,11 +443,49 @@ def test_figures_of_real_runs_that_diverged(tmp_path, small_splits):
     assert np.isfinite(_drawn_points(fig)).all()
     assert len(_crosses(fig)) == 2  # conv-d3-s1 and the lr-1e8 run, in the end panel
     assert "✕ conv-d3-s1: diverged at step 5 (layer layers.1)" in _texts(fig)
-    steps = pd.concat([r.steps.assign(run=r.name, arch=r.train["block"], depth=r.train["depth"], norm=r.train["norm"])
-                       for r in good])
-    history = pd.concat([r.history.assign(run=r.name, arch=r.train["block"], depth=r.train["depth"],
-                                          norm=r.train["norm"]) for r in good])
+    steps = pd.concat([r.steps.assign(**r.identity()) for r in good])
+    history = pd.concat([r.history.assign(**r.identity()) for r in good])
     fig = figures.training_curves(steps, history, diverged=diverged)
     fig.canvas.draw()
     assert np.isfinite(_drawn_points(fig)).all()
     assert sorted(x for _, x in _crosses(fig)) == [1.0, 5.0]
+
+
+# ---------------------------------------------------------------- any model
+
+
+def test_a_mixed_sweep_gets_a_panel_and_a_colour_per_network():
+    from test_analysis import make_records, make_resnet
+
+    from gradlab import analysis
+
+    records = pd.concat([make_records("conv-d8", depth=8), make_resnet("r18", gain=1.2)], ignore_index=True)
+    frame = analysis.gradient_profile(records).assign(phase="init")
+    flow = analysis.flow_summary(records, phases=["init"])
+    fig = figures.gradient_flow(frame, verdicts=flow)
+    conv, resnet = _panels(fig)
+    title = " ".join(resnet.get_title(loc="left").split())  # titles wrap to the panel
+    assert " ".join(conv.get_title(loc="left").split()).startswith("conv — at initialisation")
+    assert title.startswith("torchvision:resnet18, BasicBlock — at initialisation")
+    assert "depth 8: ×3.58 toward input — stable" in title
+    assert len(_data_lines(conv)) == 1 and len(_data_lines(resnet)) == 1
+    (line,) = _data_lines(resnet)
+    assert list(line.get_xdata()) == list(range(10))  # conv1, layer1.0 .. layer4.1, fc by position
+    assert "stem" in [t.get_text() for t in resnet.texts]  # the stem (role) is shaded
+    colours = {figures.block_color(n) for n in ("conv", "torchvision:resnet18, BasicBlock")}
+    assert len(colours) == 2
+    scaling = analysis.depth_scaling(records, None)
+    fig = figures.depth_scaling_ratio(scaling)
+    legend = [t.get_text() for t in _panels(fig)[0].get_legend().get_texts()]
+    assert legend == ["conv", "torchvision:resnet18, BasicBlock"]
+
+
+def test_run_heatmaps_shorten_long_module_names_without_ambiguity():
+    frame = records(runs=("a",))
+    long = {"conv1": "model.backbone.conv1", "layers.0": "model.backbone.stages.0.blocks.0.mixer",
+            "layers.1": "model.backbone.stages.0.blocks.1.mixer", "linear1": "model.head"}
+    frame["layer"] = frame["layer"].replace(long)
+    fig = figures.run_heatmaps(frame, metrics=("grad_out_norm",))
+    (ax,) = _panels(fig)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "backbone.conv1", "…stages.0.blocks.0.mixer", "…stages.0.blocks.1.mixer", "head"]

@@ -232,13 +232,13 @@ def test_write_report_defaults_to_the_reports_folder(sweep_dir, tmp_path, monkey
 
 
 def test_big_sweeps_are_capped_and_say_so():
-    rows = [{"run": f"{a}-d{d}-s{s}-{n}", "arch": a, "depth": d, "norm": n, "seed": s}
+    rows = [{"run": f"{a}-d{d}-s{s}-{n}", "model": "deepcnn", "block": a, "depth": d, "norm": n, "seed": s}
             for a in ("conv", "res", "resdown", "skip") for n in ("batch", "none")
             for d in (1, 2, 4, 8, 16, 32, 64, 128) for s in (0, 1)]
     runs = pd.DataFrame(rows)  # 128 runs
     shown, note = report_html._depth_selection(runs)
-    assert shown.groupby(["arch", "norm"])["depth"].nunique().max() <= report_html.MAX_DEPTHS
-    assert shown.groupby("arch").size().max() <= report_html.MAX_SEED_LINES
+    assert shown.groupby(["block", "norm"])["depth"].nunique().max() <= report_html.MAX_DEPTHS
+    assert shown.groupby("block").size().max() <= report_html.MAX_SEED_LINES
     assert {1, 128} <= set(shown["depth"]) and note.startswith(f"Showing {len(shown)} of 128 runs")
     curves, note = report_html._curve_selection(runs)
     assert len(curves) <= report_html.MAX_CURVE_RUNS and (curves["seed"] == 0).all()
@@ -366,9 +366,10 @@ def test_diverged_runs_and_unreadable_cells_get_their_own_sections(broken_report
         f"conv-d3-s0-none (conv, depth 3, no normalisation) diverged at step 1, epoch 0: the first non-finite "
         f"activation appeared at {where['layer']} (from its summary.json)"]
     table = diverged.tables[0]
-    assert table.columns == ["run", "arch", "depth", "norm", "seed", "status", "step", "epoch", "layer", "position",
-                             "cause", "source"]
-    assert table.rows[0][:10] == ["conv-d3-s1", "conv", "3", "batch", "1", "diverged", "5", "1", SCRIPT, "6"]
+    assert table.columns == ["run", "model", "block", "depth", "width", "norm", "seed", "status", "step", "epoch",
+                             "layer", "position", "cause", "source"]
+    assert table.rows[0][:12] == ["conv-d3-s1", "deepcnn", "conv", "3", "4", "batch", "1", "diverged", "5", "1",
+                                  SCRIPT, "6"]
     unreadable = report.section("unreadable")
     assert unreadable.badge == "3 unreadable"
     cells = {row[0]: row[1] for row in unreadable.tables[0].rows}
@@ -418,3 +419,61 @@ def test_a_broken_sweep_in_a_real_browser_shows_markup_as_text(broken_report, tm
     assert badges == [["2 diverged", True], ["3 unreadable", True]]
     assert len(widths) == 6 and all(w > 0 for w in widths)  # one depth: no depth-scaling figures
     assert not re.search(r"\bnan\b", body, re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- any model: a resnet18-like run beside a DeepCNN
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory) -> Path:
+    """A sweep folder with a DeepCNN run and a torchvision-resnet18-like run, records written by hand."""
+    from test_analysis import make_records, make_resnet
+    from test_runs import make_run_dir
+
+    from gradlab import runs, schema
+
+    root = tmp_path_factory.mktemp("mixed") / "mixed-sweep"
+    cells = {"conv-d8-s0": ({"block": "conv", "depth": 8, "width": 8, "norm": "batch", "seed": 0},
+                            make_records(depth=8, gain=1.5, steps=[0, 5, 10])),
+             "r18-s0": ({"model": "torchvision:resnet18", "norm": "batch", "seed": 0},
+                        make_resnet(gain=1.2, steps=[0, 5, 10]))}
+    for name, (train, records) in cells.items():
+        make_run_dir(root / runs.RUNS_FOLDER / name, train, records.drop(columns=list(schema.RUN_KEYS)))
+    runs.write_json(root / runs.SWEEP, {"cells": list(cells)})
+    return root
+
+
+@pytest.mark.browser
+def test_a_resnet18_like_run_beside_a_deepcnn_in_a_real_browser(mixed_dir, tmp_path):
+    report = build_report(mixed_dir)
+    facts = dict(report.facts)
+    assert facts["Models"] == "deepcnn, torchvision:resnet18" and facts["Blocks"] == "BasicBlock, conv"
+    flow = report.section("gradient-flow")
+    assert "torchvision:resnet18, BasicBlock (×3.58) stays within ×0.1–×10" in flow.images[0].alt
+    assert "conv (×17.1) explodes toward the input" in flow.images[0].alt
+    tables = {t.caption: t for t in flow.tables}
+    caption = "Per probe point at initialisation: r18-s0 (torchvision:resnet18, BasicBlock, depth 8, batch norm)"
+    assert list(tables) == ["Per probe point at initialisation: conv-d8-s0 (conv, depth 8, batch norm)", caption]
+    table = tables[caption]
+    assert table.collapsed and table.columns[:5] == ["layer", "position", "role", "stack_index", "module_type"]
+    assert [row[:5] for row in table.rows] == [
+        ["conv1", "0", "stem", MISSING, "Conv2d"],
+        *[[f"layer{s}.{i}", str(2 * s + i - 1), "stack", str(2 * s + i - 2), "BasicBlock"]
+          for s in (1, 2, 3, 4) for i in (0, 1)],
+        ["fc", "9", "head", MISSING, "Linear"]]
+    listing = report.section("run").tables[0]
+    assert listing.columns[:4] == ["run", "model", "block", "depth"]
+    assert [row[:4] for row in listing.rows] == [["conv-d8-s0", "deepcnn", "conv", "8"],
+                                                 ["r18-s0", "torchvision:resnet18", "BasicBlock", "8"]]
+    page = tmp_path / "mixed.html"
+    page.write_text(report.to_html(), encoding="utf-8")
+    errors, dialogs = [], []
+    with browser_tab(page.resolve().as_uri(), errors, dialogs) as tab:
+        tab.click("#gradient-flow details:nth-of-type(2) summary")  # open the resnet's per-layer table
+        shown = tab.inner_text("#gradient-flow details:nth-of-type(2)")
+        widths = tab.evaluate("Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
+        body = tab.inner_text("body")
+    assert errors == [] and dialogs == []
+    assert "layer3.1\t6\tstack\t5\tBasicBlock" in shown and "fc\t9\thead" in shown
+    assert widths and all(w > 0 for w in widths)
+    assert "torchvision:resnet18" in body and not re.search(r"\bnan\b", body, re.IGNORECASE)

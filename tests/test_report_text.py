@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from test_analysis import make_records, make_runs, set_value
+from test_analysis import RESNET18_STACK, make_records, make_resnet, make_runs, set_value
 
 from gradlab import analysis
 from gradlab.report.text import (
@@ -16,6 +16,7 @@ from gradlab.report.text import (
     format_number,
     render,
     report_text,
+    short_names,
 )
 from gradlab.runs import load_run
 
@@ -128,15 +129,15 @@ def sweep(norms=("batch",)):
     """conv explodes (gain 1.5), res is stable (gain 1.0); depths 4 and 16; res-d4 missing."""
     frames = []
     for norm in norms:
-        for arch, gain in (("conv", 1.5), ("res", 1.0)):
+        for block, gain in (("conv", 1.5), ("res", 1.0)):
             for depth in (4, 16):
-                if arch == "res" and depth == 4:
+                if block == "res" and depth == 4:
                     continue
-                frames.append(make_records(f"{arch}-{norm}-d{depth}-s0", arch=arch, depth=depth,
+                frames.append(make_records(f"{block}-{norm}-d{depth}-s0", block=block, depth=depth,
                                            gain=gain, norm=norm, steps=[0, 10, 20]))
     records = pd.concat(frames, ignore_index=True)
     runs = make_runs(records)
-    runs["test_acc"] = np.where(runs["arch"] == "conv", 0.412, 0.6)
+    runs["test_acc"] = np.where(runs["block"] == "conv", 0.412, 0.6)
     return records, runs
 
 
@@ -185,7 +186,7 @@ def test_report_table(report_inputs):
     assert "Depth scaling at the end of training (median of the last 3 recorded steps)" in text
     assert "Gradient flow per layer at initialisation: conv-batch-d16-s0 (conv, depth 16, batch norm)" in text
     assert "Gradient flow per layer at initialisation: res-batch-d16-s0 (res, depth 16, batch norm)" in text
-    assert "conv-batch-d4-s0 (" not in text  # only the deepest run of each arch
+    assert "conv-batch-d4-s0 (" not in text  # only the deepest run of each block type
     sentences = [line for line in lines if line.startswith(("conv, depth", "res, depth"))]
     assert len(sentences) == 2
     assert "grows 438×" in sentences[0] and sentences[0].endswith("exploding.")
@@ -215,7 +216,7 @@ def test_report_csv_sections_parse(report_inputs):
     expected = pd.concat([analysis.depth_scaling(records, runs, p) for p in ("init", "end")])
     np.testing.assert_array_equal(scaling["first_to_last"], expected["first_to_last"])
     assert scaling.loc[(scaling["phase"] == "end") & (scaling["depth"] == 16)
-                       & (scaling["arch"] == "conv"), "first_to_last"].item() == np.inf
+                       & (scaling["block"] == "conv"), "first_to_last"].item() == np.inf
     assert set(sections["layers"]["run"]) == {"conv-batch-d16-s0", "res-batch-d16-s0"}
     assert len(sections["layers"]) == 2 * 20
     assert sections["flow"]["sentence"].str.contains("— exploding.").sum() == 1
@@ -228,7 +229,7 @@ def test_report_json_is_one_object(report_inputs):
     assert report["header"]["runs"] == 3 and report["header"]["dataset"] == ["cifar10"]
     assert report["header"]["depths"] == [4, 16] and report["header"]["status"] == {"complete": 3}
     end_conv = [r for r in report["depth_scaling"]
-                if r["phase"] == "end" and r["arch"] == "conv" and r["depth"] == 16]
+                if r["phase"] == "end" and r["block"] == "conv" and r["depth"] == 16]
     assert end_conv[0]["first_to_last"] == "inf" and end_conv[0]["verdict"] == "exploding"
     assert report["flow"][0]["first_to_last"] == pytest.approx(1.5**15)
     assert {r["layer"] for r in report["layers"]} >= {"conv1", "layers.15", "linear1"}
@@ -246,7 +247,7 @@ def test_report_of_nothing(fmt):
     text = report_text(pd.DataFrame(), None, fmt=fmt)
     if fmt == "json":
         report = json.loads(text)
-        assert report["header"] == {"runs": 0, "blocks": [], "depths": [], "norms": [], "seeds": []}
+        assert report["header"] == {"runs": 0, "models": [], "blocks": [], "depths": [], "norms": [], "seeds": []}
         assert report["flow"] == [] and report["depth_scaling"] == []
     else:
         assert "gradlab report: 0 runs · blocks: –" in text
@@ -382,14 +383,100 @@ def test_the_machine_formats_carry_divergence_and_unreadable_cells(broken):
     diverged = {row["run"]: row for row in report["diverged"]}
     assert sorted(diverged) == ["conv-d3-s0-none", "conv-d3-s1"]
     assert diverged["conv-d3-s1"] == {
-        "run": "conv-d3-s1", "arch": "conv", "depth": 3, "norm": "batch", "seed": 1, "status": "diverged", "step": 5,
+        "run": "conv-d3-s1", "model": "deepcnn", "block": "conv", "depth": 3, "width": 4, "norm": "batch", "seed": 1,
+        "status": "diverged", "step": 5,
         "epoch": 1, "layer": "layers.1", "position": 4, "cause": "gradient", "source": "summary"}
     where = load_run(root / "runs" / "conv-d3-s0-none").summary["diverged"]
     assert diverged["conv-d3-s0-none"] == {
-        "run": "conv-d3-s0-none", "arch": "conv", "depth": 3, "norm": "none", "seed": 0, "status": "diverged",
+        "run": "conv-d3-s0-none", "model": "deepcnn", "block": "conv", "depth": 3, "width": 4, "norm": "none",
+        "seed": 0, "status": "diverged",
         "step": 1, "epoch": 0, "layer": where["layer"], "position": where["position"], "cause": "activation",
         "source": "summary"}
     assert [row["cell"] for row in report["unreadable"]] == ["res-d3-s1", "skip-d3-s0"]
     assert report["header"]["unreadable"] == ["res-d3-s1", "skip-d3-s0"]
     end = [r for r in report["depth_scaling"] if r["phase"] == "end" and r["norm"] == "none"]
     assert end[0]["first_to_last"] is None and end[0]["n_ratios"] == 0 and end[0]["n_diverged"] == 1
+
+
+# ------------------------------------------------------------------ any model: names and roles
+
+
+def test_short_names_drop_a_shared_path_and_keep_every_name_apart():
+    assert short_names(["conv1", "layers.0", "layers.1", "linear1"]) == {
+        "conv1": "conv1", "layers.0": "layers.0", "layers.1": "layers.1", "linear1": "linear1"}
+    wrapped = ["backbone.conv1", "backbone.layer1.0", "backbone.layer1.1", "backbone.fc"]
+    assert short_names(wrapped) == {"backbone.conv1": "conv1", "backbone.layer1.0": "layer1.0",
+                                    "backbone.layer1.1": "layer1.1", "backbone.fc": "fc"}
+    assert short_names(["encoder", "encoder.block"]) == {"encoder": "encoder", "encoder.block": "encoder.block"}
+    assert short_names(["a.b", "a.b"]) == {"a.b": "a.b"}  # one name once
+    long = ["model.transformer.encoder.layers.0.self_attn", "model.transformer.encoder.layers.1.self_attn",
+            "model.transformer.decoder.layers.1.self_attn", "model.head"]
+    shorts = short_names(long, width=12)  # nothing fits in 12: the fewest parts that tell the names apart
+    assert shorts == {long[0]: "…0.self_attn", long[1]: "…encoder.layers.1.self_attn",
+                      long[2]: "…decoder.layers.1.self_attn", long[3]: "head"}
+    roomy = short_names(long, width=27)  # as many parts as fit in 27
+    assert roomy == {long[0]: "…encoder.layers.0.self_attn", long[1]: "…encoder.layers.1.self_attn",
+                     long[2]: "…decoder.layers.1.self_attn", long[3]: "head"}
+    for mapping in (shorts, roomy):  # each short name ends its own name and no other
+        assert len(set(mapping.values())) == len(mapping)
+        for name, short in mapping.items():
+            ending = short.removeprefix("…")
+            assert [n for n in long if n == ending or n.endswith("." + ending)] == [name]
+    assert short_names([]) == {}
+
+
+def test_the_report_of_a_resnet18_like_run_names_its_modules():
+    records = make_resnet("r18-s0", gain=2.0, g_last=1e-3, steps=[0, 10, 20])
+    text = report_text(records)
+    assert text.startswith("gradlab report: 1 run · models: torchvision:resnet18 · blocks: BasicBlock · depths: 8")
+    assert ("Gradient flow per layer at initialisation: r18-s0 (torchvision:resnet18, BasicBlock, depth 8, "
+            "batch norm)") in text
+    table = text.split("batch norm)\n")[1].split("\n\n")[1].splitlines()
+    assert table[0].split()[:5] == ["layer", "position", "role", "stack_index", "module_type"]
+    assert [line.split()[:5] for line in table[2:]] == [
+        ["conv1", "0", "stem", MISSING, "Conv2d"],
+        *[[name, str(i + 1), "stack", str(i), "BasicBlock"] for i, name in enumerate(RESNET18_STACK)],
+        ["fc", "9", "head", MISSING, "Linear"]]
+    assert ("torchvision:resnet18, BasicBlock, depth 8 (batch norm) at initialisation: the gradient grows 128× from "
+            "the last block to the first (×2 per block) — exploding.") in text
+    report = json.loads(report_text(records, fmt="json"))
+    assert report["header"]["models"] == ["torchvision:resnet18"] and report["header"]["blocks"] == ["BasicBlock"]
+    layers = {row["layer"]: row for row in report["layers"]}
+    assert list(layers) == ["conv1", *RESNET18_STACK, "fc"]
+    assert (layers["layer3.1"]["role"], layers["layer3.1"]["stack_index"]) == ("stack", 5)
+    assert (layers["fc"]["role"], layers["fc"]["stack_index"]) == ("head", -1)  # machine formats: the tidy values
+    assert layers["layer1.0"]["relative"] == pytest.approx(128)
+    (scaling,) = [r for r in report["depth_scaling"] if r["phase"] == "init"]
+    assert (scaling["model"], scaling["block"], scaling["depth"], scaling["verdict"]) == (
+        "torchvision:resnet18", "BasicBlock", 8, "exploding")
+    assert scaling["first_to_last"] == pytest.approx(128)
+
+
+def test_a_mixed_report_has_a_column_and_a_layer_table_per_network():
+    records = pd.concat([make_records("conv-d8-s0", depth=8, gain=1.5),
+                         make_resnet("r18-s0", gain=1.2), make_resnet("r18-s1", gain=1.2, seed=1)], ignore_index=True)
+    runs = make_runs(records, test_acc=0.5)
+    table = depth_scaling_table(analysis.depth_scaling(records, runs))
+    assert table.columns.tolist() == ["conv", "torchvision:resnet18, BasicBlock"]
+    assert table.loc[8, "torchvision:resnet18, BasicBlock"] == "test 50±0% · ratio 3.58 · stable"
+    text = report_text(records, runs)
+    assert text.splitlines()[0] == ("gradlab report: 3 runs · models: deepcnn, torchvision:resnet18 · "
+                                    "blocks: BasicBlock, conv · depths: 8 · norms: batch · seeds: 0, 1")
+    assert "conv-d8-s0 (conv, depth 8, batch norm)" in text and "r18-s0 (torchvision:resnet18, BasicBlock" in text
+    assert "r18-s1 (" not in text  # the deepest run of each network, lowest seed
+    layers = report_text(records, runs, fmt="csv").split("# layers\n")[1].split("\n\n")[0]
+    layers = pd.read_csv(io.StringIO(layers))
+    assert layers.loc[layers["run"] == "r18-s0", "layer"].tolist() == ["conv1", *RESNET18_STACK, "fc"]
+
+
+def test_long_module_names_are_shortened_in_tables_for_people_only():
+    stack = [f"model.backbone.stages.{i // 2}.blocks.{i % 2}.mixer" for i in range(4)]
+    records = make_records("deep", block="MixerBlock", stack=stack, stem=("model.backbone.stem",),
+                           head="model.head.fc", model="file.py:make")
+    text = report_text(records)
+    layers = text.split("batch norm)\n")[1].split("\n\n")[1].splitlines()[2:]
+    assert [line.split()[0] for line in layers] == [  # "model." dropped, then as many parts as fit in 24
+        "backbone.stem", "…stages.0.blocks.0.mixer", "…stages.0.blocks.1.mixer", "…stages.1.blocks.0.mixer",
+        "…stages.1.blocks.1.mixer", "head.fc"]
+    report = json.loads(report_text(records, fmt="json"))
+    assert [row["layer"] for row in report["layers"]][1:5] == stack

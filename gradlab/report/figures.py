@@ -10,9 +10,13 @@ chosen, nothing is registered globally and nothing has to be closed. ``Figure.sa
 renders through Agg, and Jupyter's inline backend displays them like any other figure.
 
 Every figure is drawn under one seaborn theme (``THEME``, applied by ``_themed`` inside an
-``rc_context``, so importing this module changes no global setting) and colours each block
-type with ``PALETTE`` everywhere; where depth is the hue, deeper nets get darker shades of
-their block type's colour (``depth_shades``).
+``rc_context``, so importing this module changes no global setting) and colours each network
+with ``PALETTE`` everywhere; where depth is the hue, deeper nets get darker shades of their
+network's colour (``depth_shades``). A network is a block type (``block``: ``conv``,
+``res``, ...), with the model in front when it is not a DeepCNN (``model``: "torchvision:
+resnet18, BasicBlock", ``analysis.network_label``); panels and colours are per network, so a
+sweep that mixes models draws each model's stack on its own. Axis and colour-bar labels are the
+metric labels of ``schema.METRICS``; phase words are ``schema.PHASE_WORDS``.
 
 Log axes and exact zeros: a gradient that is exactly 0 is a result, so it is drawn at a
 floor one decade below the smallest positive value, with a ▼ marker, and the floor line is
@@ -43,23 +47,14 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
 from gradlab import analysis
-from gradlab.report.text import format_number
+from gradlab.report.text import format_number, short_names
+from gradlab.schema import DIVERGED, MODEL_POSITION, PHASE_WORDS, metric_label, norm_words
 
 # Okabe & Ito's colour-blind-safe palette; conv gets the alarm colour because it explodes.
 PALETTE = {"conv": "#D55E00", "res": "#0072B2", "resdown": "#009E73", "skip": "#CC79A7"}
 _EXTRA_COLOURS = ("#E69F00", "#56B4E9", "#F0E442", "#000000")  # for block types not in PALETTE
 THEME = {"context": "notebook", "style": "whitegrid", "font_scale": 0.85, "color_codes": False,
          "rc": {"axes.titleweight": "bold", "figure.titleweight": "bold", "legend.frameon": False}}
-PHASE_LABELS = {"init": "at initialisation", "epoch1": "over the first epoch",
-                "end": "at the end of training"}
-METRIC_LABELS = {
-    "grad_out_norm": "gradient norm ‖∂L/∂output‖",
-    "act_std": "activation std",
-    "act_chan_mean_sq": "channel mean²",
-    "act_chan_var": "channel variance",
-    "branch_chan_var": "branch variance",
-    "skip_chan_var": "skip variance",
-}
 ACCURACY_LABELS = {"test_acc": "test accuracy", "best_val_acc": "best validation accuracy"}
 ZERO_MARKER, INF_MARKER, DIVERGED_MARKER = "v", "^", "X"
 
@@ -79,21 +74,21 @@ def _themed(draw: Callable[..., Figure]) -> Callable[..., Figure]:
     return themed
 
 
-def arch_color(arch: str) -> str:
-    """The colour of a block type in every figure."""
-    if arch in PALETTE:
-        return PALETTE[arch]
-    return _EXTRA_COLOURS[sum(map(ord, str(arch))) % len(_EXTRA_COLOURS)]
+def block_color(network: str) -> str:
+    """The colour of a network (a block type, or "model, block type") in every figure."""
+    if network in PALETTE:
+        return PALETTE[network]
+    return _EXTRA_COLOURS[sum(map(ord, str(network))) % len(_EXTRA_COLOURS)]
 
 
 def _mix(colour: Sequence[float], other: Sequence[float], amount: float) -> tuple:
     return tuple((1 - amount) * c + amount * o for c, o in zip(colour, other))
 
 
-def depth_shades(arch: str, depths: Iterable) -> dict:
-    """depth -> colour: shades of the block type's colour, light for shallow, dark for deep."""
+def depth_shades(network: str, depths: Iterable) -> dict:
+    """depth -> colour: shades of the network's colour, light for shallow, dark for deep."""
     depths = sorted(set(depths))
-    base = to_rgb(arch_color(arch))
+    base = to_rgb(block_color(network))
     if len(depths) == 1:
         return {depths[0]: base}
     light, dark = _mix(base, (1, 1, 1), 0.6), _mix(base, (0, 0, 0), 0.45)
@@ -101,11 +96,17 @@ def depth_shades(arch: str, depths: Iterable) -> dict:
     return {d: _mix(light, dark, t) for d, t in zip(depths, steps)}
 
 
-def arch_order(archs: Iterable) -> list:
-    """Block types in ``analysis.ARCH_ORDER``, unknown ones after them by name."""
-    present = {str(a) for a in archs if pd.notna(a)}
-    known = [a for a in analysis.ARCH_ORDER if a in present]
+def block_order(networks: Iterable) -> list:
+    """Networks in ``analysis.BLOCK_ORDER``, the others after them by name."""
+    present = {str(a) for a in networks if pd.notna(a)}
+    known = [a for a in analysis.BLOCK_ORDER if a in present]
     return known + sorted(present - set(known))
+
+
+def _with_network(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a ``network`` column, ``analysis.network_label`` of its ``model`` (optional)
+    and ``block``: the key of panels and colours."""
+    return df.assign(network=analysis.network_labels(df))
 
 
 # ---------------------------------------------------------------- small helpers
@@ -260,11 +261,12 @@ def _depth_ints(series: pd.Series) -> pd.Series:
 # ---------------------------------------------------------------- 1. gradient flow
 
 
-def _verdict_lines(verdicts: pd.DataFrame | None, phase, arch: str, several_norms: bool) -> list[str]:
+def _verdict_lines(verdicts: pd.DataFrame | None, phase, network: str, several_norms: bool) -> list[str]:
     """"depth 8: ×41 toward the input — exploding", one per norm (formatting, no statistics)."""
-    if verdicts is None or verdicts.empty or not {"arch", "verdict"} <= set(verdicts.columns):
+    if verdicts is None or verdicts.empty or not {"block", "verdict"} <= set(verdicts.columns):
         return []
-    rows = verdicts.loc[verdicts["arch"].astype(str) == arch]
+    verdicts = _with_network(verdicts)
+    rows = verdicts.loc[verdicts["network"] == network]
     if phase is not None and "phase" in rows:
         rows = rows.loc[rows["phase"] == phase]
     lines = []
@@ -273,7 +275,7 @@ def _verdict_lines(verdicts: pd.DataFrame | None, phase, arch: str, several_norm
         ratio = row.get("first_to_last", np.nan)
         head = f"depth {format_number(int(depth))}" if pd.notna(depth) else "depth ?"
         if several_norms and pd.notna(row.get("norm")):
-            head += f" ({analysis.NORM_WORDS.get(row['norm'], row['norm'])})"
+            head += f" ({norm_words(row['norm'])})"
         change = f"×{format_number(ratio)} toward input — " if pd.notna(ratio) else ""
         lines.append(f"{head}: {change}{row['verdict']}")
     return lines
@@ -294,55 +296,55 @@ def _verdict_bands(ax, floor: float, ceiling: float) -> None:
 @_themed
 def gradient_flow(profile: pd.DataFrame, verdicts: pd.DataFrame | None = None, title: str | None = None,
                   y: str = "relative", diverged: pd.DataFrame | None = None) -> Figure:
-    """Gradient norm against position, one line per run (hue: depth), one panel per block type.
+    """Gradient norm against position, one line per run (hue: depth), one panel per network.
 
-    ``profile`` is ``analysis.gradient_profile`` output (``arch, depth, run, position`` and
-    ``y``; optional ``phase`` (one row of panels per phase), ``norm`` (line style) and
-    ``block`` (the stem is shaded)). ``y="relative"`` (the norm divided by the norm at the
+    ``profile`` is ``analysis.gradient_profile`` output (``block, depth, run, position`` and
+    ``y``; optional ``model`` (the network's name), ``phase`` (one row of panels per phase),
+    ``norm`` (line style) and ``role`` (the stem is shaded)). ``y="relative"`` (the norm divided by the norm at the
     last block) puts every line through 1 at its last block, so the height of its left end is
     the first-to-last ratio and the exploding and vanishing bands apply; ``y="value"`` draws
     the raw norms. ``verdicts`` holds ``flow_summary`` or ``depth_scaling`` rows (``phase,
-    arch, depth, first_to_last, verdict``) printed under each panel's title. Log y, shared axes.
+    model, block, depth, first_to_last, verdict``) printed under each panel's title. Log y, shared axes.
     A point whose raw ``value`` is NaN or inf is left out; ``diverged`` runs get ✕ above the
     probe point where their divergence first appeared (the output end for the loss), in the
     panels of their ``phase`` (every panel without a ``phase`` column).
     """
-    need = ["arch", "depth", "run", "position", y]
+    need = ["block", "depth", "run", "position", y]
     if _missing(profile, need, "gradient_flow") or profile.empty:
         fig, axes = _figure(1, 1, (6, 3.5))
         _say(axes[0, 0], "no gradient records")
         return fig
-    df = profile.assign(depth=_depth_ints(profile["depth"]), position=_numeric(profile["position"]))
+    df = _with_network(profile).assign(depth=_depth_ints(profile["depth"]), position=_numeric(profile["position"]))
     # a non-finite measurement is left out; an inf ratio over an exact 0 is a result (drawn ▲)
     measured, dropped = _measured(df["value"] if "value" in df else df[y])
     df[y] = _numeric(df[y]).where(measured.notna())
     phases = [p for p in analysis.PHASES if "phase" in df and p in set(df["phase"])] or [None]
-    archs = arch_order(df["arch"])
+    networks = block_order(df["network"])
     several_norms = "norm" in df and df["norm"].nunique() > 1
     floor, ceiling = _log_limits(df[y])
     thresholds = (analysis.VANISHING_RATIO, analysis.EXPLODING_RATIO) if y == "relative" else ()
     low, high = _log_view(df[y], floor, ceiling, thresholds)
     df["shown"] = _for_log(df[y], floor, ceiling)
-    # one block type: the phases side by side rather than stacked in one narrow column
-    side_by_side = len(archs) == 1
-    shape = (1, len(phases)) if side_by_side else (len(phases), len(archs))
+    # one network: the phases side by side rather than stacked in one narrow column
+    side_by_side = len(networks) == 1
+    shape = (1, len(phases)) if side_by_side else (len(phases), len(networks))
     fig, axes = _figure(*shape, (4.6 if side_by_side else 4.0, 3.3), sharex=True, sharey=True)
     notes = []
     for i, phase in enumerate(phases):
-        for j, arch in enumerate(archs):
+        for j, network in enumerate(networks):
             ax = axes[0, i] if side_by_side else axes[i, j]
             first_row, first_column = (True, i == 0) if side_by_side else (i == 0, j == 0)
             ax.set_yscale("log")
             ax.set_ylim(low, high)
             if y == "relative":
                 _verdict_bands(ax, low, high)
-            data = df.loc[df["arch"].astype(str) == arch]
+            data = df.loc[df["network"].astype(str) == network]
             if phase is not None:
                 data = data.loc[data["phase"] == phase]
             data = data.dropna(subset=["depth"])
-            shades = depth_shades(arch, data["depth"].tolist() or [0])
-            if "block" in data and (data["block"] == "stem").any():
-                stem = data.loc[data["block"] == "stem", "position"]
+            shades = depth_shades(network, data["depth"].tolist() or [0])
+            if "role" in data and (data["role"] == "stem").any():
+                stem = data.loc[data["role"] == "stem", "position"]
                 ax.axvspan(stem.min() - 0.5, stem.max() + 0.5, color="0.85", alpha=0.5, linewidth=0, zorder=0)
                 ax.text(stem.mean(), 0.02, "stem", transform=ax.get_xaxis_transform(), ha="center", fontsize=8,
                         color="0.4")
@@ -359,13 +361,13 @@ def gradient_flow(profile: pd.DataFrame, verdicts: pd.DataFrame | None = None, t
                 mine = data.loc[data["run"].astype(str) == str(row["run"])]
                 position = pd.to_numeric(pd.Series([row.get("position")]), errors="coerce").iloc[0]
                 x = position if pd.notna(position) and position >= 0 else mine["position"].max()  # loss: output end
-                notes.append(_mark_diverged(ax, x, shades.get(mine["depth"].iloc[0], arch_color(arch)),
+                notes.append(_mark_diverged(ax, x, shades.get(mine["depth"].iloc[0], block_color(network)),
                                             _diverged_label(row)))
             if ax.get_legend() is not None:
                 ax.legend(title="depth", fontsize=8, title_fontsize=8, loc="best", ncol=min(len(shades), 3))
-            header = arch if phase is None else f"{arch} — {PHASE_LABELS.get(phase, phase)}"
-            lines = _verdict_lines(verdicts, phase, arch, several_norms)
-            _panel_title(ax, "\n".join([header, *lines]), arch_color(arch))
+            header = network if phase is None else f"{network} — {PHASE_WORDS.get(phase, phase)}"
+            lines = _verdict_lines(verdicts, phase, network, several_norms)
+            _panel_title(ax, "\n".join([header, *lines]), block_color(network))
             ax.set_xlabel("")
             if first_column:
                 ax.set_ylabel("gradient norm ÷ norm at last block" if y == "relative" else "gradient norm")
@@ -398,30 +400,32 @@ def _depth_axis(ax, depths: pd.Series) -> None:
 
 @_themed
 def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None, title: str | None = None) -> Figure:
-    """First-to-last gradient ratio against depth, one colour per block type, log y.
+    """First-to-last gradient ratio against depth, one colour per network, log y.
 
-    ``scaling`` is ``analysis.depth_scaling`` output (``arch, depth, first_to_last``; optional
+    ``scaling`` is ``analysis.depth_scaling`` output (``block, depth, first_to_last``; optional
+    ``model``;
     ``phase``: one panel per phase; ``norm``: line style). ``flow`` (``flow_summary`` rows)
     adds one dot per seed. The exploding and vanishing bands use analysis's thresholds. A
     depth with diverged runs (``n_diverged`` > 0) gets ✕ on the top edge: those runs have no
     ratio, so the line there stands for the others, or has a gap.
     """
-    need = ["arch", "depth", "first_to_last"]
+    need = ["block", "depth", "first_to_last"]
     if _missing(scaling, need, "depth_scaling_ratio") or scaling.empty:
         fig, axes = _figure(1, 1, (6, 3.5))
         _say(axes[0, 0], "no depth-scaling data")
         return fig
-    df = scaling.assign(depth=_numeric(scaling["depth"]))
+    df = _with_network(scaling).assign(depth=_numeric(scaling["depth"]))
     phases = [p for p in analysis.PHASES if "phase" in df and p in set(df["phase"])] or [None]
     values = [df["first_to_last"]]
     if flow is not None and not _missing(flow, [*need, "phase"] if phases != [None] else need, "depth_scaling_ratio"):
         values.append(flow["first_to_last"])
     else:
         flow = None
+    flow = _with_network(flow) if flow is not None else None
     everything = pd.concat(values, ignore_index=True)
     floor, ceiling = _log_limits(everything)
     low, high = _log_view(everything, floor, ceiling, (analysis.VANISHING_RATIO, analysis.EXPLODING_RATIO))
-    archs = arch_order(df["arch"])
+    networks = block_order(df["network"])
     several_norms = "norm" in df and df["norm"].nunique() > 1
     fig, axes = _figure(1, len(phases), (4.6, 3.6), sharey=True)
     notes = []
@@ -433,26 +437,26 @@ def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None,
         data = df if phase is None else df.loc[df["phase"] == phase]
         data = data.assign(shown=_for_log(data["first_to_last"], floor, ceiling))
         if data["shown"].notna().any():
-            sns.lineplot(data=data, x="depth", y="shown", hue="arch", palette={a: arch_color(a) for a in archs},
-                         hue_order=[a for a in archs if a in set(data["arch"])],
+            sns.lineplot(data=data, x="depth", y="shown", hue="network", palette={a: block_color(a) for a in networks},
+                         hue_order=[a for a in networks if a in set(data["network"])],
                          style="norm" if several_norms else None, units="norm" if several_norms else None,
                          estimator=None, marker="o", linewidth=2, legend=j == len(phases) - 1, ax=ax)
-            colours = data["arch"].map(arch_color)
+            colours = data["network"].map(block_color)
             notes += _mark_clipped(ax, data["depth"], data["first_to_last"], floor, ceiling, colours)
         if flow is not None:
             seeds = flow if phase is None else flow.loc[flow["phase"] == phase]
             seeds = seeds.assign(depth=_numeric(seeds["depth"]), shown=_for_log(seeds["first_to_last"], floor, ceiling))
-            ax.scatter(seeds["depth"], seeds["shown"], s=14, c=seeds["arch"].astype(str).map(arch_color).tolist(),
+            ax.scatter(seeds["depth"], seeds["shown"], s=14, c=seeds["network"].astype(str).map(block_color).tolist(),
                        alpha=0.45, linewidths=0, zorder=3)
         if "n_diverged" in data:
             for row in data.loc[_numeric(data["n_diverged"]) > 0].to_dict("records"):
                 count = int(row["n_diverged"])
-                label = (f"{row['arch']}, depth {format_number(int(row['depth']))}: {count} run"
+                label = (f"{row['network']}, depth {format_number(int(row['depth']))}: {count} run"
                          f"{'s' if count != 1 else ''} diverged, left out of the ratio")
-                notes.append(_mark_diverged(ax, row["depth"], arch_color(row["arch"]), label))
+                notes.append(_mark_diverged(ax, row["depth"], block_color(row["network"]), label))
         _depth_axis(ax, df["depth"])
         ax.set_ylabel("gradient ratio first block / last block" if j == 0 else "")
-        ax.set_title(PHASE_LABELS.get(phase, "") if phase else "")
+        ax.set_title(PHASE_WORDS.get(phase, "") if phase else "")
         if ax.get_legend() is not None:
             sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="block", fontsize=8)
     for ax in axes.flat:
@@ -469,34 +473,35 @@ def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None,
 @_themed
 def accuracy_vs_depth(runs: pd.DataFrame, chance: float | None = None, title: str | None = None,
                       metrics: Sequence[str] = ("test_acc", "best_val_acc")) -> Figure:
-    """Accuracy against depth per block type: one panel per accuracy column, one dot per run,
+    """Accuracy against depth per network: one panel per accuracy column, one dot per run,
     a line through the mean over seeds (seaborn's estimator). ``chance`` draws a dotted line.
     Runs whose ``status`` is "diverged" are drawn as ✕ instead of a dot."""
     fig, axes = _figure(1, len(metrics), (4.3, 3.4), sharey=True)
-    base = _missing(runs, ["arch", "depth"], "accuracy_vs_depth")
+    base = _missing(runs, ["block", "depth"], "accuracy_vs_depth")
     for j, metric in enumerate(metrics):
         ax = axes[0, j]
         ax.set_title(ACCURACY_LABELS.get(metric, metric))
         if base or _missing(runs, [metric], "accuracy_vs_depth"):
             _say(ax, f"no {metric} column")
             continue
-        data = runs.assign(depth=_numeric(runs["depth"]), acc=_numeric(runs[metric]).where(lambda s: np.isfinite(s)))
+        data = _with_network(runs).assign(depth=_numeric(runs["depth"]),
+                                          acc=_numeric(runs[metric]).where(lambda s: np.isfinite(s)))
         data = data.dropna(subset=["acc", "depth"])
         if data.empty:
             _say(ax, "no finished runs")
             continue
-        archs = arch_order(data["arch"])
-        palette = {a: arch_color(a) for a in archs}
+        networks = block_order(data["network"])
+        palette = {a: block_color(a) for a in networks}
         several_norms = "norm" in data and data["norm"].nunique() > 1
-        sns.lineplot(data=data, x="depth", y="acc", hue="arch", hue_order=archs, palette=palette,
+        sns.lineplot(data=data, x="depth", y="acc", hue="network", hue_order=networks, palette=palette,
                      style="norm" if several_norms else None, errorbar=None, linewidth=2, ax=ax,
                      legend=j == len(metrics) - 1)
-        bad = data["status"].astype(str) == analysis.DIVERGED if "status" in data else data["acc"].isna()
-        sns.scatterplot(data=data.loc[~bad], x="depth", y="acc", hue="arch", hue_order=archs, palette=palette,
+        bad = data["status"].astype(str) == DIVERGED if "status" in data else data["acc"].isna()
+        sns.scatterplot(data=data.loc[~bad], x="depth", y="acc", hue="network", hue_order=networks, palette=palette,
                         s=28, alpha=0.6, legend=False, ax=ax)
         if bad.any():
             ax.scatter(data.loc[bad, "depth"], data.loc[bad, "acc"], marker=DIVERGED_MARKER, s=60,
-                       c=data.loc[bad, "arch"].astype(str).map(arch_color).tolist(), edgecolors="black",
+                       c=data.loc[bad, "network"].astype(str).map(block_color).tolist(), edgecolors="black",
                        linewidths=0.6, zorder=6)
             ax.text(0.01, 0.99, f"✕ diverged ({int(bad.sum())})", transform=ax.transAxes, ha="left", va="top",
                     fontsize=8, color="0.3")
@@ -559,7 +564,7 @@ def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm
     cmaps = {"grad_out_norm": "rocket", "act_std": "mako"}
     notes = []
     for j, metric in enumerate(metrics):
-        rows = records.loc[(records["metric"] == metric) & (records["layer"] != analysis.MODEL_LAYER)]
+        rows = records.loc[(records["metric"] == metric) & (_numeric(records["position"]) != MODEL_POSITION)]
         # pivot, not pivot_table: a NaN cell stays a (grey) cell instead of dropping its step
         grids = {run: rows.loc[rows["run"] == run].drop_duplicates(["position", "layer", "step"])
                  .pivot(index=["position", "layer"], columns="step", values="value") for run in runs}
@@ -572,7 +577,7 @@ def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm
             ax = axes[i, j]
             ax.grid(False)
             grid = grids[run].sort_index(level="position")
-            heading = METRIC_LABELS.get(metric, metric)
+            heading = metric_label(metric)
             _panel_title(ax, f"{(labels or {}).get(run, run)}\n{heading}" if j == 0 else f"\n{heading}")
             if grid.empty or norm is None:
                 _say(ax, f"{metric} not recorded" if grid.empty else "no finite positive values")
@@ -585,6 +590,8 @@ def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm
             mesh = ax.pcolormesh(grid.columns.to_numpy(float), np.arange(len(grid)), shown, cmap=cmap, norm=norm,
                                  shading="nearest", rasterized=True)
             names = grid.index.get_level_values("layer").tolist()
+            shorts = short_names(names)  # long module paths shortened, never ambiguously
+            names = [shorts[n] for n in names]
             every = max(1, math.ceil(len(names) / 14))
             ax.set_yticks(np.arange(len(names))[::every], names[::every], fontsize=7, parse_math=False)
             ax.set_ylim(len(names) - 0.5, -0.5)  # the input at the top, the head at the bottom
@@ -595,7 +602,7 @@ def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm
                 ax.axvline(float(row["step"]), color="white", linestyle="--", linewidth=1.2)
                 notes.append(_mark_diverged(ax, float(row["step"]), "white", _diverged_label(row)))
         if mesh is not None:
-            label = f"{METRIC_LABELS.get(metric, metric)} (log)" + ("; grey: not finite" if gaps else "")
+            label = f"{metric_label(metric)} (log)" + ("; grey: not finite" if gaps else "")
             _log_colourbar(fig, mesh, axes[:, j], label, zeros)
     if notes:
         fig.supxlabel("\n".join(_unique_notes(notes)), fontsize=8, parse_math=False)
@@ -610,24 +617,25 @@ def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm
 def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Figure:
     """Activation statistics against position (Brock et al. 2021's signal-propagation plots).
 
-    ``activation`` is ``analysis.activation_profile`` output (``run, arch, position, metric,
-    value``). Panels: channel mean², channel variance, and branch (solid) versus skip (dashed)
-    variance of residual blocks. Hue: block type; one line per run; log y. NaN and inf (an
+    ``activation`` is ``analysis.activation_profile`` output (``run, block, position, metric,
+    value``; optional ``model``). Panels: channel mean², channel variance, and branch (solid)
+    versus skip (dashed) variance of residual blocks. Hue: network; one line per run; log y. NaN and inf (an
     overflowing sum of squares, a diverged run) are left out; exact zeros are drawn ▼.
     """
-    panels = [("channel mean²", ["act_chan_mean_sq"]), ("channel variance", ["act_chan_var"]),
+    panels = [(metric_label("act_chan_mean_sq"), ["act_chan_mean_sq"]),
+              (metric_label("act_chan_var"), ["act_chan_var"]),
               ("residual branch vs skip variance", ["branch_chan_var", "skip_chan_var"])]
     fig, axes = _figure(1, len(panels), (4.0, 3.4), sharex=True)
-    if _missing(activation, ["run", "arch", "position", "metric", "value"], "signal_propagation"):
+    if _missing(activation, ["run", "block", "position", "metric", "value"], "signal_propagation"):
         for ax in axes[0]:
             _say(ax, "no activation statistics")
         return fig
     measured, dropped = _measured(activation["value"])
-    df = activation.assign(position=_numeric(activation["position"]), value=measured)
+    df = _with_network(activation).assign(position=_numeric(activation["position"]), value=measured)
     floor, ceiling = _log_limits(df["value"])
     df["shown"] = _for_log(df["value"], floor, ceiling)
-    archs = arch_order(df["arch"])
-    palette = {a: arch_color(a) for a in archs}
+    networks = block_order(df["network"])
+    palette = {a: block_color(a) for a in networks}
     parts = {"branch_chan_var": "branch", "skip_chan_var": "skip"}
     notes = []
     for j, (label, metrics) in enumerate(panels):
@@ -639,12 +647,12 @@ def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Fi
             _say(ax, "no finite values" if len(data) else "not recorded" if len(metrics) == 1 else "no residual blocks")
             continue
         data = data.assign(part=data["metric"].map(parts))
-        sns.lineplot(data=data, x="position", y="shown", hue="arch", palette=palette,
-                     hue_order=[a for a in archs if a in set(data["arch"])], units="run", estimator=None,
+        sns.lineplot(data=data, x="position", y="shown", hue="network", palette=palette,
+                     hue_order=[a for a in networks if a in set(data["network"])], units="run", estimator=None,
                      style="part" if len(metrics) > 1 else None,
                      style_order=["branch", "skip"] if len(metrics) > 1 else None,
                      linewidth=1.8, legend=True, ax=ax)
-        notes += _mark_clipped(ax, data["position"], data["value"], floor, ceiling, data["arch"].map(arch_color))
+        notes += _mark_clipped(ax, data["position"], data["value"], floor, ceiling, data["network"].map(block_color))
         ax.set_xlabel("")
         ax.set_ylabel("value (log)" if j == 0 else "")
         if ax.get_legend() is not None:
@@ -666,25 +674,25 @@ def signal_propagation(activation: pd.DataFrame, title: str | None = None) -> Fi
 def branch_skip(share: pd.DataFrame, title: str | None = None) -> Figure:
     """Share of each residual block's input gradient (squared norms) through the branch.
 
-    ``share`` is ``analysis.branch_skip_share`` output (``arch, depth, run, position,
-    branch_share``; optional ``phase``: one column of panels per phase). One row of panels
-    per block type, hue depth; 0 means everything flows through the skip path, 1 through the
+    ``share`` is ``analysis.branch_skip_share`` output (``block, depth, run, position,
+    branch_share``; optional ``model``; optional ``phase``: one column of panels per phase).
+    One row of panels per network, hue depth; 0 means everything flows through the skip path, 1 through the
     branch.
     """
-    need = ["arch", "depth", "run", "position", "branch_share"]
+    need = ["block", "depth", "run", "position", "branch_share"]
     if _missing(share, need, "branch_skip") or share.empty:
         fig, axes = _figure(1, 1, (6, 3.2))
         _say(axes[0, 0], "no residual blocks")
         return fig
-    df = share.assign(depth=_depth_ints(share["depth"]), position=_numeric(share["position"]),
+    df = _with_network(share).assign(depth=_depth_ints(share["depth"]), position=_numeric(share["position"]),
                       branch_share=_numeric(share["branch_share"]).where(lambda s: np.isfinite(s)))
     phases = [p for p in analysis.PHASES if "phase" in df and p in set(df["phase"])] or [None]
-    archs = arch_order(df["arch"])
-    fig, axes = _figure(len(archs), len(phases), (4.8, 2.9), sharex=True, sharey=True)
-    for i, arch in enumerate(archs):
+    networks = block_order(df["network"])
+    fig, axes = _figure(len(networks), len(phases), (4.8, 2.9), sharex=True, sharey=True)
+    for i, network in enumerate(networks):
         for j, phase in enumerate(phases):
             ax = axes[i, j]
-            data = df.loc[df["arch"].astype(str) == arch].dropna(subset=["depth"])
+            data = df.loc[df["network"].astype(str) == network].dropna(subset=["depth"])
             if phase is not None:
                 data = data.loc[data["phase"] == phase]
             ax.axhspan(-0.03, 0.5, color="0.5", alpha=0.08, linewidth=0, zorder=0)
@@ -693,7 +701,7 @@ def branch_skip(share: pd.DataFrame, title: str | None = None) -> Figure:
             ax.text(0.99, 0.93, "mostly through the branch", transform=ax.transAxes, ha="right", fontsize=8,
                     color="0.35")
             if data["branch_share"].notna().any():
-                shades = depth_shades(arch, data["depth"].tolist())
+                shades = depth_shades(network, data["depth"].tolist())
                 sns.lineplot(data=data, x="position", y="branch_share", hue="depth", palette=shades,
                              hue_order=sorted(shades), units="run", estimator=None, marker="o", markersize=4,
                              linewidth=2, legend="full" if j == len(phases) - 1 else False, ax=ax)
@@ -703,8 +711,8 @@ def branch_skip(share: pd.DataFrame, title: str | None = None) -> Figure:
             else:
                 _say(ax, "no finite shares")
             ax.set_ylim(-0.03, 1.03)
-            heading = arch if phase is None else f"{arch} — {PHASE_LABELS.get(phase, phase)}"
-            _panel_title(ax, heading, arch_color(arch))
+            heading = network if phase is None else f"{network} — {PHASE_WORDS.get(phase, phase)}"
+            _panel_title(ax, heading, block_color(network))
             ax.set_xlabel("")
             ax.set_ylabel("branch share of ‖∂L/∂input‖²" if j == 0 else "")
     fig.supxlabel("block position: input → output", fontsize=9)
@@ -716,18 +724,23 @@ def branch_skip(share: pd.DataFrame, title: str | None = None) -> Figure:
 
 
 def _panels(frames: Sequence[pd.DataFrame]) -> list[tuple[str, object]]:
-    """(arch, norm) pairs in display order; norm is None when the frames hold one norm or none."""
-    keys = pd.concat([f.reindex(columns=["arch", "norm"]) for f in frames], ignore_index=True).dropna(subset=["arch"])
-    keys = keys.assign(arch=keys["arch"].astype(str))
+    """(network, norm) pairs in display order; norm is None when the frames hold one norm or none."""
+    frames = [_with_network(f) for f in frames if "block" in f]
+    if not frames:
+        return []
+    keys = pd.concat([f.reindex(columns=["network", "norm"]) for f in frames], ignore_index=True)
+    keys = keys.dropna(subset=["network"])
+    keys = keys.assign(network=keys["network"].astype(str))
     several_norms = keys["norm"].nunique() > 1
-    pairs = keys.drop_duplicates() if several_norms else keys.drop_duplicates("arch").assign(norm=None)
-    rank = {a: i for i, a in enumerate(arch_order(pairs["arch"]))}
-    pairs = pairs.assign(_rank=pairs["arch"].map(rank)).sort_values(["_rank", "norm"], kind="stable")
-    return list(zip(pairs["arch"], pairs["norm"]))
+    pairs = keys.drop_duplicates() if several_norms else keys.drop_duplicates("network").assign(norm=None)
+    rank = {a: i for i, a in enumerate(block_order(pairs["network"]))}
+    pairs = pairs.assign(_rank=pairs["network"].map(rank)).sort_values(["_rank", "norm"], kind="stable")
+    return list(zip(pairs["network"], pairs["norm"]))
 
 
-def _panel_rows(frame: pd.DataFrame, arch: str, norm) -> pd.DataFrame:
-    mine = frame.loc[frame["arch"].astype(str) == arch]
+def _panel_rows(frame: pd.DataFrame, network: str, norm) -> pd.DataFrame:
+    frame = _with_network(frame)
+    mine = frame.loc[frame["network"] == network]
     return mine if norm is None or "norm" not in mine else mine.loc[mine["norm"] == norm]
 
 
@@ -735,12 +748,12 @@ def _panel_rows(frame: pd.DataFrame, arch: str, norm) -> pd.DataFrame:
 def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | None = None,
                     columns: int = 4, diverged: pd.DataFrame | None = None) -> Figure:
     """The notebook's two plots for many runs: loss per step (upper panel) and accuracy per
-    epoch (lower panel; train solid, validation dashed), one pair of panels per block type
+    epoch (lower panel; train solid, validation dashed), one pair of panels per network
     (and norm, when there are several), at most ``columns`` pairs a row; hue depth, one line
     per run.
 
-    ``steps``: ``run, arch, depth, step, loss``; ``history``: ``run, arch, depth, epoch,
-    train_acc, val_acc`` (epoch counted from 0, drawn from 1); ``norm`` optional. Non-finite
+    ``steps``: ``run, block, depth, step, loss``; ``history``: ``run, block, depth, epoch,
+    train_acc, val_acc`` (epoch counted from 0, drawn from 1); ``model`` and ``norm`` optional. Non-finite
     losses and accuracies are left out (the panel says how many); a loss axis spanning more
     than three decades is logarithmic; ``diverged`` runs get ✕ at their divergence step.
     """
@@ -752,16 +765,16 @@ def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | Non
         for ax in axes.flat:
             _say(ax, "no runs")
         return fig
-    has_steps = not _missing(steps, ["run", "arch", "depth", "step", "loss"], "training_curves")
-    has_history = not _missing(history, ["run", "arch", "depth", "epoch", "train_acc", "val_acc"], "training_curves")
-    for k, (arch, norm) in enumerate(panels):
+    has_steps = not _missing(steps, ["run", "block", "depth", "step", "loss"], "training_curves")
+    has_history = not _missing(history, ["run", "block", "depth", "epoch", "train_acc", "val_acc"], "training_curves")
+    for k, (network, norm) in enumerate(panels):
         top, bottom = axes[2 * (k // ncols), k % ncols], axes[2 * (k // ncols) + 1, k % ncols]
-        heading = arch if norm is None else f"{arch} — {analysis.NORM_WORDS.get(norm, norm)}"
-        _panel_title(top, heading, arch_color(arch))
-        mine_steps = _panel_rows(steps, arch, norm) if has_steps else steps.iloc[:0]
-        mine_history = _panel_rows(history, arch, norm) if has_history else history.iloc[:0]
+        heading = network if norm is None else f"{network} — {norm_words(norm)}"
+        _panel_title(top, heading, block_color(network))
+        mine_steps = _panel_rows(steps, network, norm) if has_steps else steps.iloc[:0]
+        mine_history = _panel_rows(history, network, norm) if has_history else history.iloc[:0]
         depths = pd.concat([_depth_ints(f["depth"]) for f in (mine_steps, mine_history) if "depth" in f])
-        shades = depth_shades(arch, depths.dropna().tolist() or [0])
+        shades = depth_shades(network, depths.dropna().tolist() or [0])
         data, dropped = None, 0
         if has_steps:
             loss, dropped = _measured(mine_steps["loss"])
@@ -786,7 +799,7 @@ def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | Non
                     left, right = top.get_xlim()
                     top.set_xlim(min(left, step - 0.5), max(right, step + 0.5))  # the step may lie past the data
                     depth = data.loc[data["run"].astype(str) == str(row["run"]), "depth"].iloc[0]
-                    notes.append(_mark_diverged(top, float(step), shades.get(depth, arch_color(arch)),
+                    notes.append(_mark_diverged(top, float(step), shades.get(depth, block_color(network)),
                                                 _diverged_label(row)))
             if notes:
                 top.text(0.01, 0.02, _wrap("\n".join(notes), 3.6, 7), transform=top.transAxes, fontsize=7,

@@ -24,6 +24,11 @@ or its records hold non-finite values: ``analysis.divergence``) gets a badge, a 
 "Diverged runs" section and ✕ in the figures, and is left out of every ratio; a cell that
 cannot be read (``Sweep.unreadable``, or records that fail to load) is named with the reason
 in "Unreadable cells" while the others are reported. Both sections appear only when needed.
+
+Any model: runs are grouped by network (``analysis.network_label``: the block type, with the
+model in front when it is not a DeepCNN) and norm; the gradient-flow section lists, for the
+deepest run of each, every probe point by its real module path with its role and stack index
+(``text.layer_table_for_people``).
 """
 from __future__ import annotations
 
@@ -38,24 +43,26 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from gradlab import __version__, analysis
+from gradlab import __version__, analysis, schema
 from gradlab.report import figures
 from gradlab.report.text import (MISSING, depth_scaling_table, diverged_line, diverged_table, format_number,
-                                 runs_table)
-from gradlab.runs import RECORD_COLUMNS, Run, RunError, Sweep, load_sweep
+                                 layer_table_for_people, runs_table)
+from gradlab.runs import Run, RunError, Sweep, load_sweep
+from gradlab.schema import DIVERGED, EVIDENCE, PHASE_WORDS, RECORD_COLUMNS, RUN_KEYS, first_nonfinite, norm_words
 
 FIGURE_DPI = 192  # 2 × 96: PNGs shown at half their pixel width
 SCREEN_DPI = 96
-MAX_HEATMAP_RUNS = 8  # more runs than this: the deepest of each (block type, norm)
-MAX_DEPTHS = 6  # depths per block type in the gradient-flow and branch/skip panels
+MAX_HEATMAP_RUNS = 8  # more runs than this: the deepest of each (network, norm)
+MAX_DEPTHS = 6  # depths per network in the gradient-flow and branch/skip panels
 MAX_SEED_LINES = 12  # more lines than this per panel: only the lowest seed is drawn
 MAX_CURVE_RUNS = 24  # training curves beyond this: lowest seed, then a selection of depths
 REPORTS_FOLDER = "reports"
 PHASES = ("init", "end")  # the report's two moments: at initialisation, at the end of training
-PHASE_METRICS = ["grad_out_norm", "grad_gain", *analysis.ACTIVATION_METRICS,
-                 "grad_in_branch_norm", "grad_in_skip_norm"]
-READ_METRICS = sorted({*PHASE_METRICS, *analysis.EVIDENCE_METRICS})  # what a run's records are read for
+PHASE_METRICS = sorted({*analysis.LAYER_TABLE_METRICS, *analysis.ACTIVATION_METRICS,
+                        "grad_in_branch_norm", "grad_in_skip_norm"})
+READ_METRICS = sorted({*PHASE_METRICS, *EVIDENCE})  # what a run's records are read for
 HEATMAP_METRICS = ("grad_out_norm", "act_std")
+RESIDUAL_BLOCKS = ("res", "resdown")  # the DeepCNN's blocks that record branch and skip parts
 SAMPLES = "samples.npz"  # written by gradlab.train._write_samples: uint8 images and class names
 
 SECTIONS = {  # id -> heading; every page has all of them, in this order
@@ -146,13 +153,13 @@ def _phase_rows(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def _first_nonfinite_step(records: pd.DataFrame) -> pd.DataFrame:
-    """The evidence rows of the run's first non-finite step (empty when there is none): all that
-    ``analysis.divergence`` needs to find it again."""
-    found = analysis.divergence(records)
+    """The evidence rows of the run's first non-finite step (``schema.first_nonfinite``; empty
+    when there is none): all that ``analysis.divergence`` needs to find it again."""
+    found = first_nonfinite(records, by=())
     if found.empty:
         return records.iloc[:0]
     step = found["step"].iloc[0]
-    return records.loc[(records["step"] == step) & records["metric"].isin(analysis.EVIDENCE_METRICS)]
+    return records.loc[(records["step"] == step) & records["metric"].isin(list(EVIDENCE))]
 
 
 def _phase_records(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
@@ -169,23 +176,17 @@ def _phase_records(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, 
             continue
         frames.append(_phase_rows(records.loc[records["metric"].isin(PHASE_METRICS)]))
         evidence.append(_first_nonfinite_step(records))
-    empty = pd.DataFrame(columns=[*analysis.RUN_KEYS, *RECORD_COLUMNS])
+    empty = pd.DataFrame(columns=[*RUN_KEYS, *RECORD_COLUMNS])
     frames, evidence = [f for f in frames if not f.empty], [f for f in evidence if not f.empty]
     return (pd.concat(frames, ignore_index=True) if frames else empty,
             pd.concat(evidence, ignore_index=True) if evidence else empty, unreadable)
 
 
-def _identity(run: Run) -> dict:
-    train = run.train
-    return {"run": run.name, "arch": train.get("block"), "depth": train.get("depth"),
-            "norm": train.get("norm"), "seed": train.get("seed")}
-
-
 def _curves(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(steps, history) of ``runs`` with the run identity in front."""
-    steps = [r.steps.assign(**_identity(r)) for r in runs if not r.steps.empty]
-    history = [r.history.assign(**_identity(r)) for r in runs if not r.history.empty]
-    empty = pd.DataFrame(columns=[*analysis.RUN_KEYS])
+    """(steps, history) of ``runs`` with the run keys (``Run.identity``) in front."""
+    steps = [r.steps.assign(**r.identity()) for r in runs if not r.steps.empty]
+    history = [r.history.assign(**r.identity()) for r in runs if not r.history.empty]
+    empty = pd.DataFrame(columns=list(RUN_KEYS))
     return (pd.concat(steps, ignore_index=True) if steps else empty,
             pd.concat(history, ignore_index=True) if history else empty)
 
@@ -214,49 +215,56 @@ def _spread(values: list, k: int) -> list:
     return [values[i] for i in picks]
 
 
+def _networks(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with a ``network`` column (``analysis.network_labels``): what panels are per."""
+    return runs.assign(network=analysis.network_labels(runs))
+
+
 def _depth_selection(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Runs of at most ``MAX_DEPTHS`` depths per (arch, norm) and, when panels would get more
+    """Runs of at most ``MAX_DEPTHS`` depths per (network, norm) and, when panels would get more
     than ``MAX_SEED_LINES`` lines, only the lowest seed; plus a sentence saying so."""
     if runs.empty:
         return runs, ""
     keep, notes = [], []
-    for (arch, norm), group in runs.groupby(["arch", "norm"], sort=False, dropna=False):
+    for (network, norm), group in _networks(runs).groupby(["network", "norm"], sort=False, dropna=False):
         depths = _spread(group["depth"].dropna().unique().tolist(), MAX_DEPTHS)
         if len(depths) < group["depth"].nunique():
-            notes.append(f"{arch}: depths {', '.join(format_number(int(d)) for d in depths)}")
+            notes.append(f"{network}: depths {', '.join(format_number(int(d)) for d in depths)}")
         keep.append(group.loc[group["depth"].isin(depths)])
     chosen = pd.concat(keep)
-    per_panel = chosen.groupby(["arch"], sort=False).size().max()
+    per_panel = chosen.groupby(["network"], sort=False).size().max()
     if per_panel > MAX_SEED_LINES:
-        lowest = chosen.groupby(["arch", "norm", "depth"], dropna=False)["seed"].transform("min")
+        lowest = chosen.groupby(["network", "norm", "depth"], dropna=False)["seed"].transform("min")
         chosen = chosen.loc[chosen["seed"] == lowest]
         notes.append("one line per depth (the lowest seed)")
     note = f"Showing {len(chosen)} of {len(runs)} runs — " + "; ".join(notes) + "." if notes else ""
-    return chosen, note
+    return chosen.drop(columns="network"), note
 
 
 def _deepest(runs: pd.DataFrame) -> pd.DataFrame:
-    """The deepest run of each (arch, norm); ties go to the lowest seed, then the run name."""
+    """The deepest run of each (network, norm); ties go to the lowest seed, then the run name."""
     if runs.empty:
         return runs
-    ordered = runs.sort_values(["depth", "seed", "run"], ascending=[False, True, True], kind="stable")
-    return analysis.sort_by_arch(ordered.drop_duplicates(["arch", "norm"]), ["arch", "norm"])
+    ordered = _networks(runs).sort_values(["depth", "seed", "run"], ascending=[False, True, True], kind="stable")
+    deepest = ordered.drop_duplicates(["network", "norm"]).drop(columns="network")
+    return analysis.sort_by_block(deepest, ["model", "block", "norm"])
 
 
 def _curve_selection(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     if len(runs) <= MAX_CURVE_RUNS:
         return runs, ""
-    lowest = runs.groupby(["arch", "norm", "depth"], dropna=False)["seed"].transform("min")
+    runs = _networks(runs)
+    lowest = runs.groupby(["network", "norm", "depth"], dropna=False)["seed"].transform("min")
     chosen, how = runs.loc[runs["seed"] == lowest], ["the lowest seed"]
-    groups = chosen.groupby(["arch", "norm"], dropna=False).ngroups
+    groups = chosen.groupby(["network", "norm"], dropna=False).ngroups
     per_group = max(2, MAX_CURVE_RUNS // max(groups, 1))
     if len(chosen) > MAX_CURVE_RUNS:
         parts = []
-        for _, group in chosen.groupby(["arch", "norm"], sort=False, dropna=False):
+        for _, group in chosen.groupby(["network", "norm"], sort=False, dropna=False):
             parts.append(group.loc[group["depth"].isin(_spread(group["depth"].unique().tolist(), per_group))])
         chosen = pd.concat(parts)
-        how.append(f"at most {per_group} depths per block type, evenly spread from shallowest to deepest")
-    return chosen, f"Showing {len(chosen)} of {len(runs)} runs: {' and '.join(how)}."
+        how.append(f"at most {per_group} depths per network, evenly spread from shallowest to deepest")
+    return chosen.drop(columns="network"), f"Showing {len(chosen)} of {len(runs)} runs: {' and '.join(how)}."
 
 
 # ---------------------------------------------------------------- text
@@ -281,19 +289,19 @@ def _verdict_sentence(rows: pd.DataFrame) -> str:
     one_depth = rows["depth"].nunique() == 1
     band = f"×{format_number(analysis.VANISHING_RATIO)}–×{format_number(analysis.EXPLODING_RATIO)}"
     parts = []
-    for verdict in ["exploding", "vanishing", "stable", "non-finite", "n/a", analysis.DIVERGED]:
+    for verdict in ["exploding", "vanishing", "stable", "non-finite", "n/a", DIVERGED]:
         mine = rows.loc[rows["verdict"].astype(str).str.split(" ").str[0] == verdict]
         if mine.empty:
             continue
-        if verdict == analysis.DIVERGED:  # each with its own step and layer
+        if verdict == DIVERGED:  # each with its own step and layer
             for row in mine.to_dict("records"):
-                norm = f" ({analysis.NORM_WORDS.get(row['norm'], row['norm'])})" if several_norms else ""
+                norm = f" ({norm_words(row['norm'])})" if several_norms else ""
                 where = "" if one_depth else f" at depth {format_number(int(row['depth']))}"
-                parts.append(f"{row['arch']}{norm}{where} {row['verdict']}")
+                parts.append(f"{analysis.network_label(row)}{norm}{where} {row['verdict']}")
             continue
         names = []
         for row in mine.to_dict("records"):
-            name = row["arch"] + (f" ({analysis.NORM_WORDS.get(row['norm'], row['norm'])})" if several_norms else "")
+            name = analysis.network_label(row) + (f" ({norm_words(row['norm'])})" if several_norms else "")
             where = "" if one_depth else f" at depth {format_number(int(row['depth']))}"
             names.append(f"{name} ({_ratio(row['first_to_last'])}{where})")
         one = len(names) == 1
@@ -307,12 +315,13 @@ def _verdict_sentence(rows: pd.DataFrame) -> str:
 
 
 def _deepest_verdicts(scaling: pd.DataFrame) -> pd.DataFrame:
-    """The depth-scaling row (seeds pooled) of the deepest depth of each (phase, arch, norm)."""
+    """The depth-scaling row (seeds pooled) of the deepest depth of each (phase, model, block, norm)."""
     rows = scaling.dropna(subset=["verdict"])
     if rows.empty:
         return rows
-    rows = rows.sort_values("depth", ascending=False, kind="stable").drop_duplicates(["phase", "arch", "norm"])
-    return analysis.sort_by_arch(rows, ["phase", "arch", "norm"])
+    keys = ["phase", "model", "block", "norm"]
+    rows = rows.sort_values("depth", ascending=False, kind="stable").drop_duplicates(keys)
+    return analysis.sort_by_block(rows, keys)
 
 
 def _png(fig, alt: str, dpi: int) -> Image:
@@ -359,9 +368,10 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
     wall = pd.to_numeric(runs["wall_seconds"], errors="coerce") if len(runs) else pd.Series(dtype=float)
     facts = [
         ("Report of", what),
-        ("Blocks", _join(runs["arch"])),
+        ("Models", _join(runs["model"])),
+        ("Blocks", _join(runs["block"])),
         ("Depths", _join(runs["depth"])),
-        ("Norms", _join([analysis.NORM_WORDS.get(n, n) for n in runs["norm"]])),
+        ("Norms", _join([norm_words(n) for n in runs["norm"]])),
         ("Seeds", _join(runs["seed"])),
         ("Epochs", each("train", "epochs")),
         ("Width · batch · learning rate", f"{each('train', 'width')} · {each('train', 'batch_size')} · "
@@ -377,7 +387,7 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
     if synthetic:
         banners.append("Synthetic data: these runs trained on seeded noise images, not on CIFAR-10. "
                        "Accuracies say nothing about real images; gradient flow at initialisation still does.")
-    bad = runs.loc[runs["status"].isin(["failed", analysis.DIVERGED]) | runs["is_diverged"]] if len(runs) else runs
+    bad = runs.loc[runs["status"].isin(["failed", DIVERGED]) | runs["is_diverged"]] if len(runs) else runs
     if len(bad):
         banners.append(f"{len(bad)} run(s) failed or diverged: {', '.join(bad['run'].astype(str))}. "
                        "They are marked in the run list; their figures stop where their records stop, and "
@@ -392,9 +402,9 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
     if sweep.unreadable:
         banners.append(f"{len(sweep.unreadable)} cell(s) could not be read and are left out: "
                        f"{', '.join(sweep.unreadable)}. See Unreadable cells.")
-    columns = ["run", "arch", "depth", "norm", "seed", "status", "diverged", "epochs_done", "final_train_acc",
+    columns = ["run", "model", "block", "depth", "norm", "seed", "status", "diverged", "epochs_done", "final_train_acc",
                "best_val_acc", "test_acc", "wall_seconds", "error"]
-    where = {row["run"]: analysis.diverged_verdict(row).removeprefix(analysis.DIVERGED).strip() or "yes"
+    where = {row["run"]: analysis.diverged_verdict(row).removeprefix(DIVERGED).strip() or "yes"
              for row in diverged.to_dict("records")}
     listing = runs.assign(diverged=[where.get(r, "") for r in runs["run"]]).reindex(columns=columns)
     for column in ("final_train_acc", "best_val_acc", "test_acc"):
@@ -406,7 +416,7 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
     return facts, banners, table
 
 
-def _gradient_flow(profile, scaling, runs, flow, diverged, dpi) -> Section:
+def _gradient_flow(profile, scaling, runs, flow, diverged, layers, dpi) -> Section:
     section = Section("gradient-flow", SECTIONS["gradient-flow"])
     if profile.empty:
         section.notes.append("No gradient records: these runs were trained with recording off (--record-every 0).")
@@ -418,23 +428,27 @@ def _gradient_flow(profile, scaling, runs, flow, diverged, dpi) -> Section:
         rows = verdicts.loc[verdicts["phase"] == phase]
         if len(rows):
             depth = f" (depth {format_number(int(rows['depth'].iloc[0]))})" if rows["depth"].nunique() == 1 else ""
-            lines.append(f"{figures.PHASE_LABELS[phase].capitalize()}{depth}: {_verdict_sentence(rows)}.")
+            lines.append(f"{PHASE_WORDS[phase].capitalize()}{depth}: {_verdict_sentence(rows)}.")
     section.lead = (
         "Each line is one network: the norm of the loss gradient at each probe point, input on the left, "
         "output on the right. The gradient starts at the output and travels left; a line that climbs "
         "toward the left means gradients grow (explode) on their way to the input, one that falls means "
         "they vanish. Flat lines are healthy.")
     # ✕ where a run diverged, in the panels of the phases it had diverged by
-    hit = flow.loc[flow["verdict"].astype(str).str.startswith(analysis.DIVERGED), ["run", "phase"]]
+    hit = flow.loc[flow["verdict"].astype(str).str.startswith(DIVERGED), ["run", "phase"]]
     fig = figures.gradient_flow(profile.loc[profile["run"].isin(set(shown["run"]))], verdicts=verdicts,
                                 title="\n".join(lines), diverged=hit.merge(diverged, on="run"))
-    section.images.append(_png(fig, "Gradient norm against position, per block type, at initialisation and at "
+    section.images.append(_png(fig, "Gradient norm against position, per network, at initialisation and at "
                                     "the end of training. " + " ".join(lines), dpi))
     section.notes += [n for n in [note] if n]
     section.notes.append(f"Verdicts compare the gradient at the first block with the last block: ×"
                          f"{format_number(analysis.EXPLODING_RATIO)} or more is exploding, ×"
                          f"{format_number(analysis.VANISHING_RATIO)} or less vanishing. The end of training is "
                          f"the median of the last {analysis.END_STEPS} recorded steps.")
+    for row in runs.loc[runs["run"].isin(list(layers))].to_dict("records"):
+        title = (f"Per probe point at initialisation: {row['run']} ({analysis.network_label(row)}, depth "
+                 f"{format_number(row['depth'])}, {norm_words(row['norm'])})")
+        section.tables.append(_table(layer_table_for_people(layers[row["run"]]), title, collapsed=True))
     return section
 
 
@@ -458,7 +472,7 @@ def _depth_scaling(scaling, flow, runs, chance, dpi) -> Section:
         section.images.append(_png(fig, "First-to-last gradient ratio against depth per block type.", dpi))
     else:
         section.notes.append("No gradient ratios (no records, or every net has fewer than 2 blocks).")
-    shown = runs.assign(status=runs["status"].mask(runs["is_diverged"], analysis.DIVERGED))  # ✕ for diverged runs
+    shown = runs.assign(status=runs["status"].mask(runs["is_diverged"], DIVERGED))  # ✕ for diverged runs
     fig = figures.accuracy_vs_depth(shown, chance=chance)
     section.images.append(_png(fig, "Test and best validation accuracy against depth per block type.", dpi))
     return section
@@ -484,8 +498,8 @@ def _heatmaps(sweep: Sweep, runs: pd.DataFrame, diverged: pd.DataFrame, dpi: int
         columns = ["step", "layer", "position", "metric", "value"]
         records = by_name[row["run"]].records(metrics=list(HEATMAP_METRICS), columns=columns)
         frames.append(records.assign(run=row["run"]))
-        norm = analysis.NORM_WORDS.get(row["norm"], row["norm"])
-        labels[row["run"]] = f"{row['run']}: {row['arch']}, depth {format_number(int(row['depth']))}, {norm}"
+        labels[row["run"]] = (f"{row['run']}: {analysis.network_label(row)}, depth {format_number(int(row['depth']))}, "
+                              f"{norm_words(row['norm'])}")
         if row["status"] == "failed" or row["is_diverged"]:
             labels[row["run"]] += " (diverged)" if row["is_diverged"] else " (failed)"
     fig = figures.run_heatmaps(pd.concat(frames, ignore_index=True), HEATMAP_METRICS, labels=labels,
@@ -508,19 +522,20 @@ def _signal(activation: pd.DataFrame, runs: pd.DataFrame, dpi: int) -> Section:
     fig = figures.signal_propagation(activation.loc[activation["run"].isin(set(chosen["run"]))])
     section.images.append(_png(fig, "Activation channel mean squared, channel variance and branch versus skip "
                                     "variance against position.", dpi))
-    section.notes.append(f"The deepest run of each block type{' and norm' if runs['norm'].nunique() > 1 else ''}: "
+    section.notes.append(f"The deepest run of each network{' and norm' if runs['norm'].nunique() > 1 else ''}: "
                          f"{', '.join(chosen['run'])}.")
     return section
 
 
 def _branch_skip(share: pd.DataFrame, runs: pd.DataFrame, dpi: int) -> Section:
     section = Section("branch-skip", SECTIONS["branch-skip"])
-    if share.empty and runs["arch"].isin(["res", "resdown"]).any():
+    residual = (runs["model"] == schema.DEFAULT_MODEL) & runs["block"].isin(RESIDUAL_BLOCKS)
+    if share.empty and residual.any():
         section.notes.append("No branch/skip gradient records for the residual runs (recording was off).")
         return section
     if share.empty:
-        section.notes.append("No residual blocks (res or resdown) in this report, so there is no branch/skip "
-                             "split to show. A sweep with --blocks res adds it.")
+        section.notes.append("No residual blocks with branch and skip records in this report, so there is no "
+                             "branch/skip split to show. A sweep with --blocks res adds it.")
         return section
     section.lead = ("For each residual block, the share of the squared input-gradient norm that came through "
                     "the residual branch rather than the identity skip. Near 0 the skip path carries the "
@@ -634,6 +649,8 @@ def build_report(path, dpi: int = FIGURE_DPI) -> Report:
     scaling = pd.concat([analysis.depth_scaling(records, plain_runs, p, diverged) for p in PHASES],
                         ignore_index=True)
     activation = analysis.activation_profile(records, "init")
+    deepest = _deepest(runs.loc[runs["has_records"]])
+    layers = {run: analysis.layer_table(records, run, "init") for run in deepest["run"]}
     share = pd.concat([analysis.branch_skip_share(records, p).assign(phase=p) for p in PHASES], ignore_index=True)
     del records, evidence
 
@@ -644,7 +661,7 @@ def build_report(path, dpi: int = FIGURE_DPI) -> Report:
     sections = [
         header,
         *[s for s in problems if s is not None],
-        _gradient_flow(profile, scaling, runs, flow, diverged, dpi),
+        _gradient_flow(profile, scaling, runs, flow, diverged, layers, dpi),
         _depth_scaling(scaling, flow, runs, _chance(sweep), dpi),
         _heatmaps(sweep, runs, diverged, dpi),
         _signal(activation, runs, dpi),

@@ -27,6 +27,13 @@ one run at a time and names every cell it cannot read with the reason; the
 report lists those cells and every diverged run (``analysis.divergence``),
 and a depth-scaling cell without a finite ratio says why ("diverged at step
 5 (layer layers.1)", "ratio 0/0", "no finite ratio") instead of showing NaN.
+
+Names: tables show a probe point's real module path (``layers.7``,
+``layer3.1``) with its role and stack index. Human tables shorten long paths
+with ``short_names``, which never makes two names look alike; csv and json
+keep the full paths. A network is named by its block type (``res``), with
+the model in front when it is not a DeepCNN (``torchvision:resnet18,
+BasicBlock``; ``analysis.network_label``).
 """
 from __future__ import annotations
 
@@ -38,12 +45,15 @@ from numbers import Integral, Real
 import numpy as np
 import pandas as pd
 
-from gradlab import analysis
-from gradlab.runs import RECORD_COLUMNS, RunError, Sweep
+from gradlab import analysis, schema
+from gradlab.runs import RunError, Sweep
+from gradlab.schema import DIVERGED, DIVERGED_FIELDS, RECORD_COLUMNS, RUN_KEYS, norm_words
 
 FORMATS = ("table", "markdown", "csv", "json")
 MISSING = "–"
 SEP = " · "  # between the parts of a display cell and of the header line
+SHORT_NAME_WIDTH = 24  # characters: a longer module path is shortened in human tables (short_names)
+ELLIPSIS = "…"
 
 
 def format_number(x) -> str:
@@ -73,6 +83,40 @@ def format_number(x) -> str:
     decimals = 2 - math.floor(math.log10(magnitude))
     text = f"{x:.{decimals}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def short_names(names, width: int = SHORT_NAME_WIDTH) -> dict[str, str]:
+    """Display names for module paths, unambiguous among ``names``: {name: short name}.
+
+    1. A leading path that every name shares (``backbone.`` in ``backbone.layer1.0`` ...) is
+       dropped, as long as every name keeps at least one part of its own.
+    2. A name still longer than ``width`` characters keeps only its last parts behind "…": as
+       many as fit in ``width``, and at least as many as end it differently from every other
+       name ("…blocks.7.attn" only when no other name ends in "blocks.7.attn"); when no such
+       ending is shorter than the name, it stays whole.
+
+    Distinct names get distinct short names, and a short name is always the end of its own
+    name and of no other one, so a reader can never confuse two probe points.
+    """
+    distinct = list(dict.fromkeys(str(n) for n in names))
+    parts = [n.split(".") for n in distinct]
+    shared = 0
+    while (parts and all(len(p) > shared + 1 for p in parts)
+           and len({p[shared] for p in parts}) == 1 and len(parts) > 1):
+        shared += 1
+    rests = [p[shared:] for p in parts]
+    shorts = {}
+    for name, rest in zip(distinct, rests):
+        short = ".".join(rest)
+        if len(short) > width:
+            others = [r for r in rests if r is not rest]
+            unique = [ELLIPSIS + ".".join(rest[-keep:]) for keep in range(1, len(rest))
+                      if all(o[-keep:] != rest[-keep:] for o in others)]  # shortest first
+            fitting = [u for u in unique if len(u) <= width]
+            candidate = fitting[-1] if fitting else unique[0] if unique else short
+            short = candidate if len(candidate) < len(short) else short
+        shorts[name] = short
+    return shorts
 
 
 def _check_format(fmt: str) -> None:
@@ -192,7 +236,7 @@ def _ratio_part(row: dict) -> str | None:
     ratio, verdict = row.get("first_to_last"), str(row.get("verdict"))
     if ratio is not None and not (isinstance(ratio, float) and math.isnan(ratio)):
         return f"ratio {format_number(ratio)}"
-    if verdict.startswith((analysis.DIVERGED, "n/a")) or verdict in ("nan", "None"):
+    if verdict.startswith((DIVERGED, "n/a")) or verdict in ("nan", "None"):
         return None
     if verdict.startswith("vanishing"):
         return "ratio 0/0"
@@ -222,23 +266,24 @@ def _scaling_cell(row: dict) -> str:
 def depth_scaling_table(scaling: pd.DataFrame) -> pd.DataFrame:
     """The ``analysis.depth_scaling`` frame pivoted for reading.
 
-    Rows: depth (the index, named "depth"). Columns: arch, or "arch / norm" when
-    the frame holds more than one norm (and " / phase" when more than one
-    phase). Cells: "test 41.2±0.8% · ratio 3100 · exploding", plus failed or
-    diverged counts. An (arch, depth) that was not run shows ``MISSING``. For
-    table and markdown output; csv and json should carry ``scaling`` itself.
+    Rows: depth (the index, named "depth"). Columns: the network
+    (``network_label``: block, or "model, block"), or "network / norm" when the
+    frame holds more than one norm (and " / phase" when more than one phase).
+    Cells: "test 41.2±0.8% · ratio 3100 · exploding", plus failed or diverged
+    counts. A (network, depth) that was not run shows ``MISSING``. For table and
+    markdown output; csv and json should carry ``scaling`` itself.
     """
     if scaling.empty:
         return pd.DataFrame(index=pd.Index([], name="depth"))
     frame = scaling.copy()
-    label = frame["arch"].astype(str)
+    label = analysis.network_labels(frame)
     if frame["norm"].nunique(dropna=False) > 1:
         label = label + " / " + frame["norm"].astype(str)
     if "phase" in frame and frame["phase"].nunique() > 1:
         label = label + " / " + frame["phase"].astype(str)
     frame["column"] = label
     frame["cell"] = [_scaling_cell(row) for row in frame.to_dict("records")]
-    ordered = analysis.sort_by_arch(frame, ["arch", "norm", "depth"])
+    ordered = analysis.sort_by_block(frame, ["model", "block", "norm", "depth"])
     columns = list(dict.fromkeys(ordered["column"]))
     table = frame.pivot(index="depth", columns="column", values="cell")
     table = table.reindex(columns=columns).sort_index().fillna(MISSING)
@@ -269,7 +314,7 @@ def _header(records: pd.DataFrame, runs: pd.DataFrame, diverged: pd.DataFrame, u
         header["diverged"] = [str(r) for r in diverged["run"]]
     if unreadable:
         header["unreadable"] = sorted(map(str, unreadable))
-    axes = {"blocks": "arch", "depths": "depth", "norms": "norm", "seeds": "seed"}
+    axes = {"models": "model", "blocks": "block", "depths": "depth", "norms": "norm", "seeds": "seed"}
     for key, column in axes.items():
         if column in runs:
             header[key] = _axis_values(runs[column])
@@ -285,11 +330,13 @@ def _header_line(header: dict) -> str:
     status = header.get("status", {})
     if status and set(status) != {"complete"}:
         runs += " (" + ", ".join(f"{n} {s}" for s, n in status.items()) + ")"
-    status_diverged = status.get(analysis.DIVERGED, 0)
+    status_diverged = status.get(DIVERGED, 0)
     found = len(header.get("diverged", [])) - status_diverged
     if found > 0:  # non-finite records in runs whose status does not say so (a probe, say)
         runs += f" ({found} diverged by their records)"
     axes = ("blocks", "depths", "norms", "seeds", "dataset")
+    if any(m != schema.DEFAULT_MODEL for m in header.get("models", [])):  # a DeepCNN sweep needs no word
+        axes = ("models", *axes)
     parts = [f"gradlab report: {runs}"]
     parts += [f"{key}: {_join(header[key])}" for key in axes if key in header]
     if header.get("unreadable"):
@@ -298,37 +345,47 @@ def _header_line(header: dict) -> str:
 
 
 def _deepest_runs(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """The deepest recorded run of each (arch, norm); ties go to the lowest seed, then run id.
-
-    Per norm as well as per arch, so that a sweep over norms shows both behaviours.
+    """The deepest recorded run of each (model, block, norm); ties go to the lowest seed, then
+    run id. Per norm as well as per block, so that a sweep over norms shows both behaviours.
     """
     if records.empty or "run" not in records:
-        return pd.DataFrame(columns=analysis.RUN_KEYS)
+        return pd.DataFrame(columns=RUN_KEYS)
     recorded = set(map(str, pd.unique(records["run"])))
-    candidates = runs.assign(run=runs["run"].astype(str)).reindex(columns=analysis.RUN_KEYS)
+    candidates = runs.assign(run=runs["run"].astype(str)).reindex(columns=RUN_KEYS)
     candidates = candidates.loc[candidates["run"].isin(recorded)].sort_values(
         ["depth", "seed", "run"], ascending=[False, True, True], na_position="last", kind="stable"
     )
-    deepest = candidates.drop_duplicates(["arch", "norm"])
-    return analysis.sort_by_arch(deepest, ["arch", "norm"]).reset_index(drop=True)
+    deepest = candidates.drop_duplicates(["model", "block", "norm"])
+    return analysis.sort_by_block(deepest, ["model", "block", "norm"]).reset_index(drop=True)
 
 
 def _run_title(run: dict) -> str:
-    norm = analysis.NORM_WORDS.get(run["norm"], f"{run['norm']} norm")
-    return f"{run['run']} ({run['arch']}, depth {format_number(run['depth'])}, {norm})"
+    """"conv-d16-s0 (conv, depth 16, batch norm)", "r18 (torchvision:resnet18, BasicBlock, depth 8, ...)"."""
+    depth = format_number(run["depth"])
+    return f"{run['run']} ({analysis.network_label(run)}, depth {depth}, {norm_words(run['norm'])})"
 
 
-DIVERGED_COLUMNS = [*analysis.RUN_KEYS, "status", *analysis.DIVERGED_FIELDS, "source"]
+DIVERGED_COLUMNS = [*RUN_KEYS, "status", *DIVERGED_FIELDS, "source"]
 UNREADABLE_COLUMNS = ["cell", "reason"]
 
 
 def diverged_table(diverged: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """``analysis.divergence`` rows with each run's identity and status in front."""
-    identity = runs.reindex(columns=[*analysis.RUN_KEYS, "status"]).assign(run=runs["run"].astype(str))
+    identity = runs.reindex(columns=[*RUN_KEYS, "status"]).assign(run=runs["run"].astype(str))
     table = diverged.merge(identity.drop_duplicates("run"), on="run", how="left")
     table = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") for c in ("step", "epoch", "position")})
-    return analysis.sort_by_arch(table, ["arch", "norm", "depth", "seed", "run"])[DIVERGED_COLUMNS].reset_index(
-        drop=True)
+    order = ["model", "block", "norm", "depth", "seed", "run"]
+    return analysis.sort_by_block(table, order)[DIVERGED_COLUMNS].reset_index(drop=True)
+
+
+def layer_table_for_people(table: pd.DataFrame) -> pd.DataFrame:
+    """An ``analysis.layer_table`` for reading: module paths through ``short_names``, no stack
+    index (``MISSING``) outside the stack."""
+    names = short_names(table["layer"])
+    index = pd.to_numeric(table["stack_index"], errors="coerce")
+    shown = [MISSING if pd.isna(i) or i < 0 else int(i) for i in index]
+    return table.assign(layer=table["layer"].astype(str).map(names), stack_index=pd.Series(shown, dtype=object,
+                                                                                           index=table.index))
 
 
 def _sections(records: pd.DataFrame, runs: pd.DataFrame | None, unreadable: dict | None = None) -> dict:
@@ -388,7 +445,7 @@ def _human_report(sections: dict, fmt: str) -> str:
     diverged = sections["diverged"]
     if len(diverged):
         lines = "\n".join(bullet + diverged_line(row) for row in diverged.to_dict("records"))
-        shown = diverged.drop(columns=["arch", "depth", "norm", "seed"])
+        shown = diverged.drop(columns=list(RUN_KEYS[1:]))
         blocks.append(f"{title('Diverged runs')}\n\n{lines}\n\n{render(shown, fmt)}")
     phase_titles = {
         "init": "Depth scaling at initialisation (first recorded step)",
@@ -403,7 +460,7 @@ def _human_report(sections: dict, fmt: str) -> str:
     layers = sections["layers"]
     verdicts = dict(zip(diverged["run"], (analysis.diverged_verdict(r) for r in diverged.to_dict("records"))))
     for run in sections["deepest"].to_dict("records"):
-        table = layers.loc[layers["run"] == run["run"]].drop(columns="run")
+        table = layer_table_for_people(layers.loc[layers["run"] == run["run"]].drop(columns="run"))
         text = f"Gradient flow per layer at initialisation: {_run_title(run)}"
         if run["run"] in verdicts:
             text += f" — {verdicts[run['run']]}"
@@ -417,7 +474,7 @@ def _human_report(sections: dict, fmt: str) -> str:
 def diverged_line(row: dict) -> str:
     """"conv-d3-s0 (conv, depth 3, batch norm) diverged at step 12, epoch 0: the first non-finite
     gradient appeared at layers.2 (from its summary.json)"."""
-    title = _run_title(row) if pd.notna(row.get("arch")) else str(row["run"])
+    title = _run_title(row) if pd.notna(row.get("block")) else str(row["run"])
     step = row.get("step")
     if step is None or pd.isna(step):
         return f"{title}: status diverged; where it started is not recorded"
@@ -445,7 +502,7 @@ def sweep_frames(sweep: Sweep, metrics: list[str] | None = None) -> tuple[pd.Dat
         except RunError as exc:
             unreadable[run.name] = str(exc)
     frames = [f for f in frames if not f.empty]
-    empty = pd.DataFrame(columns=[*analysis.RUN_KEYS, *RECORD_COLUMNS])
+    empty = pd.DataFrame(columns=[*RUN_KEYS, *RECORD_COLUMNS])
     records = pd.concat(frames, ignore_index=True) if frames else empty
     table = runs_table(sweep)
     return records, table.loc[~table["run"].isin(unreadable)].reset_index(drop=True), unreadable
@@ -456,7 +513,7 @@ def runs_table(sweep: Sweep) -> pd.DataFrame:
     diverged_cause`` from each summary's "diverged" object (NaN where there is none)."""
     table = sweep.table()
     details = [r.summary.get("diverged") if isinstance(r.summary.get("diverged"), dict) else {} for r in sweep.runs]
-    for name in analysis.DIVERGED_FIELDS:
+    for name in DIVERGED_FIELDS:
         column = f"diverged_{name}"
         if column in table:
             continue
@@ -473,12 +530,14 @@ def report_text(
 ) -> str:
     """The whole terminal report of a run or a sweep.
 
-    Sections: a header line (run count and status, blocks, depths, norms,
-    seeds, and dataset when a ``dataset`` column exists); the cells that could
+    Sections: a header line (run count and status, models when not all are
+    DeepCNNs, blocks, depths, norms, seeds, and dataset when a ``dataset``
+    column exists); the cells that could
     not be read, by name with the reason (``unreadable``: cell -> why); the
     diverged runs (``analysis.divergence``), a line each and a table; the
     depth-scaling table at init and at end; the per-layer gradient-flow table
-    (at init) of the deepest run of each arch (and norm); one
+    (at init) of the deepest run of each network (and norm), each probe point
+    with its role and stack index; one
     ``describe_flow`` sentence per such run. Without ``runs`` the run fields
     come from ``records``. csv and json carry the tidy frames instead:
     "header" (json only; csv has the header line as a comment),
@@ -513,13 +572,15 @@ def _bar(value: float, low: float, high: float) -> str:
 def profile_bars(profile: pd.DataFrame, run_names: list[str]) -> str:
     """Side by side, one column per run: the blocks' gradient norm relative to the last block.
 
-    ``profile`` is ``analysis.gradient_profile``; rows are the blocks from the first (nearest
-    the input) to the last, sampled to MAX_ROWS; bars share one log scale across all columns.
+    ``profile`` is ``analysis.gradient_profile``; rows are the stack's blocks by stack index
+    from the first (nearest the input) to the last, sampled to MAX_ROWS; bars share one log
+    scale across all columns.
     """
-    blocks = profile.loc[profile["layer"].str.startswith("layers.") & profile["run"].isin(run_names)]
+    blocks = profile.loc[(profile["role"] == analysis.STACK) & profile["run"].isin(run_names)]
     if blocks.empty:
         return ""
-    table = blocks.pivot(index="position", columns="run", values="relative").reindex(columns=run_names)
+    blocks = blocks.assign(stack_index=pd.to_numeric(blocks["stack_index"]).astype(int))
+    table = blocks.pivot(index="stack_index", columns="run", values="relative").reindex(columns=run_names)
     if len(table) > MAX_ROWS:
         picks = np.unique(np.linspace(0, len(table) - 1, MAX_ROWS).round().astype(int))
         table = table.iloc[picks]
@@ -527,11 +588,10 @@ def profile_bars(profile: pd.DataFrame, run_names: list[str]) -> str:
     finite = finite[np.isfinite(finite) & (finite > 0)]
     high = float(np.log10(finite.max())) if finite.size else 0.0
     low = max(float(np.log10(finite.min())) if finite.size else -1.0, high - 20)  # at most 20 decades
-    first = table.index.min()
     cell = 9 + BAR_WIDTH
     lines = ["block".ljust(7) + "".join(name.ljust(cell + 2) for name in run_names)]
-    for position, row in table.iterrows():
-        label = f"{position - first + 1:>5}  "
+    for index, row in table.iterrows():
+        label = f"{index + 1:>5}  "
         lines.append(label + "".join(f"{format_number(v):>8} {_bar(v, low, high)}  " for v in row.to_numpy(dtype=float)))
     lines.append(f"(block 1 is nearest the input; values are ‖∂L/∂out‖ relative to the last block; "
                  f"bars on a log scale, {format_number(10 ** low)} to {format_number(10 ** high)}; 0 is exactly zero)")
@@ -545,13 +605,13 @@ def _ratio_cell(ratio, verdict) -> str:
 
 
 def ratio_table(flow: pd.DataFrame) -> pd.DataFrame:
-    """Rows depth, columns arch (and norm): "ratio · verdict" of ``analysis.flow_summary`` rows."""
+    """Rows depth, columns network (and norm): "ratio · verdict" of ``analysis.flow_summary`` rows."""
     frame = flow.copy()
-    frame["column"] = frame["arch"].astype(str)
+    frame["column"] = analysis.network_labels(frame)
     if frame["norm"].nunique() > 1:
         frame["column"] = frame["column"] + " / " + frame["norm"].astype(str)
     frame["cell"] = [_ratio_cell(r, v) for r, v in zip(frame["first_to_last"], frame["verdict"])]
-    order = list(dict.fromkeys(analysis.sort_by_arch(frame, ["arch", "norm", "depth"])["column"]))
+    order = list(dict.fromkeys(analysis.sort_by_block(frame, ["model", "block", "norm", "depth"])["column"]))
     table = frame.pivot(index="depth", columns="column", values="cell").reindex(columns=order).sort_index()
     table.columns.name = None
     return table.fillna(MISSING).reset_index()
