@@ -1,6 +1,6 @@
 """Train-step time with the recorder at every=1 against no recorder, and against a naive recorder.
 
-Four copies of one DeepCNN (same initial weights, each with its own Adam) train side by
+Four copies of one model (a DeepCNN, or with ``--model`` any model gradlab can build; same initial weights, each with its own Adam) train side by
 side in one process on one synthetic batch: bare; with ``gradlab.recorder.Recorder`` (all
 metrics, every step) as it runs on a CPU, its statistics by the compiled one-pass kernels
 (``gradlab.native``); the same recorder with eager PyTorch ops instead (``native.disabled()``:
@@ -11,7 +11,7 @@ model's time in the same repetition (pairs close in time and a median shrug off 
 spikes of a shared machine).
 
     python benchmarks/recorder_overhead.py --reps 20 --steps 2 --depths 6 32 --blocks conv res
-        [--precision fp32|bf16] [--no-channels-last] [--threads T]
+        [--model torchvision:resnet18] [--precision fp32|bf16] [--no-channels-last] [--threads T]
 
 The models run as gradlab's trainer runs them: channels-last activations by default, and
 with ``--precision bf16`` under bfloat16 autocast (the recorder's statistics stay float32).
@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from gradlab import native, runtime
-from gradlab.models import build_model, probe_points
+from gradlab.probes import select
 from gradlab.recorder import Recorder
+from gradlab.specs import ModelSpec
 
 
 class NaiveRecorder:
@@ -41,7 +42,7 @@ class NaiveRecorder:
         self.model, self.rows, self.handles = model, [], []
 
     def __enter__(self) -> NaiveRecorder:
-        for probe in probe_points(self.model):
+        for probe in select(self.model):
             self.handles.append(probe.module.register_forward_hook(self._forward(probe.name)))
             self.handles.append(probe.module.register_full_backward_hook(self._backward(probe.name)))
         return self
@@ -143,7 +144,8 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
     for the recorders the median over repetitions of their step time over the bare one's."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    base = build_model(block, depth, args.width).to(memory_format=memory_format)
+    base = ModelSpec.parse(args.model).build(block=block, depth=depth, width=args.width)
+    base = base.to(memory_format=memory_format)
     models = {name: copy.deepcopy(base) for name in ("none", "recorder", "eager", "naive")}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
     x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=memory_format)
@@ -185,6 +187,8 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deepcnn",
+                        help="deepcnn (over --blocks and --depths), or torchvision:NAME, file.py:factory")
     parser.add_argument("--reps", type=int, default=20, help="repetitions; medians over them")
     parser.add_argument("--steps", type=int, default=2, help="train steps per repetition and variant")
     parser.add_argument("--depths", type=int, nargs="+", default=[6, 32])
@@ -209,6 +213,8 @@ def main() -> None:
     print("wall clock, and in brackets process CPU time, which other load on a shared machine disturbs less")
     print(f"statistics: {native.status()}")
     print("kernels: the recorder's time inside its compiled kernels, over the bare step (its floor)")
+    if args.model != "deepcnn":  # one model: blocks and depths are the DeepCNN's options
+        args.blocks, args.depths = [args.model], [0]
     print(f"{'block':>7} {'depth':>5} {'bare ms':>9} {'recorder':>18} {'kernels':>8} {'eager ops':>18} "
           f"{'naive (.item())':>18}")
     for block in args.blocks:

@@ -10,13 +10,14 @@ imported without importing torch, and torch users never import a plotting librar
 """
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     # torch side
     "BLOCKS": "models", "DeepCNN": "models", "ConvBlock": "models", "ResBlock": "models",
     "ResDownBlock": "models", "SkipBlock": "models", "build_model": "models",
-    "count_parameters": "models", "probe_points": "models",
+    "count_parameters": "models",
+    "ProbePoint": "probes", "Residual": "probes", "declare": "probes", "select_probes": "probes",
     "load_cifar10": "data", "make_splits": "data", "DeviceLoader": "data", "DataError": "data",
     "Recorder": "recorder", "RecordConfig": "recorder", "every": "recorder", "logspaced": "recorder",
     "TrainConfig": "train", "Trainer": "train", "Callback": "train", "train_run": "train",
@@ -30,7 +31,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = import_module(f".{_EXPORTS[name]}", __name__)
+        value = getattr(module, "select" if name == "select_probes" else name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gradlab' has no attribute {name!r}")

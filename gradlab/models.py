@@ -8,8 +8,6 @@ vanishing-gradient setting of Glorot & Bengio 2010).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -181,23 +179,3 @@ def build_model(block: str = "conv", depth: int = 6, width: int = 32, norm: str 
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters, as the notebook prints it."""
     return sum(p.numel() for p in model.parameters())
-
-
-@dataclass(frozen=True)
-class ProbePoint:
-    """A module whose input and output gradient-flow statistics are recorded."""
-
-    name: str  # module path: "conv1", "layers.3", "linear1" (the `layer` column)
-    position: int  # forward order, 0 = conv1
-    block: str  # stem | conv | res | resdown | skip | head
-    module: nn.Module
-
-
-def probe_points(model: DeepCNN) -> list[ProbePoint]:
-    """The stem convolutions, every block of ``layers`` and the head, in forward order."""
-    points = [ProbePoint(name, i, "stem", getattr(model, name)) for i, name in enumerate(("conv1", "conv2", "conv3"))]
-    if isinstance(model.layers, nn.Sequential):
-        for i, block in enumerate(model.layers):
-            points.append(ProbePoint(f"layers.{i}", len(points), block_name(type(block)), block))
-    points.append(ProbePoint("linear1", len(points), "head", model.linear1))
-    return points

@@ -28,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
+
+# pandas is imported inside the functions that need it: the torch side (the recorder) reads this
+# module's facts without loading pandas.
 
 # --- records ------------------------------------------------------------------------------------
 
@@ -45,7 +47,7 @@ RECORD_DTYPES = {
 }
 RECORD_COLUMNS = tuple(RECORD_DTYPES)
 LAYER_KEYS = ("layer", "position", "role", "stack_index", "module_type")  # what identifies a probe point
-LEGACY_RECORD_COLUMNS = ("step", "epoch", "layer", "position", "block", "metric", "value")  # gradlab <= 0.3
+LEGACY_RECORD_COLUMNS = ("step", "epoch", "layer", "position", "block", "metric", "value")  # gradlab 0.1
 
 MODEL_LAYER = "model"  # layer and role of the per-step rows
 MODEL_POSITION = -1
@@ -55,6 +57,8 @@ ROLES = ("stem", "stack", "head", MODEL_LAYER)
 
 def empty_records() -> pd.DataFrame:
     """A record table with no rows and the columns' dtypes."""
+    import pandas as pd
+
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in RECORD_DTYPES.items()})
 
 
@@ -152,6 +156,8 @@ def first_nonfinite(records: pd.DataFrame, by: tuple[str, ...] = ("run",)) -> pd
     then the backward pass, which starts at the output (the highest position). ``by=()``
     treats the whole frame as one group.
     """
+    import pandas as pd
+
     by = tuple(c for c in by if c in records.columns)
     columns = [*by, "step", "epoch", "layer", "position", "cause"]
     if records.empty or not {"metric", "value", "step"} <= set(records.columns):

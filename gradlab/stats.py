@@ -144,11 +144,6 @@ def sumsq(x: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tenso
     return _sum_into([torch.dot(flat, flat) for _, flat, _ in _stat_chunks(x, scratch)], out)
 
 
-def grad_norm(g: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """L2 norm of a gradient (or any tensor), a 0-d float tensor."""
-    return sumsq(g, scratch).sqrt()
-
-
 def diff_sumsq(
     a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -350,12 +345,6 @@ def activation_metrics(moments, numel, n_channels):
     return mean, _clip0(second - mean * mean) ** 0.5, nonpos / numel, chan_mean_sq, _clip0(second - chan_mean_sq)
 
 
-def activation_stats(out: torch.Tensor) -> torch.Tensor:
-    """The five activation statistics of ``out``, a float tensor in ``recorder.METRICS`` order:
-    ``act_mean, act_std, act_nonpos_frac, act_chan_mean_sq, act_chan_var``."""
-    return torch.stack(activation_metrics(activation_moments(out), out.numel(), channels(out)))
-
-
 def chan_var(x: torch.Tensor) -> torch.Tensor:
     """Mean over channels (dim 1) of the channel variance over batch and space, a 0-d tensor."""
     return chan_var_from_moments(*channel_moments(x), x.numel(), channels(x))
@@ -369,8 +358,3 @@ def param_sumsq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     tensors = list(tensors)
     dtype = torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
-
-
-def param_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor, a float tensor of ``len(tensors)``."""
-    return param_sumsq(tensors).sqrt()

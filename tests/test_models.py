@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gradlab.models import BLOCKS, DeepCNN, build_model, count_parameters, probe_points
+from gradlab.models import BLOCKS, DeepCNN, build_model, count_parameters
 
 import notebook_reference as nb
 
@@ -63,14 +63,3 @@ def test_channels_last_input_is_accepted():
 def test_bad_architectures_raise_value_errors_naming_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         build_model(**{"block": "conv", "depth": 2, "width": 8, **kwargs})
-
-
-def test_probe_points_in_forward_order_with_stable_names():
-    model = build_model("res", depth=3, width=8)
-    points = probe_points(model)
-    assert [p.name for p in points] == ["conv1", "conv2", "conv3", "layers.0", "layers.1", "layers.2", "linear1"]
-    assert [p.position for p in points] == list(range(7))
-    assert [p.block for p in points] == ["stem"] * 3 + ["res"] * 3 + ["head"]
-    named = dict(model.named_modules())
-    assert all(named[p.name] is p.module for p in points)
-    assert [p.name for p in probe_points(build_model("conv", depth=0, width=8))] == ["conv1", "conv2", "conv3", "linear1"]

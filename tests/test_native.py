@@ -195,6 +195,26 @@ def run_fresh(tmp_path, **env) -> dict:
 
 
 @pytest.mark.skipif(not native.available(), reason="no compiled kernels")
+def test_entry_points_take_only_their_typed_argument_array():
+    """A wrong argument raises before C runs, instead of being read as an address."""
+    import ctypes
+
+    if not native.available():
+        pytest.skip(f"no compiled kernels: {native.status()}")
+    lib = native._lib()
+    for name in native._ENTRY_POINTS:
+        entry = getattr(lib, name)
+        with pytest.raises(ctypes.ArgumentError):
+            entry(12345)
+        with pytest.raises(ctypes.ArgumentError):
+            entry((ctypes.c_int64 * 3)())
+        with pytest.raises(TypeError):
+            entry()
+    out = torch.zeros(2, dtype=torch.float64)  # the right argument still works
+    native.grad_moments(torch.full((8,), 2.0), out)
+    assert out.tolist() == [32.0, 0.0]
+
+
 def test_built_into_the_cache_once_and_without_a_compiler_falls_back(tmp_path):
     expect = activation_reference(torch.arange(-12.0, 12.0).reshape(2, 3, 2, 2))
     racing = [start_fresh(tmp_path) for _ in range(3)]  # first uses at once, as a sweep's workers

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from gradlab import stats
-from gradlab.models import build_model, probe_points
+from gradlab.models import build_model
+from gradlab.probes import select
 from gradlab.recorder import (
     COLUMNS,
     METRICS,
@@ -73,7 +74,7 @@ def ratio(a: float, b: float) -> float:
 def reference(model, x, y, seed: int) -> dict:
     """Every tensor the metrics describe, from a fresh forward pass with temporary hooks of
     the test's own, and the gradients by torch.autograd.grad with respect to them."""
-    probes = probe_points(model)
+    probes = select(model)
     seen: dict = {}
     handles = []
 
@@ -85,9 +86,9 @@ def reference(model, x, y, seed: int) -> dict:
 
     for p in probes:
         handles.append(p.module.register_forward_hook(keep(p.name)))
-        if p.block in ("res", "resdown"):
+        if p.residual is not None:
             handles.append(p.module.conv2.register_forward_hook(keep((p.name, "conv2"))))
-        if p.block == "resdown":
+        if p.module_type == "ResDownBlock":
             handles.append(p.module.conv3.register_forward_hook(keep((p.name, "conv3"))))
     torch.manual_seed(seed)  # the same dropout mask as the recorded pass
     loss = F.cross_entropy(model(x), y)
@@ -102,13 +103,13 @@ def reference(model, x, y, seed: int) -> dict:
     for p in probes:
         x_in, out = seen[p.name]
         r = {"in": x_in, "out": out, "grad_out": grads[id(out)], "grad_in": grads.get(id(x_in))}
-        if p.block in ("res", "resdown"):
+        if p.residual is not None:
             branch = seen[p.name, "conv2"][1]
-            skip = x_in if p.block == "res" else seen[p.name, "conv3"][1]
+            skip = x_in if p.module_type == "ResBlock" else seen[p.name, "conv3"][1]
             r["branch"], r["skip"] = branch, skip
             # each path's share of the input gradient, through that path alone
             r["grad_in_branch"] = torch.autograd.grad(branch, x_in, r["grad_out"], retain_graph=True)[0]
-            if p.block == "res":
+            if p.module_type == "ResBlock":
                 r["grad_in_skip"] = r["grad_out"]  # identity
             else:
                 relu_out = seen[p.name, "conv3"][0]
@@ -160,7 +161,7 @@ def test_every_metric_matches_an_independent_computation(block, norm, dtype, bac
     ref = reference(twin, x, y, seed=5)
 
     expected_metrics = {("model", "loss"), ("model", "param_grad_norm")}
-    for p in probe_points(model):  # its parameters hold the recorded step's gradients
+    for p in select(model):  # its parameters hold the recorded step's gradients
         r = ref["probes"][p.name]
         out = r["out"].double()
         expect = {
@@ -177,7 +178,7 @@ def test_every_metric_matches_an_independent_computation(block, norm, dtype, bac
         if r["grad_in"] is not None:
             expect["grad_in_norm"] = math.sqrt(sq(r["grad_in"]))
             expect["grad_gain"] = ratio(expect["grad_in_norm"], expect["grad_out_norm"])
-        if p.block in ("res", "resdown"):
+        if p.residual is not None:
             expect["branch_chan_var"] = chan_var(r["branch"].double())
             expect["skip_chan_var"] = chan_var(r["skip"].double())
             expect["grad_in_branch_norm"] = math.sqrt(sq(r["grad_in_branch"]))
@@ -200,8 +201,8 @@ def test_branch_and_skip_parts_sum_to_the_input_gradient(block, norm, dtype, bac
     x, y = make_batch(dtype=dtype)
     got = values(recorded_step(model, x, y, seed=2))
     ref = reference(twin, x, y, seed=2)
-    for p in probe_points(twin):
-        if p.block != block:
+    for p in select(twin):
+        if p.module_type != {"res": "ResBlock", "resdown": "ResDownBlock"}[block]:
             continue
         r = ref["probes"][p.name]
         if dtype == torch.float64:
@@ -233,7 +234,7 @@ def test_param_norms_update_ratio_and_loss_with_a_real_adam_step(frozen, dtype, 
     def grad_norm(params) -> float:
         return math.sqrt(sum(sq(p.grad) for p in params if p.grad is not None))
 
-    for probe in probe_points(model):
+    for probe in select(model):
         params = list(probe.module.parameters())
         theta = math.sqrt(sum(sq(before[names[id(p)]]) for p in params))
         delta = math.sqrt(sum(sq(p.detach().double() - before[names[id(p)]].double()) for p in params))
@@ -426,7 +427,8 @@ def test_flushes_in_chunks_with_typed_columns():
         assert set(c) == set(COLUMNS)
         assert c["step"].dtype == np.int64 and c["epoch"].dtype == np.int64 and c["position"].dtype == np.int64
         assert c["value"].dtype == np.float64
-        for name in ("layer", "block", "metric"):
+        assert c["stack_index"].dtype == np.int64
+        for name in ("layer", "role", "module_type", "metric"):
             assert c[name].dtype == object and all(isinstance(v, str) for v in c[name])
         assert len({len(v) for v in c.values()}) == 1
     assert rec.frame().empty  # the records went to the sink
@@ -445,9 +447,13 @@ def test_frame_is_long_format_and_sorted():
     keys = list(zip(df.step, df.position, df.metric.map(order)))
     assert keys == sorted(keys)
     model_rows = df[df.layer == "model"]
-    assert set(model_rows.position) == {-1} and set(model_rows.block) == {"model"}
+    assert set(model_rows.position) == {-1} and set(model_rows.role) == {"model"}
+    assert set(model_rows.stack_index) == {-1} and set(model_rows.module_type) == {"DeepCNN"}
+    blocks = df[df.role == "stack"].drop_duplicates("layer")
+    assert list(blocks.layer) == ["layers.0", "layers.1"] and list(blocks.stack_index) == [0, 1]
+    assert set(blocks.module_type) == {"SkipBlock"}
     assert set(df.metric) <= set(METRICS)
-    assert list(df[df.step == 10].drop_duplicates("layer").layer) == ["model"] + [p.name for p in probe_points(model)]
+    assert list(df[df.step == 10].drop_duplicates("layer").layer) == ["model"] + [p.name for p in select(model)]
 
 
 def test_evaluation_forwards_are_not_recorded():
@@ -652,27 +658,32 @@ def test_callback_removes_hooks_when_training_fails_and_when_disabled():
 # stats.py
 
 
+def activation_stats(x: torch.Tensor) -> torch.Tensor:
+    """The five activation metrics as the recorder derives them: moments, then metrics."""
+    return torch.stack(stats.activation_metrics(stats.activation_moments(x), x.numel(), stats.channels(x)))
+
+
 def test_stats_functions_against_plain_tensor_ops(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64) + 0.3
     x[0, 0, 0, 0] = 0.0
     expect = torch.stack((x.mean(), x.std(correction=0), (x <= 0).double().mean(),
                           x.mean((0, 2, 3)).square().mean(), x.var((0, 2, 3), correction=0).mean()))
-    torch.testing.assert_close(stats.activation_stats(x), expect)
+    torch.testing.assert_close(activation_stats(x), expect)
     torch.testing.assert_close(stats.chan_var(x), x.var((0, 2, 3), correction=0).mean())
-    torch.testing.assert_close(stats.grad_norm(x), x.norm())
+    torch.testing.assert_close(stats.sumsq(x), x.square().sum())
     y = torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64)
     torch.testing.assert_close(stats.diff_sumsq(x, y), (x - y).square().sum())
-    torch.testing.assert_close(stats.param_norms([x, y]), torch.stack((x.norm(), y.norm())))
+    torch.testing.assert_close(stats.param_sumsq([x, y]), torch.stack((x.square().sum(), y.square().sum())))
     bad = x.clone()
     bad[1, 2, 3, 4], bad[2, 0, 0, 0], bad[3, 3, 3, 3] = float("nan"), float("inf"), -float("inf")
     assert stats.nonfinite_count(bad).item() == 3
     # channels-last memory, a [B, C] head output, and chunked reductions agree
-    torch.testing.assert_close(stats.activation_stats(x.to(memory_format=torch.channels_last)), expect)
+    torch.testing.assert_close(activation_stats(x.to(memory_format=torch.channels_last)), expect)
     head = torch.randn(7, 10, generator=g, dtype=torch.float64)
     torch.testing.assert_close(stats.chan_var(head), head.var(0, correction=0).mean())
     monkeypatch.setattr(stats, "CHUNK", 150)  # 2 samples per chunk
-    torch.testing.assert_close(stats.activation_stats(x), expect)
+    torch.testing.assert_close(activation_stats(x), expect)
     torch.testing.assert_close(stats.grad_moments(bad)[1], torch.tensor(3.0, dtype=torch.float64))
     for host in (True, False):  # CPU: counted only when the norm is not finite; accelerator: always
         monkeypatch.setattr(stats, "reads_are_free", lambda device, host=host: host)
@@ -687,8 +698,8 @@ def test_stats_functions_against_plain_tensor_ops(monkeypatch):
     torch.testing.assert_close(stats.relu_part_sumsq(x, r), torch.where(y > 0, x, 0).square().sum())
     # bf16 inputs are summed in float32
     xb = x.to(torch.bfloat16)
-    assert stats.activation_stats(xb).dtype == torch.float32
-    torch.testing.assert_close(stats.activation_stats(xb), stats.activation_stats(xb.float()))
+    assert activation_stats(xb).dtype == torch.float32
+    torch.testing.assert_close(activation_stats(xb), activation_stats(xb.float()))
     xb_nhwc = xb.to(memory_format=torch.channels_last)  # converted chunk by chunk in NHWC order
-    torch.testing.assert_close(stats.activation_stats(xb_nhwc), stats.activation_stats(xb.float()))
+    torch.testing.assert_close(activation_stats(xb_nhwc), activation_stats(xb.float()))
     torch.testing.assert_close(stats.sumsq(xb_nhwc), xb.float().square().sum())

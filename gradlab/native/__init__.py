@@ -44,6 +44,7 @@ DISABLE_ENV = "GRADLAB_NATIVE"  # "0" turns the compiled kernels off
 
 _ENTRY_POINTS = ("gl_activation_moments", "gl_grad_moments", "gl_relu_part_sumsq", "gl_sumsq_many")
 _ARGS = 12  # int64 slots of the argument array every entry point takes
+_ArgArray = ctypes.c_int64 * _ARGS  # the one argument of every entry point: int64 slots
 _local = threading.local()  # one argument array per thread, reused call after call
 
 
@@ -51,7 +52,7 @@ def _args(*values: int) -> ctypes.Array:
     """This thread's argument array, filled with ``values`` (pointers as integers, 0 for NULL)."""
     args = getattr(_local, "args", None)
     if args is None:
-        args = _local.args = (ctypes.c_int64 * _ARGS)()
+        args = _local.args = _ArgArray()
     args[: len(values)] = values
     return args
 
@@ -129,8 +130,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{compiler} could not build {SOURCE.name}: {last[-1] if last else err}"
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"could not build or load {SOURCE.name}: {err}"
-    for name in _ENTRY_POINTS:
-        getattr(lib, name).restype = ctypes.c_int  # one argument: an int64 array, passed as a pointer
+    for name in _ENTRY_POINTS:  # typed: anything but this argument array raises ctypes.ArgumentError
+        entry = getattr(lib, name)
+        entry.argtypes, entry.restype = [_ArgArray], ctypes.c_int
     return lib, ""
 
 
@@ -347,10 +349,6 @@ class Tensors:
     def of(cls, tensors: Sequence[torch.Tensor]) -> Tensors | None:
         """The list, or None when the kernels cannot take it (``handles_all``)."""
         return cls(tensors) if handles_all(tensors) else None
-
-    def unchanged(self) -> bool:
-        """True while every tensor still lives where it did (``.to()`` or ``.data =`` move them)."""
-        return np.array_equal(pointers(self.tensors), self.pointers)
 
     def sumsq(self, minus: Tensors | None = None, copy_to: Tensors | None = None) -> np.ndarray:
         """Squared norm of each tensor (of ``tensor - minus``), float64; with ``copy_to``, each
