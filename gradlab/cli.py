@@ -161,9 +161,8 @@ def record_options(command):
 
 def _split_options(options: dict) -> tuple[TrainConfig, RecordConfig]:
     train_config = TrainConfig(**{f.name: options.pop(f.name) for f in fields(TrainConfig) if f.name in options})
-    probes = _probe_patterns(options.pop("probes"))
-    chosen = {} if probes is None else {"probes": probes}  # RecordConfig.probes: None keeps the default points
-    record = RecordConfig(every=options.pop("record_every"), schedule=options.pop("record_schedule"), **chosen)
+    record = RecordConfig(every=options.pop("record_every"), schedule=options.pop("record_schedule"),
+                          probes=_probe_patterns(options.pop("probes")))
     return train_config, record
 
 
@@ -449,7 +448,7 @@ def _print_flow(records, runs_table, fmt: str) -> None:
         return
     _print_profiles(flow, analysis.gradient_profile(records, "init"), fmt)
     signal = analysis.activation_profile(records, "init")
-    blocks = signal.loc[signal["layer"].str.startswith("layers.")]
+    blocks = signal.loc[signal["role"] == "stack"]
     if not blocks.empty:
         last = blocks.loc[blocks.groupby("run")["position"].transform("max") == blocks["position"]]
         table = last.pivot_table(index="run", columns="metric", values="value", aggfunc="first").reset_index()
@@ -547,13 +546,10 @@ def _list_probes(config, fmt: str) -> None:
     import pandas as pd
     import torch
 
+    from . import probes as probing
     from .probe import networks
     from .report.text import render
 
-    try:
-        from . import probes as probing
-    except ImportError:
-        raise BadInput("--list-probes needs gradlab.probes, which this installation lacks") from None
     tables = []
     for i, network in enumerate(networks(config)):
         torch.manual_seed(config.seed)

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import __version__, analysis, resources, runs, specs
+from . import __version__, analysis, resources, runs, schema, specs
 from .data import DeviceLoader, Splits, make_splits
 from .models import check_architecture, count_parameters
 from .recorder import Recorder
@@ -182,8 +182,7 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
         records.append(frame.assign(**identity, seed=config.seed))
         found = analysis.divergence(records[-1])  # non-finite at initialisation: an overflow in the forward pass
         diverged = {f: _plain(found[f].iloc[0]) for f in analysis.DIVERGED_FIELDS} if len(found) else None
-        rows.append({**identity, "width": train.width if network.spec.kind == "deepcnn" else None,
-                     "seed": config.seed, "status": "diverged" if diverged else "probe", "epochs": 0,
+        rows.append({**identity, "seed": config.seed, "status": "diverged" if diverged else "probe", "epochs": 0,
                      "dataset": splits.dataset, "synthetic": splits.synthetic, "n_params": n_params,
                      **{f"diverged_{f}": (diverged or {}).get(f) for f in analysis.DIVERGED_FIELDS}})
         if out is not None:
@@ -194,23 +193,26 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
     if out is not None:
         names = [row["run"] for row in rows]
         runs.write_json(Path(out) / runs.SWEEP, {"probe": asdict(config), "cells": names})
-    run_columns = ["run", "model", "arch", "depth", "norm", "seed"]
+    run_columns = list(schema.RUN_KEYS)
     combined = pd.concat(records, ignore_index=True)
     return combined[[*run_columns, *(c for c in combined.columns if c not in run_columns)]], pd.DataFrame(rows), \
         splits.synthetic
 
 
 def _identity(network: Network, model: torch.nn.Module, frame: pd.DataFrame) -> dict:
-    """The run keys of one probed network. A model other than deepcnn is its own ``arch`` (its
-    tag), its ``depth`` is the number of blocks in its stack, and its ``norm`` says whether it
-    holds a BatchNorm."""
+    """The run keys of one probed network but its seed (``schema.RUN_KEYS``). For a model other
+    than deepcnn: ``block`` is its stack's module types in stack order ("BasicBlock"), ``depth``
+    the number of stack points, ``width`` None, and ``norm`` "batch" when it holds a BatchNorm,
+    else "none"."""
     train = network.config
     if network.spec.kind == "deepcnn":
-        return {"run": network.name, "model": train.model, "arch": train.block, "depth": train.depth, "norm": train.norm}
-    stack = frame.loc[frame["stack_index"] >= 0, "stack_index"] if "stack_index" in frame.columns else []
+        return {"run": network.name, "model": train.model, "block": train.block, "depth": train.depth,
+                "width": train.width, "norm": train.norm}
+    stack = frame.loc[frame["role"] == "stack"].sort_values("stack_index", kind="stable")
+    types = [t for t in dict.fromkeys(stack["module_type"]) if isinstance(t, str) and t]
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return {"run": network.name, "model": train.model, "arch": network.name,
-            "depth": int(max(stack) + 1) if len(stack) else 0, "norm": "batch" if has_bn else "none"}
+    return {"run": network.name, "model": train.model, "block": "/".join(types) or "n/a",
+            "depth": int(stack["stack_index"].nunique()), "width": None, "norm": "batch" if has_bn else "none"}
 
 
 

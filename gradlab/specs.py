@@ -206,6 +206,7 @@ def _import_file(spec: ModelSpec):
         raise ValueError(f"model {spec.text!r}: {spec.target} cannot be imported as Python")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[name] = module
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the user's folder
     try:
         loader_spec.loader.exec_module(module)
     except BaseException as exc:  # a syntax error, a failing import, even sys.exit in the user's file
@@ -213,6 +214,8 @@ def _import_file(spec: ModelSpec):
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise ValueError(f"model {spec.text!r}: importing {spec.target} raised {_exception_line(exc)}") from None
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
     return module
 
 
@@ -341,8 +344,6 @@ def inspect(spec: ModelSpec, model_args: dict[str, Any], probes: Any = None):
 def _count_probes(model: nn.Module, probes: Any) -> int:
     """How many probe points the recorder will measure on ``model``; ValueError when ``probes``
     selects nothing."""
-    try:
-        from . import probes as probing
-    except ImportError:  # before gradlab.probes: at most one per module that holds parameters
-        return sum(1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
+    from . import probes as probing
+
     return len(probing.select(model, probes))
