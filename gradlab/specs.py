@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,7 +120,8 @@ class ModelSpec:
                 raise ValueError(f"model {self.text!r}: {where} has no {self.factory!r}")
             found = getattr(found, part)
         if not callable(found):
-            raise ValueError(f"model {self.text!r}: {self.factory!r} is a {type(found).__name__}, not a function")
+            raise ValueError(f"model {self.text!r}: {self.factory!r} is not callable (it is of type "
+                             f"{type(found).__name__}); name a function or class that returns an nn.Module")
         return found
 
     def build(self, **model_args: Any) -> nn.Module:
@@ -139,7 +140,7 @@ class ModelSpec:
         except Exception as exc:  # the user's code: any exception is one line, never a traceback
             raise ValueError(f"model {self.text!r}: {self._who()} raised {_exception_line(exc)}") from None
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model {self.text!r}: {self._who()} returned a {type(model).__name__}, "
+            raise ValueError(f"model {self.text!r}: {self._who()} returned an object of type {type(model).__name__}, "
                              "not a torch.nn.Module")
         return model
 
@@ -277,8 +278,9 @@ def check_output(spec: ModelSpec, output: Any, batch: int, training: bool) -> No
     """ValueError unless ``output`` is a tensor of shape [batch, 10] (CIFAR-10's classes)."""
     mode = "training" if training else "eval"
     if not isinstance(output, torch.Tensor):
-        raise ValueError(f"model {spec.text!r}: in {mode} mode it returns a {type(output).__name__}, not a tensor of "
-                         f"logits of shape [{batch}, {NUM_CLASSES}] (auxiliary outputs? turn them off with --model-arg)")
+        raise ValueError(f"model {spec.text!r}: in {mode} mode it returns an object of type {type(output).__name__}, "
+                         f"not a tensor of logits of shape [{batch}, {NUM_CLASSES}] (auxiliary outputs? turn them off "
+                         "with --model-arg)")
     if tuple(output.shape) != (batch, NUM_CLASSES):
         raise ValueError(f"model {spec.text!r}: a CIFAR-10 batch of shape [{batch}, {', '.join(map(str, INPUT_SHAPE))}] "
                          f"gives an output of shape {list(output.shape)}, not [{batch}, {NUM_CLASSES}]")
@@ -321,24 +323,22 @@ def inspect(spec: ModelSpec, model_args: dict[str, Any], probes: Any = None):
                 model = spec.build(**model_args)
         except ValueError:
             pass  # some constructors need real tensors; the CPU build below says what is wrong, if anything
-        n_probes = _count_probes(model, probes) if model is not None else None
         if model is not None:
             try:
-                shape, output = resources.trace_shape(model, n_probes)
+                shape, output = resources.trace_shape(model, 0)
                 forward_check(spec, model, "meta")
             except Exception:  # an operation without a meta kernel, or one that reads values
                 model = None
         if model is None:
             model = spec.build(**model_args)
-            n_probes = _count_probes(model, probes)
             forward_check(spec, model)  # before training mode changes the BatchNorm statistics
             try:
-                shape, output = resources.trace_shape(model, n_probes)
+                shape, output = resources.trace_shape(model, 0)
             except Exception as exc:
                 raise ValueError(f"model {spec.text!r}: fails on a CIFAR-10 batch in training mode: "
                                  f"{_exception_line(exc)}") from None
-    check_output(spec, output, CHECK_BATCH, training=True)
-    return shape
+        check_output(spec, output, CHECK_BATCH, training=True)
+        return replace(shape, n_probes=_count_probes(model, probes))
 
 
 def _count_probes(model: nn.Module, probes: Any) -> int:
