@@ -377,3 +377,20 @@ def test_the_memory_estimate_of_a_torchvision_model_is_traced_without_memory():
     assert estimate.parameters >= n_params * 4 * 5
     sgd = memory_estimate(replace(config, optimizer="sgd", lr=0.05, momentum=0.9), torch.device("cpu"))
     assert estimate.parameters - sgd.parameters == n_params * 4  # one optimizer state per parameter less
+
+
+@pytest.mark.parametrize("command, options", [
+    ("train", [("--model", "deepcnn"), ("--optimizer", "adam"), ("--momentum", "0.0"), ("--weight-decay", "0.0")]),
+    ("sweep", [("--models", "deepcnn"), ("--optimizer", "adam"), ("--momentum", "0.0"), ("--weight-decay", "0.0")]),
+    ("probe", [("--model", "deepcnn")]),
+])
+def test_help_explains_the_model_options_with_their_defaults(command, options):
+    text = " ".join(invoke(command, "--help").stdout.split())  # one line: wrapping varies with the terminal
+    for option, default in options:
+        assert f"[default: {default}" in text.split(option, 1)[1], option
+    assert "--model-arg KEY=VALUE" in text and "Default: none" in text.split("--model-arg", 1)[1]
+    assert "--probes PATTERNS" in text
+    if command != "probe":
+        assert "deepcnn only; other models ignore it" in text.split("--block", 1)[1]
+    else:
+        assert "--list-probes" in text
