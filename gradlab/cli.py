@@ -18,6 +18,7 @@ import click
 
 from . import __version__
 from .recorder import RecordConfig
+from .specs import split_model_arg
 from .train import Callback, RunFinished, TrainConfig
 
 EXIT_BAD_INPUT = 2
@@ -63,14 +64,24 @@ def _pct(x: float) -> str:
 
 # --- options: one per TrainConfig / RecordConfig field, help text with its default --------------
 
+_DEEPCNN_ONLY = " deepcnn only; other models ignore it."
 _TRAIN_HELP = {
-    "block": "Block type of the network: conv (plain ConvBlock), res (identity residual), resdown, skip (concatenation).",
-    "depth": "Number of blocks (the notebook's num_blocks); 0 gives the stem and head alone.",
-    "width": "Channels through the stem and every block; even, at least 2.",
-    "norm": "batch: BatchNorm as in the notebook; none: every BatchNorm replaced by an identity.",
+    "model": "The network: deepcnn (the notebook's DeepCNN, shaped by --block/--depth/--width/--norm), "
+             "torchvision:NAME (resnet18, resnet50, ...: 10 classes, random initialisation, never a download), "
+             "path/to/file.py:factory or package.module:factory (your function returning an nn.Module).",
+    "model_args": "Keyword option for a torchvision or factory model, KEY=VALUE (an int, a float, true/false, else "
+                  "a string); repeat it for several. Default: none.",
+    "block": "Block type of the network: conv (plain ConvBlock), res (identity residual), resdown, skip "
+             "(concatenation)." + _DEEPCNN_ONLY,
+    "depth": "Number of blocks (the notebook's num_blocks); 0 gives the stem and head alone." + _DEEPCNN_ONLY,
+    "width": "Channels through the stem and every block; even, at least 2." + _DEEPCNN_ONLY,
+    "norm": "batch: BatchNorm as in the notebook; none: every BatchNorm replaced by an identity." + _DEEPCNN_ONLY,
     "epochs": "Passes over the training split.",
     "batch_size": "Images per optimizer step.",
-    "lr": "Adam learning rate.",
+    "lr": "Learning rate (Adam at 1e-4 is the notebook's; SGD on ResNets: about 0.05 with --momentum 0.9).",
+    "optimizer": "adam (the notebook's), or sgd (with --momentum and --weight-decay: the ResNet recipe).",
+    "momentum": "SGD momentum, from 0 to below 1 (0.9 for ResNets); sgd only.",
+    "weight_decay": "L2 penalty on every parameter (SGD's weight decay; Adam adds it to the gradient, as torch's Adam).",
     "seed": "Seeds initialisation, the train/validation split and shuffling.",
     "dataset": "cifar10, or synthetic (seeded noise with learnable labels, for tests and machines without data).",
     "data_root": "Folder holding cifar-10-batches-py (downloaded there when absent). Default: $GRADLAB_DATA, else ~/.cache/gradlab/data.",
@@ -85,22 +96,47 @@ _TRAIN_HELP = {
     "on_nonfinite": "After the first non-finite loss or gradient: stop (status diverged), or continue to the "
                     "last epoch (still marked diverged).",
 }
-_CHOICES = {"block": ("conv", "res", "resdown", "skip"), "norm": ("batch", "none"),
+_CHOICES = {"block": ("conv", "res", "resdown", "skip"), "norm": ("batch", "none"), "optimizer": ("adam", "sgd"),
             "dataset": ("cifar10", "synthetic"), "device": ("auto", "cpu", "cuda"),
             "on_nonfinite": ("stop", "continue"), "precision": ("fp32", "bf16")}
 _TYPES = {"depth": click.IntRange(min=0), "width": click.IntRange(min=2), "epochs": click.IntRange(min=1),
           "batch_size": click.IntRange(min=1), "eval_batch_size": click.IntRange(min=1),
           "subset": click.IntRange(min=1), "lr": float, "val_fraction": click.FloatRange(0, 1, min_open=True, max_open=True),
-          "seed": click.IntRange(min=0), "data_root": click.Path(file_okay=False)}
+          "seed": click.IntRange(min=0), "data_root": click.Path(file_okay=False), "model": str,
+          "momentum": float, "weight_decay": float}
 
 
-SWEPT = ("block", "depth", "seed", "norm")  # the grid's axes: lists in `gradlab sweep`
+SWEPT = ("model", "block", "depth", "seed", "norm")  # the grid's axes: lists in `gradlab sweep`
+
+
+def _model_args(ctx, param, values) -> tuple[tuple[str, str], ...]:
+    """``--model-arg key=value`` (repeated) as the (key, value) pairs of TrainConfig.model_args."""
+    try:
+        return tuple(split_model_arg(v) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def model_arg_option(command):
+    return click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", callback=_model_args,
+                        help=_TRAIN_HELP["model_args"])(command)
+
+
+def probes_option(command):
+    return click.option("--probes", "probes", default=None, metavar="PATTERNS",
+                        help="Probe points to record, comma separated: module names or globs over the model's "
+                             "module names (layer*.*: '*' within one dotted name, '**' across them). Default: "
+                             "DeepCNN's stem, blocks and head; for other models the automatic choice "
+                             "(see gradlab probe --list-probes).")(command)
 
 
 def train_options(command, exclude: tuple[str, ...] = ()):
     """Decorate ``command`` with one option per TrainConfig field (except ``exclude``)."""
     for field in reversed(fields(TrainConfig)):
         if field.name in exclude:
+            continue
+        if field.name == "model_args":
+            command = model_arg_option(command)
             continue
         name = "--" + field.name.replace("_", "-")
         if field.type in (bool, "bool"):  # a flag pair: --channels-last / --no-channels-last
@@ -114,6 +150,7 @@ def train_options(command, exclude: tuple[str, ...] = ()):
 
 
 def record_options(command):
+    command = probes_option(command)
     command = click.option("--record-every", "record_every", type=click.IntRange(min=0), default=RecordConfig.every,
                            show_default=True, help="Record gradient and activation statistics every N-th step; 0 disables recording.")(command)
     command = click.option("--record-schedule", "record_schedule", type=click.Choice(["every", "log"]),
@@ -124,8 +161,19 @@ def record_options(command):
 
 def _split_options(options: dict) -> tuple[TrainConfig, RecordConfig]:
     train_config = TrainConfig(**{f.name: options.pop(f.name) for f in fields(TrainConfig) if f.name in options})
-    record = RecordConfig(every=options.pop("record_every"), schedule=options.pop("record_schedule"))
+    record = RecordConfig(every=options.pop("record_every"), schedule=options.pop("record_schedule"),
+                          probes=_probe_patterns(options.pop("probes")))
     return train_config, record
+
+
+def _probe_patterns(text: str | None) -> tuple[str, ...] | None:
+    """``--probes`` as a tuple of names or globs; None when not given."""
+    if text is None:
+        return None
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not patterns:
+        raise BadInput(f"--probes {text!r}: give module names or globs, comma separated (layer*.*, say)")
+    return patterns
 
 
 # --- progress -------------------------------------------------------------------------------------
@@ -140,8 +188,12 @@ class _Console(Callback):
         from tqdm.auto import tqdm
 
         config = trainer.config
-        click.echo(f"{config.block} network, depth {config.depth}, width {config.width}, norm {config.norm}: "
-                   f"{trainer.n_params:,} parameters on {trainer.device}")
+        if trainer.spec.kind == "deepcnn":
+            click.echo(f"{config.block} network, depth {config.depth}, width {config.width}, norm {config.norm}: "
+                       f"{trainer.n_params:,} parameters on {trainer.device}")
+        else:
+            click.echo(f"{trainer.spec.name} ({type(trainer.model).__name__}): {trainer.n_params:,} parameters on "
+                       f"{trainer.device}")
         if trainer.splits.synthetic:
             click.echo("note: synthetic data (seeded noise with learnable labels), not CIFAR-10")
         if trainer.epoch:
@@ -204,7 +256,9 @@ def main() -> None:
 @click.option("--restart", is_flag=True, help="Discard what --out holds and train from scratch.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines; only the result.")
 def train(out: str, restart: bool, quiet: bool, **options) -> None:
-    """Train one DeepCNN on CIFAR-10 into a run directory, recording gradient flow.
+    """Train one network on CIFAR-10 into a run directory, recording gradient flow.
+
+    The network is the notebook's DeepCNN unless --model names a torchvision model or your own factory.
 
     Running the same command again resumes from the last checkpoint.
     """
@@ -269,10 +323,17 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 @main.command()
-@click.option("--blocks", default="conv,res,skip", show_default=True, help="Block types to sweep, comma separated.")
-@click.option("--depths", default="2,4,8,16,32", show_default=True, help="Depths (blocks per network), comma separated.")
+@click.option("--models", "--model", "models", default="deepcnn", show_default=True,
+              help="Models to sweep, comma separated: deepcnn, torchvision:NAME, path/to/file.py:factory, "
+                   "package.module:factory. deepcnn is expanded over --blocks x --norms x --depths; every other "
+                   "model is one cell per seed, named by a short tag (tv-resnet18-s0) and given the --model-arg options.")
+@click.option("--blocks", default="conv,res,skip", show_default=True,
+              help="Block types to sweep, comma separated (deepcnn only).")
+@click.option("--depths", default="2,4,8,16,32", show_default=True,
+              help="Depths (blocks per network), comma separated (deepcnn only).")
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma separated: each seed is one more run per cell.")
-@click.option("--norms", default="batch", show_default=True, help="Normalisations, comma separated: batch, none.")
+@click.option("--norms", default="batch", show_default=True,
+              help="Normalisations, comma separated: batch, none (deepcnn only).")
 @functools.partial(train_options, exclude=SWEPT)
 @record_options
 @click.option("--out", required=True, type=click.Path(), help="Sweep directory to write (or resume). Required.")
@@ -281,9 +342,9 @@ def _name_list(text: str) -> tuple[str, ...]:
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cells trained at once; the CPU threads are divided among them.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (ray executor); default: start a local Ray instance.")
-def sweep(blocks: str, depths: str, seeds: str, norms: str, out: str, executor: str, jobs: int,
+def sweep(models: str, blocks: str, depths: str, seeds: str, norms: str, out: str, executor: str, jobs: int,
           ray_address: str | None, **options) -> None:
-    """Train a grid of networks (blocks x norms x depths x seeds), one run directory per cell.
+    """Train a grid of networks (models x blocks x norms x depths x seeds), one run directory per cell.
 
     Running the same command again skips complete cells, resumes partial ones and reruns failed ones.
     """
@@ -293,7 +354,8 @@ def sweep(blocks: str, depths: str, seeds: str, norms: str, out: str, executor: 
 
     try:
         base, record = _split_options(options)
-        grid = SweepGrid(blocks=_name_list(blocks), depths=_int_list(depths), seeds=_int_list(seeds), norms=_name_list(norms))
+        grid = SweepGrid(blocks=_name_list(blocks), depths=_int_list(depths), seeds=_int_list(seeds), norms=_name_list(norms),
+                         models=_name_list(models))
         n_cells = len(expand(grid, base))
         # delay: a sweep refused before its first cell (bad folder, corrupt sweep.json) prints one line, no bar
         bar = tqdm(total=n_cells, unit="cell", desc="sweep", dynamic_ncols=True, delay=1.0)
@@ -386,7 +448,7 @@ def _print_flow(records, runs_table, fmt: str) -> None:
         return
     _print_profiles(flow, analysis.gradient_profile(records, "init"), fmt)
     signal = analysis.activation_profile(records, "init")
-    blocks = signal.loc[signal["layer"].str.startswith("layers.")]
+    blocks = signal.loc[signal["role"] == "stack"]
     if not blocks.empty:
         last = blocks.loc[blocks.groupby("run")["position"].transform("max") == blocks["position"]]
         table = last.pivot_table(index="run", columns="metric", values="value", aggfunc="first").reset_index()
@@ -398,11 +460,16 @@ def _print_flow(records, runs_table, fmt: str) -> None:
 
 
 @main.command()
-@click.option("--blocks", default="conv,res,skip", show_default=True, help="Block types, comma separated.")
-@click.option("--depths", default="2,8,32,64", show_default=True, help="Depths (blocks per network), comma separated.")
+@click.option("--model", "--models", "models", default="deepcnn", show_default=True,
+              help="Models, comma separated, measured side by side: deepcnn (expanded over --blocks x --norm x "
+                   "--depths), torchvision:NAME, path/to/file.py:factory, package.module:factory (each once).")
+@model_arg_option
+@click.option("--blocks", default="conv,res,skip", show_default=True, help="Block types, comma separated (deepcnn only).")
+@click.option("--depths", default="2,8,32,64", show_default=True,
+              help="Depths (blocks per network), comma separated (deepcnn only).")
 @click.option("--norm", "norms", default="batch", show_default=True,
-              help="Normalisations, comma separated: batch, none (none shows the classic vanishing gradient).")
-@click.option("--width", type=click.IntRange(min=2), default=32, show_default=True, help="Channels, even.")
+              help="Normalisations, comma separated: batch, none (none shows the classic vanishing gradient; deepcnn only).")
+@click.option("--width", type=click.IntRange(min=2), default=32, show_default=True, help="Channels, even (deepcnn only).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
 @click.option("--batches", type=click.IntRange(min=1), default=3, show_default=True, help="Batches averaged per network.")
 @click.option("--seed", type=click.IntRange(min=0, max=2 ** 63 - 1), default=0, show_default=True,
@@ -417,7 +484,12 @@ def _print_flow(records, runs_table, fmt: str) -> None:
 @click.option("--html", "html_file", default=None, metavar="FILE", help="Write the HTML report of the probe to FILE.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True, help="Output format of the terminal report.")
-def probe(blocks, depths, norms, width, batch_size, batches, seed, dataset, data_root, device, out, html_file, fmt) -> None:
+@probes_option
+@click.option("--list-probes", is_flag=True,
+              help="Print the probe points chosen on each network (name, role, stack index, module type, residual "
+                   "declaration) and exit, without data or measurements.")
+def probe(models, model_args, blocks, depths, norms, width, batch_size, batches, seed, dataset, data_root, device, out,
+          html_file, fmt, probes, list_probes) -> None:
     """Gradient flow at initialisation, without training: seconds, even at depth 64.
 
     Builds each network, runs forward and backward on real CIFAR-10 batches (averaged) and prints
@@ -434,8 +506,12 @@ def probe(blocks, depths, norms, width, batch_size, batches, seed, dataset, data
     try:
         config = ProbeConfig(blocks=_name_list(blocks), depths=_int_list(depths), norms=_name_list(norms), width=width,
                              batch_size=batch_size, batches=batches, seed=seed, dataset=dataset,
-                             data_root=data_root, device=device)
+                             data_root=data_root, device=device, models=_name_list(models), model_args=model_args,
+                             probes=_probe_patterns(probes))
         config.validate()
+        if list_probes:
+            _list_probes(config, fmt)
+            return
         _check_probe_memory(config)
         with tempfile.TemporaryDirectory(prefix="gradlab-probe-") as scratch:
             store = out or (scratch if html_file else None)
@@ -455,19 +531,40 @@ def probe(blocks, depths, norms, width, batch_size, batches, seed, dataset, data
 
 
 def _check_probe_memory(config) -> None:
-    """ResourceError when the deepest probed network's batch cannot fit (no optimizer: weights, gradients)."""
+    """ResourceError when the largest probed network's batch cannot fit (no optimizer: weights, gradients)."""
     from . import resources
+    from .probe import largest_memory
     from .train import resolve_device
 
     device = resolve_device(config.device)
-    block = max(config.blocks, key=lambda b: b == "resdown")  # resdown keeps the most per block
-    depth, norm = max(config.depths), "batch" if "batch" in config.norms else config.norms[0]
-    estimate = resources.estimate_memory(block, depth, config.width, norm, config.batch_size,
-                                         resources.POOL_IMAGES + resources.TEST_IMAGES, optimizer=False,
-                                         on_cpu=device.type == "cpu")
-    resources.check_memory(estimate, device, f"probing a {block} network of depth {depth} and width "
-                           f"{config.width} with batches of {config.batch_size}",
-                           "use a smaller --batch-size, --depths or --width")
+    what, estimate = largest_memory(config, device)
+    resources.check_memory(estimate, device, what, "use a smaller --batch-size, --depths or --width, or smaller models")
+
+
+def _list_probes(config, fmt: str) -> None:
+    """``gradlab probe --list-probes``: the probe points of every network, built on the CPU, nothing measured."""
+    import pandas as pd
+    import torch
+
+    from . import probes as probing
+    from .probe import networks
+    from .report.text import render
+
+    tables = []
+    for i, network in enumerate(networks(config)):
+        torch.manual_seed(config.seed)
+        model = network.build()
+        points = probing.describe(probing.select(model, config.probes))
+        table = pd.DataFrame(points, columns=["name", "role", "stack_index", "module_type", "residual"])
+        if fmt in ("csv", "json"):  # one table for other tools, the network in front
+            tables.append(table.assign(network=network.name)[["network", *table.columns]])
+            continue
+        if i:
+            click.echo("")
+        click.echo(f"{network.name} ({network.spec.name}, {type(model).__name__}): {len(points)} probe points")
+        click.echo(render(table.rename(columns={"stack_index": "stack index", "module_type": "module type"}), fmt))
+    if tables:
+        click.echo(render(pd.concat(tables, ignore_index=True), fmt))
 
 
 @main.command()

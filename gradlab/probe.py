@@ -8,24 +8,28 @@ their initialisation. The result has the record format of a sweep (one "run" per
 all at step 0), so every analysis, text and HTML report function reads it. A network whose
 records are not finite (``analysis.divergence``) has status ``diverged`` and, like a diverged
 training run, a ``diverged`` object (step, epoch, layer, position, cause) in its summary.
+
+The grid is models x blocks x norms x depths: blocks, norms and depths shape the DeepCNN only,
+and every other model (``torchvision:NAME``, a factory; see ``gradlab.specs``) is one network,
+named by its tag (``tv-resnet18``), side by side with the DeepCNNs in the same tables.
 """
 from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import __version__, analysis, runs
+from . import __version__, analysis, resources, runs, schema, specs
 from .data import DeviceLoader, Splits, make_splits
-from .models import build_model, check_architecture, count_parameters
+from .models import check_architecture, count_parameters
 from .recorder import Recorder
-from .train import SAMPLES, TrainConfig, _write_samples, resolve_device
+from .train import SAMPLES, TrainConfig, _write_samples, model_shape, resolve_device
 
 
 @dataclass(frozen=True)
@@ -42,21 +46,32 @@ class ProbeConfig:
     dataset: str = "cifar10"  # cifar10 | synthetic
     data_root: str | None = None  # as in TrainConfig
     device: str = "auto"  # auto | cpu | cuda
+    models: tuple[str, ...] = (specs.DEEPCNN,)  # model specs; blocks, depths and norms shape deepcnn only
+    model_args: tuple[tuple[str, str], ...] = ()  # (key, value) options of the torchvision and factory models
+    probes: tuple[str, ...] | None = None  # module names or globs to record; None: the default probe points
 
     def __post_init__(self) -> None:
-        for name in ("blocks", "depths", "norms"):
+        for name in ("blocks", "depths", "norms", "models"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "model_args", tuple(tuple(pair) for pair in self.model_args))
+        if self.probes is not None:
+            object.__setattr__(self, "probes", (self.probes,) if isinstance(self.probes, str) else tuple(self.probes))
 
     def validate(self) -> None:
-        for name in ("blocks", "depths", "norms"):
+        for name in ("blocks", "depths", "norms", "models"):
             values = getattr(self, name)
             if not values:
                 raise ValueError(f"{name} must not be empty")
             duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
             if duplicates:
                 raise ValueError(f"{name} lists {duplicates[0]!r} more than once")
+        parsed = [specs.parse(model) for model in self.models]
         for block, depth, norm in itertools.product(self.blocks, self.depths, self.norms):
             check_architecture(depth, self.width, block, norm)
+        specs.parse_model_args(self.model_args)
+        if self.model_args and all(spec.kind == "deepcnn" for spec in parsed):
+            raise ValueError(f"--model-arg {self.model_args[0][0]}: model options are for torchvision and factory "
+                             "models, and --model lists none")
         for name in ("batch_size", "batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -67,22 +82,78 @@ def network_name(block: str, depth: int, norm: str) -> str:
     return f"{block}-d{depth}" + ("" if norm == "batch" else f"-{norm}")
 
 
-def probe_network(block: str, depth: int, norm: str, width: int, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  seed: int = 0) -> tuple[pd.DataFrame, int]:
-    """Records of one freshly initialised network, averaged over ``batches`` (step 0), and its size."""
-    torch.manual_seed(seed)
-    model = build_model(block, depth, width, norm).to(batches[0][0].device).train()
-    with Recorder(model, flush_every=len(batches)) as rec:
+@dataclass(frozen=True)
+class Network:
+    """One network of the probe's grid."""
+
+    name: str  # the run name: conv-d8, res-d32-none, tv-resnet18
+    config: TrainConfig  # the model, its options and (deepcnn) its shape; what the stored run directory says
+
+    @property
+    def spec(self) -> specs.ModelSpec:
+        return self.config.spec()
+
+    def build(self) -> torch.nn.Module:
+        return self.spec.build(**self.config.model_kwargs())
+
+
+def networks(config: ProbeConfig) -> list[Network]:
+    """The grid in order: per model, deepcnn as blocks x norms x depths, any other model once."""
+    found = []
+    base = TrainConfig(width=config.width, epochs=1, batch_size=config.batch_size, seed=config.seed,
+                       dataset=config.dataset, data_root=config.data_root, device=config.device)
+    for model in config.models:
+        spec = specs.parse(model)
+        if spec.kind != "deepcnn":
+            found.append(Network(spec.tag, replace(base, model=model, model_args=config.model_args)))
+            continue
+        for block, norm, depth in itertools.product(config.blocks, config.norms, config.depths):
+            found.append(Network(network_name(block, depth, norm), replace(base, block=block, depth=depth, norm=norm)))
+    names = [n.name for n in found]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"two networks of the probe would share the name {name}; rename a file or a factory")
+    return found
+
+
+def probe_network(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  probes: Any = None) -> tuple[pd.DataFrame, int]:
+    """Records of one freshly initialised ``model`` (on the batches' device), averaged over
+    ``batches`` (step 0), and its size. ``probes``: the Recorder's choice of probe points."""
+    model = model.to(batches[0][0].device).train()
+    with Recorder(model, flush_every=len(batches), probes=probes) as rec:
         for x, y in batches:
             loss = F.cross_entropy(model(x), y)
             rec.record_loss(loss)
             loss.backward()
             model.zero_grad(set_to_none=True)
     frame = rec.frame()
-    keys = ["layer", "position", "block", "metric"]
+    keys = [c for c in frame.columns if c not in ("step", "epoch", "value")]  # what a probe point and metric are
     # The mean over batches; a batch whose value is non-finite makes the mean non-finite, as it should.
     averaged = frame.groupby(keys, sort=False, as_index=False)["value"].mean()
     return averaged.assign(step=0, epoch=0)[["step", "epoch", *keys, "value"]], count_parameters(model)
+
+
+def largest_memory(config: ProbeConfig, device: torch.device) -> tuple[str, resources.MemoryEstimate]:
+    """(a description, the memory estimate) of the network of the probe that needs the most memory
+    (no optimizer: weights and gradients); other models are built and traced on the meta device."""
+    n_images = resources.POOL_IMAGES + resources.TEST_IMAGES
+    on_cpu = device.type == "cpu"
+    found = []
+    if specs.DEEPCNN in config.models:  # closed form; resdown keeps the most per block
+        block = max(config.blocks, key=lambda b: b == "resdown")
+        depth, norm = max(config.depths), "batch" if "batch" in config.norms else config.norms[0]
+        shape = model_shape(TrainConfig(block=block, depth=depth, width=config.width, norm=norm), config.probes)
+        found.append((f"probing a {block} network of depth {depth} and width {config.width}", shape))
+    for model in config.models:
+        if model != specs.DEEPCNN:
+            spec = specs.parse(model)
+            shape = model_shape(TrainConfig(model=model, model_args=config.model_args), config.probes)
+            found.append((f"probing {spec.name}", shape))
+    estimates = [(what, resources.estimate_model_memory(shape, config.batch_size, n_images, optimizer_states=None,
+                                                        on_cpu=on_cpu)) for what, shape in found]
+    what, estimate = max(estimates, key=lambda pair: pair[1].total)
+    return f"{what} with batches of {config.batch_size}", estimate
 
 
 def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathLike | None = None,
@@ -102,25 +173,46 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
         raise ValueError(f"the training split holds {len(splits.train[1])} images: fewer than "
                          f"{config.batches} batches of {config.batch_size}")
     records, rows = [], []
-    for block, norm, depth in itertools.product(config.blocks, config.norms, config.depths):
-        name = network_name(block, depth, norm)
-        frame, n_params = probe_network(block, depth, norm, config.width, batches, seed=config.seed)
-        records.append(frame.assign(run=name, arch=block, depth=depth, norm=norm, seed=config.seed))
+    for network in networks(config):
+        name, train = network.name, network.config
+        torch.manual_seed(config.seed)  # every network starts from the same seed
+        model = network.build()
+        frame, n_params = probe_network(model, batches, config.probes)
+        identity = _identity(network, model, frame)
+        records.append(frame.assign(**identity, seed=config.seed))
         found = analysis.divergence(records[-1])  # non-finite at initialisation: an overflow in the forward pass
         diverged = {f: _plain(found[f].iloc[0]) for f in analysis.DIVERGED_FIELDS} if len(found) else None
-        rows.append({"run": name, "arch": block, "depth": depth, "width": config.width, "norm": norm,
-                     "seed": config.seed, "status": "diverged" if diverged else "probe", "epochs": 0,
+        rows.append({**identity, "seed": config.seed, "status": "diverged" if diverged else "probe", "epochs": 0,
                      "dataset": splits.dataset, "synthetic": splits.synthetic, "n_params": n_params,
                      **{f"diverged_{f}": (diverged or {}).get(f) for f in analysis.DIVERGED_FIELDS}})
         if out is not None:
-            _write_network(Path(out) / runs.RUNS_FOLDER / name, config, rows[-1], frame, splits, device, diverged)
+            _write_network(Path(out) / runs.RUNS_FOLDER / name, config, train, rows[-1], frame, splits, device,
+                           diverged)
         if on_network_done is not None:
             on_network_done(name)
     if out is not None:
         names = [row["run"] for row in rows]
         runs.write_json(Path(out) / runs.SWEEP, {"probe": asdict(config), "cells": names})
-    columns = ["run", "arch", "depth", "norm", "seed", "step", "epoch", "layer", "position", "block", "metric", "value"]
-    return pd.concat(records, ignore_index=True)[columns], pd.DataFrame(rows), splits.synthetic
+    run_columns = list(schema.RUN_KEYS)
+    combined = pd.concat(records, ignore_index=True)
+    return combined[[*run_columns, *(c for c in combined.columns if c not in run_columns)]], pd.DataFrame(rows), \
+        splits.synthetic
+
+
+def _identity(network: Network, model: torch.nn.Module, frame: pd.DataFrame) -> dict:
+    """The run keys of one probed network but its seed (``schema.RUN_KEYS``). For a model other
+    than deepcnn: ``block`` is its stack's module types in stack order ("BasicBlock"), ``depth``
+    the number of stack points, ``width`` None, and ``norm`` "batch" when it holds a BatchNorm,
+    else "none"."""
+    train = network.config
+    if network.spec.kind == "deepcnn":
+        return {"run": network.name, "model": train.model, "block": train.block, "depth": train.depth,
+                "width": train.width, "norm": train.norm}
+    stack = frame.loc[frame["role"] == "stack"].sort_values("stack_index", kind="stable")
+    types = [t for t in dict.fromkeys(stack["module_type"]) if isinstance(t, str) and t]
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return {"run": network.name, "model": train.model, "block": "/".join(types) or "n/a",
+            "depth": int(stack["stack_index"].nunique()), "width": None, "norm": "batch" if has_bn else "none"}
 
 
 
@@ -130,15 +222,12 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _write_network(run_dir: Path, config: ProbeConfig, row: dict, frame: pd.DataFrame, splits: Splits,
-                   device: torch.device, diverged: dict | None = None) -> None:
+def _write_network(run_dir: Path, config: ProbeConfig, train: TrainConfig, row: dict, frame: pd.DataFrame,
+                   splits: Splits, device: torch.device, diverged: dict | None = None) -> None:
     """One probed network as a run directory: config, summary (status probe or diverged) and its records."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    train = TrainConfig(block=row["arch"], depth=row["depth"], width=config.width, norm=row["norm"], epochs=1,
-                        batch_size=config.batch_size, seed=config.seed, dataset=config.dataset,
-                        data_root=config.data_root, device=config.device)
     runs.write_json(run_dir / runs.CONFIG, {
-        "train": asdict(train), "probe": asdict(config), "dataset": splits.dataset,
+        "train": asdict(train), "model": train.spec().describe(), "probe": asdict(config), "dataset": splits.dataset,
         "synthetic": splits.synthetic, "device": str(device), "n_params": row["n_params"],
         "versions": {"gradlab": __version__, "torch": torch.__version__}, "classes": list(splits.classes)})
     summary = {"status": row["status"], "n_params": row["n_params"], "epochs_done": 0}

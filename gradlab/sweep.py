@@ -2,7 +2,12 @@
 
     SWEEP_DIR/
       sweep.json                              the grid, the base TrainConfig, the RecordConfig, cells, versions
-      runs/<block>-d<depth>-s<seed>[-<norm>]/ one run directory per cell: every single-run tool works on it
+      runs/<block>-d<depth>-s<seed>[-<norm>]/ one run directory per DeepCNN cell: every single-run tool works on it
+      runs/<model tag>-s<seed>/               one per cell of another model (tv-resnet18-s0, net-make_mlp-s0)
+
+The grid is models x blocks x norms x depths x seeds, where blocks, norms and depths shape the
+DeepCNN only: every other model (a torchvision name or a factory) is one cell per seed, with the
+base's --model-arg options (which DeepCNN cells do not take).
 
 Running the same sweep again skips finished cells (complete or diverged), resumes partial ones
 from their ``last.pt`` and reruns failed ones. A cell that fails (an exception, a worker process
@@ -36,14 +41,14 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from . import __version__, resources, runs
+from . import __version__, resources, runs, specs
 from .lock import RunLock
 from .models import BLOCKS, NORMS
 from .train import RunFinished, TrainConfig, disk_estimate, finished, memory_estimate, resolve_device, train_run
@@ -61,6 +66,7 @@ class SweepGrid:
     depths: tuple[int, ...]  # blocks per network, each >= 0
     seeds: tuple[int, ...] = (0,)  # each >= 0; seeds initialisation, the split and shuffling
     norms: tuple[str, ...] = (DEFAULT_NORM,)  # batch | none
+    models: tuple[str, ...] = (specs.DEEPCNN,)  # model specs (gradlab.specs); blocks, depths, norms shape deepcnn
 
     def __post_init__(self) -> None:
         for f in fields(self):  # accept any sequence, store a tuple (hashable, and JSON writes it as a list)
@@ -81,6 +87,11 @@ class SweepGrid:
             for value in values:
                 if values.count(value) > 1:
                     raise ValueError(f"{f.name} lists {value!r} more than once")
+        for model in self.models:
+            try:
+                specs.parse(model)
+            except ValueError as exc:
+                raise ValueError(f"models: {exc}") from None
         for block in self.blocks:
             if block not in BLOCKS:
                 raise ValueError(f"blocks: unknown block {block!r}; known: {sorted(BLOCKS)}")
@@ -97,23 +108,40 @@ class SweepGrid:
 class Cell:
     """One point of the grid: the run directory's name and its full training configuration."""
 
-    name: str  # <block>-d<depth>-s<seed>, plus -<norm> when the norm is not the default
+    name: str  # deepcnn: <block>-d<depth>-s<seed>, plus -<norm> when the norm is not the default; else <tag>-s<seed>
     config: TrainConfig
 
 
 def cell_name(config: TrainConfig) -> str:
+    spec = config.spec()
+    if spec.kind != "deepcnn":
+        return f"{spec.tag}-s{config.seed}"
     name = f"{config.block}-d{config.depth}-s{config.seed}"
     return name if config.norm == DEFAULT_NORM else f"{name}-{config.norm}"
 
 
 def expand(grid: SweepGrid, base: TrainConfig) -> list[Cell]:
-    """The cells in the order blocks x norms x depths x seeds; every configuration is validated
-    here, so a bad option (an odd width, say) surfaces before any cell trains."""
+    """The cells in the order models x blocks x norms x depths x seeds (blocks, norms and depths for
+    deepcnn only; other models get the base's model_args); every configuration is validated here,
+    so a bad option (an odd width, say) surfaces before any cell trains."""
     grid.validate()
-    cells = []
-    for block, norm, depth, seed in itertools.product(grid.blocks, grid.norms, grid.depths, grid.seeds):
-        config = replace(base, block=block, depth=depth, seed=seed, norm=norm)
+    if base.model_args and all(specs.parse(m).kind == "deepcnn" for m in grid.models):
+        raise ValueError(f"--model-arg {base.model_args[0][0]}: model options are for torchvision and factory "
+                         "models, and --models lists none")
+    configs = []
+    for model in grid.models:
+        if specs.parse(model).kind == "deepcnn":
+            configs += [replace(base, model=model, model_args=(), block=block, depth=depth, seed=seed, norm=norm)
+                        for block, norm, depth, seed in itertools.product(grid.blocks, grid.norms, grid.depths,
+                                                                          grid.seeds)]
+        else:
+            configs += [replace(base, model=model, seed=seed) for seed in grid.seeds]
+    cells, models = [], {}
+    for config in configs:
         name = cell_name(config)
+        if models.setdefault(name, config.model) != config.model:
+            raise ValueError(f"models {models[name]!r} and {config.model!r} would share the run name {name}; "
+                             "rename a file or a factory")
         try:
             config.validate()
         except ValueError as exc:
@@ -231,7 +259,7 @@ def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record
     from .recorder import RecordConfig  # torch side; as in train_run
 
     record = record if record is not None else RecordConfig()
-    base.validate()
+    replace(base, model_args=()).validate()  # the options every cell shares; expand checks model and model_args per cell
     cells = expand(grid, base)
     out = Path(out).resolve()  # absolute: workers may start in another directory, or on another node
     if out.exists() and not out.is_dir():
@@ -281,16 +309,18 @@ def _check_resources(todo: list[tuple[Cell, Path]], record, jobs: int, device: s
     dev = resolve_device(device)  # counts GPUs without starting CUDA
     if memory and dev.type == "cuda" and jobs > 1 and len(todo) > 1:
         memory = False  # each worker checks its own GPU before its cell starts; CUDA stays off here
+    probes = getattr(record, "probes", None)
     if memory:
-        estimates = sorted((memory_estimate(cell.config, dev) for cell, _ in todo), key=lambda e: e.total)
-        largest = estimates[-min(jobs, len(estimates)):]
+        estimates = sorted(((memory_estimate(cell.config, dev, probes), cell) for cell, _ in todo),
+                           key=lambda pair: pair[0].total)
+        largest = [estimate for estimate, _ in estimates[-min(jobs, len(estimates)):]]
         total = resources.MemoryEstimate(*(sum(getattr(e, f.name) for e in largest)
                                            for f in fields(resources.MemoryEstimate)))
-        deepest = max((cell.config for cell, _ in todo), key=lambda c: (c.depth, c.block == "resdown"))
+        biggest = estimates[-1][1]
         at_once = f", {len(largest)} at once," if len(largest) > 1 else ""
-        resources.check_memory(total, dev, f"the sweep's largest cell ({cell_name(deepest)}, batches of "
-                               f"{deepest.batch_size}){at_once}",
-                               "use a smaller --batch-size, fewer --jobs, or smaller --depths or --width")
+        resources.check_memory(total, dev, f"the sweep's largest cell ({biggest.name}, batches of "
+                               f"{biggest.config.batch_size}){at_once}",
+                               "use a smaller --batch-size, fewer --jobs, or smaller --depths, --width or models")
     need = 0
     for cell, run_dir in todo:
         done_steps, missing = 0, 2
@@ -317,7 +347,7 @@ def _sweep_json(out: Path, grid: SweepGrid, base: TrainConfig, record, cells: Se
     path = out / SWEEP
     if path.exists():
         stored = runs.read_json(path, fix=runs.SWEEP_HINT)
-        differences = _differences(stored, content, base)
+        differences = _differences(stored, content, base, record)
         if differences:
             raise runs.RunError(f"{out}: holds a sweep with other options ({'; '.join(differences)}); "
                                 "use another --out")
@@ -326,13 +356,17 @@ def _sweep_json(out: Path, grid: SweepGrid, base: TrainConfig, record, cells: Se
     return content
 
 
-def _differences(stored: dict, given: dict, base: TrainConfig) -> list[str]:
-    """What differs from the stored sweep, except the options a resumed run may change."""
+def _differences(stored: dict, given: dict, base: TrainConfig, record) -> list[str]:
+    """What differs from the stored sweep, except the options a resumed run may change. A key
+    missing from the stored sweep predates it and stands for its default (``models``: deepcnn)."""
     found = []
-    for section in ("grid", "record"):
+    for section, kind in (("grid", SweepGrid), ("record", type(record))):
+        defaults = {f.name: _jsonable(f.default) for f in fields(kind) if f.default is not MISSING}
         old, new = stored.get(section) or {}, given[section]
-        found += [f"{section}.{key}: stored {old.get(key)!r}, given {new.get(key)!r}"
-                  for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        for key in sorted(set(old) | set(new)):
+            was, now = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+            if was != now:
+                found.append(f"{section}.{key}: stored {was!r}, given {now!r}")
     found += [f"base.{difference}" for difference in base.differences(stored.get("base") or {})]
     return found
 

@@ -9,6 +9,7 @@ reading it is free).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -17,22 +18,23 @@ import platform
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, native, resources, runs, runtime
+from . import __version__, native, resources, runs, runtime, specs
 from .data import DeviceLoader, Splits, make_splits, sample_grid_images
 from .lock import RunLock
-from .models import DeepCNN, build_model, check_architecture, count_parameters
+from .models import check_architecture, count_parameters
 
 DATASETS = ("cifar10", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 ON_NONFINITE = ("stop", "continue")
 POOL_IMAGES = resources.POOL_IMAGES  # both datasets hold 50,000 training images, split into train and validation
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("adam", "sgd")
 DIVERGENCE_CHECK_EVERY = 64  # steps between host reads of the divergence flag on an accelerator
 log = logging.getLogger("gradlab")
 
@@ -41,13 +43,18 @@ log = logging.getLogger("gradlab")
 class TrainConfig:
     """Every option of a training run; the CLI's options map one-to-one onto these fields."""
 
-    block: str = "conv"  # conv | res | resdown | skip; the notebook's experiment uses ConvBlock
-    depth: int = 6  # number of blocks (the notebook's num_blocks)
-    width: int = 32  # channels through the stem and the blocks (ch_width)
-    norm: str = "batch"  # batch: the notebook; none: every BatchNorm becomes an identity
+    model: str = specs.DEEPCNN  # deepcnn | torchvision:NAME | path/to/file.py:factory | package.module:factory
+    model_args: tuple[tuple[str, str], ...] = ()  # (key, value) keyword options of torchvision or a factory
+    block: str = "conv"  # deepcnn only: conv | res | resdown | skip; the notebook's experiment uses ConvBlock
+    depth: int = 6  # deepcnn only: number of blocks (the notebook's num_blocks)
+    width: int = 32  # deepcnn only: channels through the stem and the blocks (ch_width)
+    norm: str = "batch"  # deepcnn only: batch (the notebook); none: every BatchNorm becomes an identity
     epochs: int = 30  # passes over the training split (the notebook's num_epochs)
     batch_size: int = 256  # images per optimizer step (the notebook's batch_size)
-    lr: float = 1e-4  # Adam learning rate (the notebook's learning_rate)
+    lr: float = 1e-4  # learning rate; Adam at 1e-4 is the notebook's learning_rate
+    optimizer: str = "adam"  # adam (the notebook) | sgd (ResNet recipes: with momentum 0.9)
+    momentum: float = 0.0  # sgd only: heavy-ball momentum
+    weight_decay: float = 0.0  # L2 penalty on every parameter (adam adds it to the gradient, as torch's Adam)
     seed: int = 0  # seeds initialisation, the train/validation split and shuffling
     dataset: str = "cifar10"  # cifar10 | synthetic (seeded noise with learnable labels)
     data_root: str | None = None  # folder holding cifar-10-batches-py; None: $GRADLAB_DATA or the cache
@@ -59,9 +66,35 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations: oneDNN's fast CPU convolutions, tensor cores on CUDA; same weights
     on_nonfinite: str = "stop"  # stop | continue: what a run does after its first non-finite loss or gradient
 
+    def __post_init__(self) -> None:
+        pairs = self.model_args
+        if isinstance(pairs, dict):  # a mapping is accepted and stored as pairs
+            pairs = tuple(pairs.items())
+        if isinstance(pairs, (list, tuple)):  # JSON gives lists; store a tuple of pairs (hashable, frozen)
+            pairs = tuple(tuple(p) if isinstance(p, list) else p for p in pairs)
+        object.__setattr__(self, "model_args", pairs)
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
+        spec = self.spec()
         check_architecture(self.depth, self.width, self.block, self.norm)
+        if not isinstance(self.model_args, tuple):
+            raise ValueError(f"model_args must be (key, value) pairs, got {self.model_args!r}")
+        specs.parse_model_args(self.model_args)
+        if self.model_args and spec.kind == "deepcnn":
+            raise ValueError(f"--model-arg {self.model_args[0][0]}: model options are for torchvision and factory "
+                             "models; deepcnn takes --block, --depth, --width and --norm")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {list(OPTIMIZERS)}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be below 1, got {self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum {self.momentum!r} applies to sgd only; use --optimizer sgd "
+                             "(adam keeps its own moment estimates)")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -96,6 +129,16 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} is larger than the {n_train} training images; "
                              f"use at most {n_train}")
 
+    def spec(self) -> specs.ModelSpec:
+        """The parsed ``model``; ValueError when it names no model gradlab can build."""
+        return specs.parse(self.model)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``spec().build``: the DeepCNN's shape, or the parsed model_args."""
+        if self.spec().kind == "deepcnn":
+            return {"block": self.block, "depth": self.depth, "width": self.width, "norm": self.norm}
+        return specs.parse_model_args(self.model_args)
+
     def split_sizes(self) -> tuple[int, int]:
         """(training images used, validation images): make_splits' split of the 50,000-image pool."""
         n_val = round(POOL_IMAGES * self.val_fraction)
@@ -108,10 +151,27 @@ class TrainConfig:
 
     def differences(self, other: dict) -> list[str]:
         """Options (except RESUMABLE_CHANGES) whose values differ from a stored config dict; an
-        option missing there predates it and stands for its default (what such runs did)."""
+        option missing there predates it and stands for its default (what such runs did). Values
+        compare as JSON stores them (a tuple equals the list it was written as)."""
         return [f"{f.name}: stored {other.get(f.name, f.default)!r}, given {getattr(self, f.name)!r}"
                 for f in fields(self)
-                if f.name not in self.RESUMABLE_CHANGES and other.get(f.name, f.default) != getattr(self, f.name)]
+                if f.name not in self.RESUMABLE_CHANGES
+                and _as_json(other.get(f.name, f.default)) != _as_json(getattr(self, f.name))]
+
+
+def _as_json(value):
+    """Tuples as lists, recursively: the form a value has after a trip through config.json."""
+    if isinstance(value, (tuple, list)):
+        return [_as_json(v) for v in value]
+    return value
+
+
+def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``parameters``."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}  # else Adam's own default
+    return torch.optim.Adam(parameters, lr=config.lr, **decay)
 
 
 def cpu_has_bf16() -> bool:
@@ -232,11 +292,22 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 
 class Trainer:
-    """Adam + cross-entropy on device-resident CIFAR-10, the notebook's defaults."""
+    """Any model, optimizer and loss on device-resident CIFAR-10; Adam + cross-entropy on the
+    notebook's DeepCNN by default.
 
-    def __init__(self, config: TrainConfig, callbacks: Sequence[Callback] = (), splits: Splits | None = None) -> None:
+    The model is ``config.model`` built by ``gradlab.specs`` (seeded by ``config.seed``) unless
+    ``model`` is given; the optimizer is ``config.optimizer`` unless ``optimizer`` is given (a
+    callable from the model's parameters to a torch optimizer); the loss is cross-entropy unless
+    ``loss`` is given (a callable from logits and labels to a scalar tensor).
+    """
+
+    def __init__(self, config: TrainConfig, callbacks: Sequence[Callback] = (), splits: Splits | None = None,
+                 model: torch.nn.Module | None = None,
+                 optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         config.validate()
         self.config = config
+        self.spec = config.spec()
         self.callbacks = list(callbacks)
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
@@ -246,10 +317,13 @@ class Trainer:
         self.splits = splits or make_splits(config.dataset, config.data_root, seed=config.seed,
                                             subset=config.subset, val_fraction=config.val_fraction,
                                             device=self.device)
-        model = build_model(config.block, config.depth, config.width, config.norm)
+        if model is None:
+            model = self.spec.build(**config.model_kwargs())
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        self.model: DeepCNN = model.to(self.device, memory_format=memory_format)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.model: torch.nn.Module = model.to(self.device, memory_format=memory_format)
+        params = self.model.parameters()
+        self.optimizer = make_optimizer(config, params) if optimizer is None else optimizer(params)
+        self.loss_fn = F.cross_entropy if loss is None else loss
         self.train_loader = DeviceLoader(*self.splits.train, batch_size=config.batch_size, shuffle=True, seed=config.seed,
                                          channels_last=config.channels_last)
         self.epoch = 0  # epochs completed; during an epoch, its 0-based index
@@ -311,7 +385,7 @@ class Trainer:
         for i, (x, y) in enumerate(self.train_loader):
             with self.autocast():
                 out = self.model(x)
-                loss = F.cross_entropy(out, y)  # float32 under autocast
+                loss = self.loss_fn(out, y)  # cross-entropy: float32 under autocast
             self._emit("on_after_forward", loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -341,6 +415,7 @@ class RunFinished(Exception):
 def _run_config(config: TrainConfig, record, trainer: Trainer) -> dict:
     return {
         "train": asdict(config),
+        "model": trainer.spec.describe(),  # a file's path and content hash: a resume checks it
         "record": asdict(record) if record is not None else None,
         "dataset": config.dataset,
         "synthetic": trainer.splits.synthetic,
@@ -504,7 +579,8 @@ def _resume_state(run_dir: Path, config: TrainConfig) -> tuple[dict | None, dict
     Reads only: nothing in ``run_dir`` changes."""
     if not runs.is_run_dir(run_dir):
         return None, {}
-    stored = runs.read_json(run_dir / runs.CONFIG).get("train")
+    stored_config = runs.read_json(run_dir / runs.CONFIG)
+    stored = stored_config.get("train") if isinstance(stored_config, dict) else None
     if not isinstance(stored, dict):
         raise runs.RunError(f"{run_dir / runs.CONFIG}: has no training options; the file is corrupt: "
                             f"{runs.RESTART_HINT}")
@@ -512,6 +588,10 @@ def _resume_state(run_dir: Path, config: TrainConfig) -> tuple[dict | None, dict
     if differences:
         raise runs.RunError(f"{run_dir}: holds a run with other options ({'; '.join(differences)}); "
                             "use another --out, or --restart to overwrite it")
+    changed = _model_file_changed(stored_config.get("model"), config.spec())
+    if changed:
+        raise runs.RunError(f"{run_dir}: {changed}; restore the file, use another --out, or --restart to train "
+                            "the new model from scratch")
     summary = runs.read_json(run_dir / runs.SUMMARY) if (run_dir / runs.SUMMARY).exists() else {}
     states = {}
     for name in (runs.BEST, runs.LAST):
@@ -530,13 +610,46 @@ def _resume_state(run_dir: Path, config: TrainConfig) -> tuple[dict | None, dict
     return last, summary
 
 
-def memory_estimate(config: TrainConfig, device: torch.device) -> resources.MemoryEstimate:
+def _model_file_changed(stored: dict | None, spec: specs.ModelSpec) -> str | None:
+    """What changed in the model's file since the run stored its content hash, or None."""
+    if not isinstance(stored, dict) or spec.kind != "file" or stored.get("sha256") in (None, spec.sha256):
+        return None
+    return (f"the model file {spec.target} changed since the run began (sha256 stored {str(stored['sha256'])[:12]}, "
+            f"now {spec.sha256[:12]})")
+
+
+def optimizer_states(config: TrainConfig) -> int:
+    """Tensors the optimizer keeps per parameter: Adam two moments, SGD a momentum buffer or none."""
+    if config.optimizer == "sgd":
+        return 1 if config.momentum else 0
+    return 2
+
+
+def model_shape(config: TrainConfig, probes=None) -> resources.ModelShape:
+    """What the memory and disk checks need to know about ``config``'s network: the closed form for
+    a DeepCNN with its own probe points, else built and traced (``specs.inspect``), which checks the
+    model and the ``probes`` selection too (ValueError)."""
+    spec = config.spec()
+    if spec.kind == "deepcnn" and probes is None:
+        return resources.deepcnn_shape(config.block, config.depth, config.width, config.norm)
+    if probes is not None:
+        probes = (probes,) if isinstance(probes, str) else tuple(probes)
+    return _inspect(spec, tuple(sorted(config.model_kwargs().items())), probes)
+
+
+@functools.lru_cache(maxsize=64)
+def _inspect(spec: specs.ModelSpec, kwargs: tuple, probes: tuple | None) -> resources.ModelShape:
+    return specs.inspect(spec, dict(kwargs), probes)  # a sweep asks once per model, not once per cell
+
+
+def memory_estimate(config: TrainConfig, device: torch.device, probes=None) -> resources.MemoryEstimate:
     """Peak memory of training ``config`` on ``device`` (see gradlab.resources)."""
     n_train, n_val = config.split_sizes()
     half = getattr(config, "precision", "fp32") == "bf16"  # autocast keeps about half the bytes
-    return resources.estimate_memory(config.block, config.depth, config.width, config.norm, config.batch_size,
-                                     n_train + n_val + resources.TEST_IMAGES, config.eval_batch_size,
-                                     on_cpu=device.type == "cpu", bytes_per_value=2 if half else 4)
+    return resources.estimate_model_memory(model_shape(config, probes), config.batch_size,
+                                           n_train + n_val + resources.TEST_IMAGES, config.eval_batch_size,
+                                           optimizer_states=optimizer_states(config), on_cpu=device.type == "cpu",
+                                           bytes_per_value=2 if half else 4)
 
 
 def disk_estimate(config: TrainConfig, record, done_steps: int = 0, checkpoints_missing: int = 2) -> int:
@@ -546,11 +659,13 @@ def disk_estimate(config: TrainConfig, record, done_steps: int = 0, checkpoints_
     epochs_left = config.epochs - done_steps // steps_per_epoch
     recorded = resources.recorded_steps(record, done_steps, total)
     flushes = epochs_left + recorded // max(1, getattr(record, "flush_every", 64))
-    return resources.estimate_disk(config.block, config.depth, config.width, config.norm, total, done_steps,
-                                   record, flushes, checkpoints_missing)
+    return resources.estimate_model_disk(model_shape(config, getattr(record, "probes", None)), total, done_steps,
+                                         record, flushes, checkpoints_missing, optimizer_states(config))
 
 
 def _describe(config: TrainConfig) -> str:
+    if config.spec().kind != "deepcnn":
+        return f"training {config.spec().name} with batches of {config.batch_size}"
     return (f"training a {config.block} network of depth {config.depth} and width {config.width} "
             f"with batches of {config.batch_size}")
 
@@ -574,8 +689,10 @@ def train_run(config: TrainConfig, out: str | os.PathLike, record=None, callback
     if run_dir.exists() and not run_dir.is_dir():
         raise runs.RunError(f"{run_dir}: exists and is a file; --out must name a run directory")
     device = resolve_device(config.device)
-    resources.check_memory(memory_estimate(config, device), device, _describe(config),
-                           "use a smaller --batch-size, --depth or --width")
+    probes = getattr(record, "probes", None)  # RecordConfig.probes: checked against the model here
+    fix = "use a smaller --batch-size, --depth or --width" if config.spec().kind == "deepcnn" else \
+        "use a smaller --batch-size or a smaller model"
+    resources.check_memory(memory_estimate(config, device, probes), device, _describe(config), fix)
     with RunLock(run_dir, wait=lock_wait) as lock:
         if lock.stale is not None:
             log.warning(f"{run_dir}: took over the lock left by {lock.stale.describe()}, which is no longer running")

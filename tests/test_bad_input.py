@@ -71,7 +71,39 @@ class Paths:
         self.corrupt_run = tmp / "corrupt-run"
         self.corrupt_run.mkdir()
         (self.corrupt_run / runs.CONFIG).write_text("\x00\x01garbage")
+        self.user_models = tmp / "user_models.py"  # a user's factories, each wrong in its own way
+        self.user_models.write_text(USER_MODELS)
+        self.broken_models = tmp / "broken_models.py"  # a file that fails on import
+        self.broken_models.write_text("import torch\nSCALE = 1 / 0\n")
 
+
+USER_MODELS = """
+import torch.nn as nn
+
+
+def mlp(hidden=16):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def raises():
+    raise RuntimeError("out of ideas")
+
+
+def not_a_module():
+    return [nn.Linear(2, 2)]
+
+
+def seven_classes():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))
+
+
+def fails_forward():
+    return nn.Sequential(nn.Linear(5, 10))
+
+
+NOT_CALLABLE = 3
+"""
+HUGE = ["--model", "torchvision:resnet50", "--model-arg", "width_per_group=16384"]  # terabytes, traced on meta
 
 # (command, {option: value or None to drop it} or a list of extra arguments, expected piece of the message)
 ROWS = {
@@ -132,6 +164,45 @@ ROWS = {
         "train", {"--out": "{other_run}"}, "holds a run with other options (depth: stored 3, given 2; lr: stored 0.1, given 0.003)"),
     "train: corrupt config.json": ("train", {"--out": "{corrupt_run}"}, "config.json: not valid JSON"),
     "train: unknown option": ("train", ["--bogus", "1"], "No such option '--bogus'"),
+    "train: model name without a kind": ("train", {"--model": "resnet18"}, "did you mean torchvision:resnet18?"),
+    "train: unknown torchvision model": ("train", {"--model": "torchvision:resnet19"},
+                                         "unknown torchvision model 'resnet19'; close names: resnet18"),
+    "train: model file missing": ("train", {"--model": "{tmp}/missing.py:make"}, "the file {tmp}/missing.py does not exist"),
+    "train: model file is a folder": ("train", {"--model": "{empty}/:make"}, "the file {empty}/ is a folder"),
+    "train: model module not importable": ("train", {"--model": "no_such_package.models:make"},
+                                           "cannot import module 'no_such_package.models'"),
+    "train: model file fails on import": ("train", {"--model": "{broken_models}:make"},
+                                          "importing {broken_models} raised ZeroDivisionError: division by zero"),
+    "train: factory missing": ("train", {"--model": "{user_models}:absent"}, "{user_models} has no 'absent'"),
+    "train: factory not callable": ("train", {"--model": "{user_models}:NOT_CALLABLE"}, "'NOT_CALLABLE' is not callable"),
+    "train: factory raises": ("train", {"--model": "{user_models}:raises"}, "raises() raised RuntimeError: out of ideas"),
+    "train: factory returns no module": ("train", {"--model": "{user_models}:not_a_module"},
+                                         "not_a_module() returned an object of type list, not a torch.nn.Module"),
+    "train: model with the wrong output shape": ("train", {"--model": "{user_models}:seven_classes"},
+                                                 "gives an output of shape [2, 7], not [2, 10]"),
+    "train: model failing on a CIFAR-10 batch": ("train", {"--model": "{user_models}:fails_forward"},
+                                                 "fails on a CIFAR-10 batch of shape [2, 3, 32, 32]: RuntimeError"),
+    "train: torchvision model for large images": ("train", {"--model": "torchvision:vit_b_16"},
+                                                  "fails on a CIFAR-10 batch of shape [2, 3, 32, 32]"),
+    "train: torchvision model with auxiliary outputs": ("train", {"--model": "torchvision:googlenet"},
+                                                        "in training mode it returns an object of type GoogLeNetOutputs"),
+    "train: model too large for memory": ("train", ["--out", "{tmp}/run", *HUGE, "--device", "cpu"], "of memory on cpu"),
+    "train: model-arg without =": ("train", {"--model": "{user_models}:mlp", "--model-arg": "hidden"},
+                                   "expected key=value"),
+    "train: model-arg the factory does not take": ("train", {"--model": "{user_models}:mlp", "--model-arg": "colour=red"},
+                                                   "mlp() raised TypeError"),
+    "train: model-arg with deepcnn": ("train", {"--model-arg": "hidden=3"}, "model options are for torchvision"),
+    "train: model-arg fixed by gradlab": ("train", {"--model": "torchvision:resnet18", "--model-arg": "weights=x"},
+                                          "--model-arg weights is fixed by gradlab"),
+    "train: unknown optimizer": ("train", {"--optimizer": "lion"}, "'lion' is not one of"),
+    "train: momentum with adam": ("train", {"--momentum": "0.9"}, "momentum 0.9 applies to sgd only"),
+    "train: momentum 1": ("train", {"--optimizer": "sgd", "--momentum": "1"}, "momentum must be below 1, got 1.0"),
+    "train: nan momentum": ("train", {"--optimizer": "sgd", "--momentum": "nan"},
+                            "momentum must be a finite number >= 0, got nan"),
+    "train: negative weight decay": ("train", {"--weight-decay": "-1"},
+                                     "weight_decay must be a finite number >= 0, got -1.0"),
+    "train: probes matching nothing": ("train", {"--probes": "layer9.*"}, "no module of DeepCNN matches 'layer9.*'"),
+    "train: empty probes": ("train", {"--probes": " , "}, "--probes ' , ': give module names or globs"),
     "train: missing --out": ("train", {"--out": None}, "Missing option '--out'"),
     # --- gradlab sweep -----------------------------------------------------------------------
     "sweep: empty blocks": ("sweep", {"--blocks": ""}, "blocks must not be empty"),
@@ -166,6 +237,13 @@ ROWS = {
     "sweep: folder created with other options": ("sweep", {"--out": "{other_sweep}"},
                                                  "holds a sweep with other options (grid.depths: stored [2], given [1]"),
     "sweep: corrupt sweep.json": ("sweep", {"--out": "{corrupt_sweep}"}, "sweep.json: not valid JSON"),
+    "sweep: empty models": ("sweep", {"--models": ""}, "models must not be empty"),
+    "sweep: unknown model": ("sweep", {"--models": "deepcnn,torchvision:resnet19"}, "unknown torchvision model 'resnet19'"),
+    "sweep: duplicate models": ("sweep", {"--models": "deepcnn,deepcnn"}, "models lists 'deepcnn' more than once"),
+    "sweep: factory raises": ("sweep", {"--models": "{user_models}:raises"}, "raises() raised RuntimeError: out of ideas"),
+    "sweep: model-arg without such a model": ("sweep", {"--model-arg": "hidden=3"}, "and --models lists none"),
+    "sweep: model too large for memory": ("sweep", {"--models": "torchvision:resnet50",
+                                                    "--model-arg": "width_per_group=16384"}, "of memory on cpu"),
     # --- gradlab report ----------------------------------------------------------------------
     "report: missing path": ("report", ["{tmp}/missing"], "does not exist"),
     "report: path is a file": ("report", ["{afile}"], "is a file"),
@@ -198,6 +276,13 @@ ROWS = {
     "probe: out is a file": ("probe", {"--out": "{afile}"}, "is a file"),
     "probe: html is a folder": ("probe", {"--html": "{empty}"}, "is a folder, not a file"),
     "probe: unknown format": ("probe", {"--format": "yaml"}, "'yaml' is not one of"),
+    "probe: unknown model": ("probe", {"--model": "deepcnn,torchvision:resnet19"}, "unknown torchvision model 'resnet19'"),
+    "probe: duplicate models": ("probe", {"--model": "deepcnn,deepcnn"}, "models lists 'deepcnn' more than once"),
+    "probe: model with the wrong output shape": ("probe", {"--model": "{user_models}:seven_classes"},
+                                                 "gives an output of shape [2, 7], not [2, 10]"),
+    "probe: model too large for memory": ("probe", ["--dataset", "synthetic", *HUGE], "of memory on cpu"),
+    "probe: list-probes matching nothing": ("probe", ["--model", "{user_models}:mlp", "--probes", "layer*",
+                                                      "--list-probes"], "no module of Sequential matches 'layer*'"),
     # --- gradlab demo ------------------------------------------------------------------------
     "demo: work dir is a file": ("demo", {"--work-dir": "{afile}"}, "Directory '{afile}' is a file"),
     "demo: out is a folder": ("demo", {"--out": "{empty}"}, "File '{empty}' is a directory"),

@@ -136,7 +136,7 @@ def test_a_probe_whose_gradient_underflows_to_exactly_zero_reports_it(small_spli
 
 def test_a_probe_that_overflows_is_marked_diverged(small_splits, tmp_path, monkeypatch):
     """Weights scaled by 1e6 without normalisation: the forward pass overflows at initialisation."""
-    import gradlab.probe as probe_module
+    import gradlab.models
 
     def huge(*args, **kwargs):
         model = build_model(*args, **kwargs)
@@ -145,7 +145,7 @@ def test_a_probe_that_overflows_is_marked_diverged(small_splits, tmp_path, monke
                 parameter.mul_(1e6)
         return model
 
-    monkeypatch.setattr(probe_module, "build_model", huge)
+    monkeypatch.setattr(gradlab.models, "build_model", huge)  # what gradlab.specs builds deepcnn with
     records, table, _ = probe(_config(blocks=("conv",), depths=(4,), norms=("none",)), splits=small_splits,
                               out=tmp_path / "probe")
     act = records.query("metric == 'act_mean'").sort_values("position")

@@ -1,4 +1,5 @@
 """Sweeps: grid expansion, the sweep folder, resume after a kill, failed-cell isolation, executors."""
+import json
 import math
 import multiprocessing
 import os
@@ -115,8 +116,9 @@ def test_a_local_sweep_writes_a_run_directory_per_cell(local_sweep):
     assert all(r["status"] == "complete" and r["error"] is None and r["seconds"] > 0 for r in results)
     stored = runs.read_json(out / SWEEP)
     assert stored["cells"] == names
-    assert stored["grid"] == {"blocks": ["conv", "res"], "depths": [1], "seeds": [3], "norms": ["batch"]}
-    assert stored["base"] == asdict(BASE) and stored["record"] == asdict(RecordConfig())
+    assert stored["grid"] == {"blocks": ["conv", "res"], "depths": [1], "seeds": [3], "norms": ["batch"],
+                              "models": ["deepcnn"]}
+    assert stored["base"] == json.loads(json.dumps(asdict(BASE))) and stored["record"] == asdict(RecordConfig())
     assert stored["versions"]["gradlab"] == gradlab.__version__
     for result, name in zip(results, names):
         run = runs.load_run(cell_dir(out, name))
@@ -124,7 +126,7 @@ def test_a_local_sweep_writes_a_run_directory_per_cell(local_sweep):
         assert run.summary["status"] == "complete" and run.summary["test_acc"] == result["test_acc"]
         assert 0 <= result["test_acc"] <= 1 and run.summary["epochs_done"] == 1
         block, depth = name.split("-")[:2]
-        assert run.train == asdict(replace(BASE, block=block, depth=int(depth[1:]), seed=3))
+        assert run.train == json.loads(json.dumps(asdict(replace(BASE, block=block, depth=int(depth[1:]), seed=3))))
         assert run.config["hardware"]["torch_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
         assert run.summary["n_params"] == gradlab.count_parameters(gradlab.build_model(block, int(depth[1:]), 4))
         assert list(run.history["epoch"]) == [0] and len(run.steps) == 4
