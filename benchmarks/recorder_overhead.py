@@ -144,7 +144,8 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
     for the recorders the median over repetitions of their step time over the bare one's."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    base = ModelSpec.parse(args.model).build(block=block, depth=depth, width=args.width)
+    spec = ModelSpec.parse(args.model)
+    base = spec.build(block=block, depth=depth, width=args.width) if spec.kind == "deepcnn" else spec.build()
     base = base.to(memory_format=memory_format)
     models = {name: copy.deepcopy(base) for name in ("none", "recorder", "eager", "naive")}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, schema
 from .recorder import RecordConfig
 from .specs import split_model_arg
 from .train import Callback, RunFinished, TrainConfig
@@ -430,10 +430,12 @@ def _print_profiles(flow, profile, fmt: str = "table") -> None:
     click.echo("First-to-last gradient ratio at initialisation (first block / last block; above 10: exploding, "
                "below 0.1: vanishing)")
     click.echo(render(ratio_table(flow), fmt))
-    for norm, group in flow.groupby("norm", sort=False):
-        deepest = analysis.sort_by_arch(group.loc[group["depth"] == group["depth"].max()], ["arch"])
-        click.echo(f"\nGradient norm along the depth-{int(group['depth'].max())} networks, "
-                   f"{analysis.NORM_WORDS.get(norm, norm)}:")
+    several_models = flow["model"].nunique() > 1
+    for (model, norm), group in flow.groupby(["model", "norm"], sort=False):
+        deepest = analysis.sort_by_block(group.loc[group["depth"] == group["depth"].max()], ["block"])
+        which = f"{model} " if several_models else ""
+        click.echo(f"\nGradient norm along the depth-{int(group['depth'].max())} {which}networks, "
+                   f"{schema.norm_words(norm)}:")
         click.echo(profile_bars(profile, deepest["run"].tolist()))
 
 
@@ -455,7 +457,7 @@ def _print_flow(records, runs_table, fmt: str) -> None:
         click.echo("\nSignal propagation at the last block (Brock et al. 2021: channel mean² and channel variance):")
         click.echo(render(table, fmt))
     click.echo("")
-    for row in analysis.sort_by_arch(flow, ["arch", "norm", "depth"]).to_dict("records"):
+    for row in analysis.sort_by_block(flow, ["model", "block", "norm", "depth"]).to_dict("records"):
         click.echo(analysis.describe_flow(row))
 
 

@@ -181,10 +181,10 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
         identity = _identity(network, model, frame)
         records.append(frame.assign(**identity, seed=config.seed))
         found = analysis.divergence(records[-1])  # non-finite at initialisation: an overflow in the forward pass
-        diverged = {f: _plain(found[f].iloc[0]) for f in analysis.DIVERGED_FIELDS} if len(found) else None
+        diverged = {f: _plain(found[f].iloc[0]) for f in schema.DIVERGED_FIELDS} if len(found) else None
         rows.append({**identity, "seed": config.seed, "status": "diverged" if diverged else "probe", "epochs": 0,
                      "dataset": splits.dataset, "synthetic": splits.synthetic, "n_params": n_params,
-                     **{f"diverged_{f}": (diverged or {}).get(f) for f in analysis.DIVERGED_FIELDS}})
+                     **{f"diverged_{f}": (diverged or {}).get(f) for f in schema.DIVERGED_FIELDS}})
         if out is not None:
             _write_network(Path(out) / runs.RUNS_FOLDER / name, config, train, rows[-1], frame, splits, device,
                            diverged)

@@ -53,7 +53,7 @@ def test_probe_averages_autograd_gradient_norms_over_the_batches(small_splits, t
 def test_probe_sees_the_physics_without_normalisation(small_splits):
     """No BatchNorm: the plain stack vanishes and the residual stack does not (Glorot & Bengio 2010)."""
     records, table, _ = probe(_config(blocks=("conv", "res"), depths=(12,), norms=("none",)), splits=small_splits)
-    flow = analysis.flow_summary(records, table, phases=("init",)).set_index("arch")
+    flow = analysis.flow_summary(records, table, phases=("init",)).set_index("block")
     assert flow.loc["conv", "first_to_last"] < flow.loc["res", "first_to_last"]
     assert flow.loc["conv", "verdict"] == "vanishing"
     assert flow.loc["res", "verdict"] == "stable"
