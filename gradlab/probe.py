@@ -202,17 +202,16 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
 def _identity(network: Network, model: torch.nn.Module, frame: pd.DataFrame) -> dict:
     """The run keys of one probed network but its seed (``schema.RUN_KEYS``). For a model other
     than deepcnn: ``block`` is its stack's module types in stack order ("BasicBlock"), ``depth``
-    the number of stack points, ``width`` None, and ``norm`` "batch" when it holds a BatchNorm,
-    else "none"."""
+    the number of stack points, ``width`` None, and ``norm`` the kind of normalisation it holds
+    (``specs.norm_of``)."""
     train = network.config
     if network.spec.kind == "deepcnn":
         return {"run": network.name, "model": train.model, "block": train.block, "depth": train.depth,
                 "width": train.width, "norm": train.norm}
     stack = frame.loc[frame["role"] == "stack"].sort_values("stack_index", kind="stable")
     types = [t for t in dict.fromkeys(stack["module_type"]) if isinstance(t, str) and t]
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return {"run": network.name, "model": train.model, "block": "/".join(types) or "n/a",
-            "depth": int(stack["stack_index"].nunique()), "width": None, "norm": "batch" if has_bn else "none"}
+    return {"run": network.name, "model": train.model, "block": schema.stack_block(types),
+            "depth": int(stack["stack_index"].nunique()), "width": None, "norm": specs.norm_of(model)}
 
 
 
@@ -227,7 +226,7 @@ def _write_network(run_dir: Path, config: ProbeConfig, train: TrainConfig, row: 
     """One probed network as a run directory: config, summary (status probe or diverged) and its records."""
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_json(run_dir / runs.CONFIG, {
-        "train": asdict(train), "model": train.spec().describe(), "probe": asdict(config), "dataset": splits.dataset,
+        "train": asdict(train), "model": {**train.spec().describe(), "norm": row["norm"]}, "probe": asdict(config), "dataset": splits.dataset,
         "synthetic": splits.synthetic, "device": str(device), "n_params": row["n_params"],
         "versions": {"gradlab": __version__, "torch": torch.__version__}, "classes": list(splits.classes)})
     summary = {"status": row["status"], "n_params": row["n_params"], "epochs_done": 0}

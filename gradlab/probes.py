@@ -254,6 +254,8 @@ def _automatic(model: nn.Module) -> list[ProbePoint]:
     leaves = _leaf_layers(model)
     if not stack:
         stack = leaves
+    if not stack and _has_params(model):  # a model that is one layer: itself
+        return [_point(type(model).__name__, 0, "stack", 0, model)]
     if not stack:
         return []
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}

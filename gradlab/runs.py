@@ -369,8 +369,8 @@ class Run:
         (absent: ``deepcnn``, the only model of older runs). A DeepCNN's block, depth and width
         are its options; another model's ``block`` is its stack's module type(s)
         (``schema.stack_block``), ``depth`` the number of stack probe points (0 when its records
-        cannot tell) and ``width`` NaN. ``norm`` is the option when the config has one, else
-        ``schema.UNKNOWN``."""
+        cannot tell) and ``width`` NaN. ``norm`` is a DeepCNN's option; for another model the
+        normalisation the trainer found in it (config ``model.norm``), else ``schema.UNKNOWN``."""
         train = self.train
         model = str(train.get("model") or DEFAULT_MODEL)
         if model == DEFAULT_MODEL and train.get("block") is not None and train.get("depth") is not None:
@@ -381,7 +381,7 @@ class Run:
             except RunError:  # the report names the unreadable records; the run keeps its place
                 stack = _empty_records(["module_type"])
             block, depth, width = schema.stack_block(stack["module_type"]), len(stack), np.nan
-        norm = train.get("norm")
+        norm = train.get("norm") if model == DEFAULT_MODEL else (self.config.get("model") or {}).get("norm")
         return {"run": self.name, "model": model, "block": block, "depth": depth, "width": width,
                 "norm": UNKNOWN if norm is None else norm, "seed": train.get("seed")}
 

@@ -153,6 +153,16 @@ def parse(text: str) -> ModelSpec:
     return ModelSpec.parse(text)
 
 
+def norm_of(model: nn.Module) -> str:
+    """The normalisation a model uses, as a run key: "batch", "group", "layer", else "none"."""
+    kinds = {nn.modules.batchnorm._BatchNorm: "batch", nn.GroupNorm: "group", nn.LayerNorm: "layer"}
+    for module in model.modules():
+        for kind, name in kinds.items():
+            if isinstance(module, kind):
+                return name
+    return "none"
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes (hex)."""
     return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()

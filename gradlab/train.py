@@ -415,7 +415,8 @@ class RunFinished(Exception):
 def _run_config(config: TrainConfig, record, trainer: Trainer) -> dict:
     return {
         "train": asdict(config),
-        "model": trainer.spec.describe(),  # a file's path and content hash: a resume checks it
+        # a file's path and content hash (a resume checks it), and the normalisation the model uses
+        "model": {**trainer.spec.describe(), "norm": specs.norm_of(trainer.model)},
         "record": asdict(record) if record is not None else None,
         "dataset": config.dataset,
         "synthetic": trainer.splits.synthetic,

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import gradlab
 from gradlab.report import html as report_html
 from gradlab.report.html import SECTIONS, build_report, default_html_path, write_report
 from gradlab.report.text import MISSING
@@ -153,7 +154,7 @@ def test_the_header_says_what_was_run(page):
     text = " ".join(Page(page[0]).text)
     assert "SYNTHETIC DATA" in text  # stated prominently: in the facts and in a banner
     assert "Synthetic data: these runs trained on seeded noise" in text
-    for fact in ("conv, res, skip", "1, 3", "batch norm", "gradlab 0.1.0", "torch ", "Wall time", "cpu"):
+    for fact in ("conv, res, skip", "1, 3", "batch norm", f"gradlab {gradlab.__version__}", "torch ", "Wall time", "cpu"):
         assert fact in text, fact
 
 
