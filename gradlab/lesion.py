@@ -23,10 +23,11 @@ The blocks are the probe points of role ``stack`` (``gradlab.probes.select``: De
 tensor of the same shape; the others (a ResNet stage's first block, which downsamples) get a
 k = 1 row with ``deletable`` False and accuracy NaN, and are never deleted or swapped.
 
-Columns: ``experiment, k, draw, blocks`` (the deleted blocks' names joined by ``+``, or
-``a<->b`` for a swap, "" intact)``, stack_index`` (of the single deleted block or of the
-swap's first block; -1 otherwise)``, deletable, images, accuracy``, and for a stored run
-``checkpoint, draws, lesion_seed``. ``gradlab.lessons`` summarises them.
+Columns: ``experiment, k``, ``draw`` (the set's number within its k; for k = 1 the block's
+stack index), ``blocks`` (the deleted blocks' names joined by ``+``, or ``a<->b`` for a swap,
+"" intact), ``stack_index`` (of the single deleted block or of the swap's first block; -1
+otherwise), ``deletable, images, accuracy``, and for a stored run ``checkpoint, draws,
+lesion_seed``. ``gradlab.lessons`` summarises them.
 
 Stored results: ``lesion.parquet`` in the run directory, written atomically. A rerun reads it
 instead of evaluating when its ``checkpoint`` key (the checkpoint's content digest, else its size
