@@ -29,6 +29,12 @@ stack index), ``blocks`` (the deleted blocks' names joined by ``+``, or ``a<->b`
 otherwise), ``deletable, images, accuracy``, and for a stored run ``checkpoint, draws,
 lesion_seed``. ``gradlab.lessons`` summarises them.
 
+Speed: no deletion touches the layers before the stack, so the test set's input to the first
+stack block is computed once (``stack_inputs``) and each evaluation runs only the rest of the
+network, as a ``torch.fx`` graph that reads the (possibly deleted or swapped) blocks from the
+model at every call (``tail_graph``). A model that torch.fx cannot trace, or whose layers after
+the stack read another value from before it, is evaluated whole; the results are the same.
+
 Stored results: ``lesion.parquet`` in the run directory, written atomically. A rerun reads it
 instead of evaluating when its ``checkpoint`` key (the checkpoint's content digest, else its size
 and modification time) and the options are the same; a new ``best.pt`` is evaluated again.
@@ -45,6 +51,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from . import lessons, runs
@@ -144,6 +151,83 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct.item() / len(labels)  # host sync: once per evaluation
 
 
+class _StackTracer(fx.Tracer):
+    """Traces into every module except the stack's blocks (and torch.nn's own), which stay one call."""
+
+    def __init__(self, blocks: set[str]) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return name in self.blocks or super().is_leaf_module(module, name)
+
+
+def tail_graph(model: nn.Module, points: list[ProbePoint]) -> fx.Graph | None:
+    """The model's computation from the first stack block's input to the output, as a graph whose one
+    input is that tensor; None when torch.fx cannot trace the model or when a layer after the stack
+    reads a value from before it other than the stack's input."""
+    try:
+        graph = _StackTracer({p.name for p in points}).trace(model)
+    except Exception:  # data-dependent control flow and the like: the model is evaluated whole
+        return None
+    nodes = list(graph.nodes)
+    first = next((i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == points[0].name), None)
+    if first is None or len(nodes[first].args) != 1 or nodes[first].kwargs:
+        return None
+    entry, before = nodes[first].args[0], set(nodes[:first])
+    if not isinstance(entry, fx.Node) or any(used in before and used is not entry
+                                             for n in nodes[first:] for used in n.all_input_nodes):
+        return None
+    tail = fx.Graph()
+    copies = {entry: tail.placeholder("stack_input")}
+    for node in nodes[first:]:
+        copies[node] = tail.node_copy(node, lambda used: copies[used])
+    return tail
+
+
+class _Stop(Exception):
+    """Ends a forward pass at the first stack block, once its input is seen."""
+
+
+def stack_inputs(model: nn.Module, first: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int = 1024, channels_last: bool = False,
+                 precision: str = "fp32") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(the input of the block ``first``, labels) for each test batch: the forward pass up to it."""
+    seen: list[torch.Tensor] = []
+
+    def stop(module, args) -> None:
+        seen.append(args[0])
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(stop)
+    batches = []
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    try:
+        with torch.inference_mode(), autocast:
+            for x, y in DeviceLoader(images, labels, batch_size=batch_size, channels_last=channels_last):
+                try:
+                    model(x)
+                except _Stop:
+                    batches.append((seen.pop(), y))
+    finally:
+        handle.remove()
+    return batches
+
+
+@torch.inference_mode()
+def evaluate_tail(model: nn.Module, tail: fx.Graph, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  precision: str = "fp32") -> float:
+    """Accuracy of ``model`` from its stack on: ``tail`` run on each batch of ``stack_inputs``, the
+    modules looked up in ``model`` at every call (so deletions and swaps there apply)."""
+    correct = torch.zeros((), dtype=torch.long, device=batches[0][1].device)
+    autocast = torch.autocast(batches[0][1].device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    runner = fx.Interpreter(model, graph=tail)
+    with autocast:
+        for z, y in batches:
+            correct += (runner.run(z).argmax(1) == y).sum()
+    return correct.item() / sum(len(y) for _, y in batches)  # host sync: once per evaluation
+
+
 def k_values(m: int) -> list[int]:
     """1, 2, 4, … below ``m``, then ``m``: how many of the ``m`` deletable blocks go at once."""
     if m < 1:
@@ -195,21 +279,29 @@ def plan(points: list[ProbePoint], deletable: dict[str, bool], draws: int = DEFA
 
 def lesion_study(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, draws: int = DEFAULT_DRAWS,
                  seed: int = 0, reorder: bool = False, batch_size: int = 1024, channels_last: bool = False,
-                 precision: str = "fp32", on_evaluation: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+                 precision: str = "fp32", on_evaluation: Callable[[int, int], None] | None = None,
+                 shortcut: bool = True) -> pd.DataFrame:
     """The lesion study of ``model`` on the uint8 test ``images`` (see the module docstring);
-    ``on_evaluation(done, total)`` after each evaluation. The model ends in eval mode, unchanged."""
+    ``on_evaluation(done, total)`` after each evaluation; ``shortcut=False`` evaluates the whole
+    model every time (the results are the same). The model ends in eval mode, unchanged."""
     points = stack_points(model)
     model.eval()
     deletable = deletable_blocks(model, points, normalize(images[:2]))
     rows = plan(points, deletable, draws, seed, reorder)
     measured = [row for row in rows if row["deletable"]]
+    tail = tail_graph(model, points) if shortcut else None
+    if tail is not None:
+        batches = stack_inputs(model, points[0].module, images, labels, batch_size, channels_last, precision)
     for done, row in enumerate(measured, start=1):
         if row["experiment"] == "swap":
             change = swapped(model, *row["names"])
         else:
             change = deleted(model, row["names"])
         with change:
-            row["accuracy"] = evaluate(model, images, labels, batch_size, channels_last, precision)
+            if tail is not None:
+                row["accuracy"] = evaluate_tail(model, tail, batches, precision)
+            else:
+                row["accuracy"] = evaluate(model, images, labels, batch_size, channels_last, precision)
         if on_evaluation is not None:
             on_evaluation(done, len(measured))
     frame = pd.DataFrame([{**row, "blocks": ("<->" if row["experiment"] == "swap" else "+").join(row["names"]),

@@ -128,6 +128,43 @@ def test_hooks_are_removed_and_every_block_is_put_back(small_splits):
     assert dict(model.named_modules()) == before
 
 
+class _Branchy(nn.Module):
+    """A stack whose head also reads a value from before the stack's input (``a``), or whose forward
+    depends on the data (``data_dependent``): torch.fx gives no shortcut, the model runs whole."""
+
+    def __init__(self, data_dependent: bool) -> None:
+        super().__init__()
+        self.data_dependent = data_dependent
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.Sequential(*(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)))
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        a = self.conv(x)
+        if self.data_dependent and a.sum() > 0:
+            a = -a
+        out = self.blocks(torch.relu(a)) + a
+        return self.head(out.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("make", [lambda: build_model("res", 3, 8), lambda: build_model("skip", 3, 8),
+                                  lambda: torchvision.models.resnet18(num_classes=10),
+                                  lambda: _Branchy(False), lambda: _Branchy(True)],
+                         ids=["res", "skip", "resnet18", "reads-before-the-stack", "data-dependent"])
+def test_the_shortcut_from_the_stack_gives_the_same_results_or_is_not_taken(make, small_splits):
+    from gradlab.lesion import tail_graph
+
+    torch.manual_seed(0)
+    model = make().eval()
+    images, labels = small_splits.test[0][:64], small_splits.test[1][:64]
+    expected = isinstance(model, nn.Module) and not isinstance(model, _Branchy)
+    assert (tail_graph(model, stack_points(model)) is not None) == expected
+    fast = lesion_study(model, images, labels, draws=2, reorder=True, batch_size=32)
+    whole = lesion_study(model, images, labels, draws=2, reorder=True, batch_size=32, shortcut=False)
+    pd.testing.assert_frame_equal(fast, whole)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
 def test_a_network_without_a_stack_is_refused():
     with pytest.raises(ValueError, match="a network without a block stack"):
         stack_points(build_model("res", 0, 4))

@@ -98,6 +98,16 @@ def test_batched_gradients_equal_each_point_differentiated_alone(small_splits, b
         torch.testing.assert_close(batched[i], alone.flatten(), rtol=1e-5, atol=1e-7)
 
 
+def test_channels_last_memory_gives_the_same_gradients(small_splits):
+    torch.manual_seed(0)
+    model = build_model("skip", 2, 8).eval()
+    a, b = normalize(small_splits.test[0][:2])
+    points = line(a, b, 8)
+    plain = input_gradients(model, points, 1)
+    fast = input_gradients(model.to(memory_format=torch.channels_last), points.contiguous(memory_format=torch.channels_last), 1)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6)
+
+
 def test_input_gradients_refuse_a_model_in_training_mode():
     model = build_model("res", 1, 4).train()
     with pytest.raises(ValueError, match="eval mode"):
