@@ -150,9 +150,12 @@ def lesion_k(frame: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=LESION_K_COLUMNS)
     summary = (rows.groupby([*keys, "k"], sort=False, dropna=False)["accuracy"]
                .agg(mean="mean", std="std", min="min", max="max", sets="count").reset_index())
-    deletable = (frame.loc[(frame["experiment"] == "delete") & (frame["k"] == 1)]
-                 .groupby(keys, sort=False, dropna=False)["deletable"].sum().rename("m").reset_index())
-    summary = summary.merge(deletable, on=keys, how="left") if keys else summary.assign(m=int(deletable["m"].iloc[0]))
+    singles = frame.loc[(frame["experiment"] == "delete") & (frame["k"] == 1)]
+    if keys:
+        deletable = singles.groupby(keys, sort=False, dropna=False)["deletable"].sum().rename("m").reset_index()
+        summary = summary.merge(deletable, on=keys, how="left")
+    else:  # one network, as lesion.lesion_study returns it
+        summary = summary.assign(m=int(singles["deletable"].sum()))
     summary["all_sets"] = [k == 0 or (pd.notna(m) and sets == math.comb(int(m), int(k)))
                            for k, m, sets in zip(summary["k"], summary["m"], summary["sets"])]
     return summary.sort_values([*keys, "k"], kind="stable")[[*keys, *LESION_K_COLUMNS[len(RUN_KEYS):]]].reset_index(drop=True)

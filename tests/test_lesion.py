@@ -227,6 +227,9 @@ def test_summaries_of_a_lesion_frame():
     k = lessons.lesion_k(frame).set_index("k")
     assert k["mean"].tolist() == pytest.approx([0.8, 0.6, 0.3]) and k["sets"].tolist() == [1, 2, 1]
     assert k["all_sets"].all()  # b2 cannot be deleted: 2 single blocks and 1 pair are every set
+    alone = lessons.lesion_k(frame.drop(columns="run"))  # one network without run keys, as lesion_study returns it
+    assert alone["mean"].tolist() == pytest.approx([0.8, 0.6, 0.3]) and alone["all_sets"].all()
+    assert lessons.describe_lesion(frame.drop(columns="run"))[0].startswith("the network: 80.0%")
     single = lessons.lesion_single(frame)
     assert single["change"].tolist()[:2] == pytest.approx([-0.1, -0.3]) and math.isnan(single["change"].iloc[2])
     (sentence,) = lessons.describe_lesion(frame)

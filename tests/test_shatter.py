@@ -18,7 +18,7 @@ from gradlab.data import normalize
 from gradlab.models import build_model
 from gradlab.recorder import RecordConfig
 from gradlab.shatter import (MIN_PAIRS, MIN_POINTS, ShatterConfig, check_line, estimate_bn_statistics, image_pairs,
-                             input_gradients, lag_similarity, line, shatter, shatter_network, shatter_runs)
+                             input_gradients, lag_similarity, line, shatter, shatter_runs)
 from gradlab.train import TrainConfig, train_run
 
 SMALL = dict(blocks=("conv", "res"), depths=(1, 3), width=4, points=16, pairs=2, max_lag=4, stat_batches=2,
