@@ -584,11 +584,13 @@ _GRID_OPTIONS = ("blocks", "depths", "norms", "width", "stat_batches", "stat_bat
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Folder holding cifar-10-batches-py. Default: the run's, else $GRADLAB_DATA, else ~/.cache/gradlab/data.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when present.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also store the measurements in this folder (shatter.parquet, shatter-images.parquet). Default: none.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True, help="table and markdown for people; csv and json (tidy, full precision) for other tools.")
 @click.pass_context
 def shatter(ctx, path, blocks, depths, norms, width, points, pairs, target, max_lag, stat_batches, stat_batch_size,
-            seed, dataset, data_root, device, fmt) -> None:
+            seed, dataset, data_root, device, out, fmt) -> None:
     """Shattered gradients (Balduzzi et al. 2017): how alike input gradients are at neighbouring inputs.
 
     On the line between two test images, the gradient of the output with respect to the input at
@@ -600,8 +602,11 @@ def shatter(ctx, path, blocks, depths, norms, width, points, pairs, target, max_
     from tqdm.auto import tqdm
 
     from . import lessons
-    from .shatter import ShatterConfig, check_line, shatter as measure, shatter_runs
+    from .shatter import ShatterConfig, check_line, shatter as measure, shatter_runs, write
 
+    problem = _unwritable(out, folder=True) if out else None
+    if problem:
+        raise BadInput(f"--out {out}: {problem}; choose another --out")
     if path is not None:
         given = [name for name in _GRID_OPTIONS
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
@@ -624,8 +629,12 @@ def shatter(ctx, path, blocks, depths, norms, width, points, pairs, target, max_
             with tqdm(unit="network", desc="shatter", dynamic_ncols=True, delay=1.0) as bar:
                 result = shatter_runs(path, points=points, pairs=pairs, target=target, max_lag=max_lag, seed=seed,
                                       data_root=data_root, device=device, on_network_done=lambda name: bar.update(1))
+        if out:
+            write(result, out)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise _os_error(exc, f"storing the measurements in {out}") from None
     if result.synthetic and fmt in ("table", "markdown"):
         click.echo("note: synthetic data (seeded noise with learnable labels), not CIFAR-10")
     summary = result.summary

@@ -61,7 +61,7 @@ from .probes import ProbePoint, select
 from .schema import DEFAULT_MODEL, NOT_IN_STACK
 from .train import load_checkpoint, resolve_device
 
-LESION = "lesion.parquet"  # in the run directory
+LESION = lessons.LESION  # in the run directory
 EXPERIMENTS = ("intact", "delete", "swap")
 COLUMNS = ["experiment", "k", "draw", "blocks", "stack_index", "deletable", "images", "accuracy"]
 STORED_COLUMNS = [*COLUMNS, "checkpoint", "draws", "lesion_seed"]

@@ -39,6 +39,9 @@ import pandas as pd
 from .report.text import format_number
 from .schema import DEFAULT_MODEL, NORM_WORDS, RUN_KEYS
 
+LESION = "lesion.parquet"  # in a run directory: gradlab.lesion's rows for its best.pt
+SHATTER = "shatter.parquet"  # in a folder given to `gradlab shatter --out`: the per-pair rows
+SHATTER_IMAGES = "shatter-images.parquet"  # beside it: the gradient images
 CHANCE = 0.1  # CIFAR-10: ten balanced classes
 WEIGHTS_WORDS = {"init": "at initialisation", "trained": "trained (best.pt)"}
 TARGET_WORDS = {"logit": "the logit of image a's true class", "loss": "the cross-entropy against image a's true class"}
@@ -65,6 +68,42 @@ def _network(row: Mapping) -> str:
     name = str(row.get("block")) if model == DEFAULT_MODEL else f"{model} ({row.get('block')})"
     norm = row.get("norm")
     return f"{name}, {NORM_WORDS.get(norm, norm)}" if isinstance(norm, str) else name
+
+
+# --- stored results ---------------------------------------------------------------------------
+
+
+def read_shatter(folder) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(per-pair rows, gradient images) stored by ``gradlab shatter --out FOLDER`` (or
+    ``gradlab.shatter.write``), or None when ``folder`` holds none; RunError when unreadable."""
+    from pathlib import Path
+
+    from .runs import read_parquet
+
+    folder = Path(folder)
+    if not (folder / SHATTER).is_file():
+        return None
+    images = read_parquet(folder / SHATTER_IMAGES) if (folder / SHATTER_IMAGES).is_file() else pd.DataFrame()
+    return read_parquet(folder / SHATTER), images
+
+
+def read_lesions(sweep) -> pd.DataFrame:
+    """The stored lesion rows of every run of a ``gradlab.runs.Sweep`` (a run is a sweep of one), with
+    ``RUN_KEYS`` in front; empty when no run has been lesioned. A run whose file cannot be read is
+    left out (its rows would be evaluated again by ``gradlab lesion``)."""
+    from .runs import RunError, read_parquet
+
+    frames = []
+    for run in sweep.runs:
+        if (run.path / LESION).is_file():
+            try:
+                frames.append(read_parquet(run.path / LESION).assign(**run_keys(run)))
+            except RunError:
+                continue
+    if not frames:
+        return pd.DataFrame(columns=list(RUN_KEYS))
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[list(RUN_KEYS) + [c for c in frame.columns if c not in RUN_KEYS]]
 
 
 # --- shattered gradients ----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -49,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import lessons
+from . import lessons, runs
 from .data import DeviceLoader, Splits, make_splits, normalize
 from .lesion import load_trained, trained_runs  # the checks and loading of trained runs
 from .models import build_model, check_architecture
@@ -263,6 +264,15 @@ def _result(frames: list[pd.DataFrame], images: list[pd.DataFrame], synthetic: b
     pairs = pd.concat(frames, ignore_index=True)
     image = pd.concat(images, ignore_index=True) if images else pd.DataFrame()
     return ShatterResult(pairs, lessons.summarise_shatter(pairs), image, synthetic, skipped or {})
+
+
+def write(result: ShatterResult, folder: str | os.PathLike) -> None:
+    """Store ``result``'s per-pair rows and gradient images in ``folder`` (created), each written
+    atomically, as ``gradlab.lessons.read_shatter`` reads them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs.write_parquet(folder / lessons.SHATTER, result.pairs)
+    runs.write_parquet(folder / lessons.SHATTER_IMAGES, result.images)
 
 
 def shatter(config: ShatterConfig, splits: Splits | None = None,

@@ -254,6 +254,9 @@ def test_cli_prints_the_tables_and_reuses_stored_results(trained, small_splits, 
     assert "reused its stored lesion study" in again.stderr
     report = json.loads(again.stdout)
     assert set(report) == {"single", "k_blocks", "reading"} and len(report["single"]) == 4
+    stored = lessons.read_lesions(runs.load_sweep(trained / "res"))  # what the report side reads, torch-free
+    assert set(stored["run"]) == {"res"} and len(lessons.lesion_single(stored)) == 4
+    assert lessons.read_lesions(runs.load_sweep(trained / "probed")).empty
 
 
 @pytest.mark.parametrize("target, args, message", [

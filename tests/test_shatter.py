@@ -204,7 +204,7 @@ def _invoke(args):
     return CliRunner().invoke(main, ["shatter", *args], catch_exceptions=False)
 
 
-def test_cli_prints_tables_and_the_reading(monkeypatch, small_splits):
+def test_cli_prints_tables_and_the_reading(monkeypatch, small_splits, tmp_path):
     monkeypatch.setattr(shatter_module, "make_splits", lambda *a, **k: small_splits)
     args = ["--blocks", "conv,res", "--depths", "1,3", "--width", "4", "--points", "16", "--pairs", "2", "--max-lag", "4",
             "--stat-batches", "1", "--stat-batch-size", "32", "--dataset", "synthetic", "--device", "cpu"]
@@ -212,8 +212,12 @@ def test_cli_prints_tables_and_the_reading(monkeypatch, small_splits):
     assert result.exit_code == 0, result.output
     assert "Neighbouring-gradient similarity" in result.stdout and "synthetic data" in result.stdout
     assert result.stdout.count("the mean cosine similarity of input gradients at neighbouring points was") == 2
-    as_json = json.loads(_invoke([*args, "--format", "json"]).stdout)
+    as_json = json.loads(_invoke([*args, "--format", "json", "--out", str(tmp_path / "stored")]).stdout)
     assert set(as_json) == {"similarity", "autocorrelation", "reading"} and len(as_json["similarity"]) == 4
+    pairs, images = lessons.read_shatter(tmp_path / "stored")  # what the report side reads, torch-free
+    summary = lessons.summarise_shatter(pairs)
+    assert lessons.similarity(summary)["mean"].tolist() == pytest.approx([r["mean"] for r in as_json["similarity"]])
+    assert len(images) == 4 * 16 * 3 * 32 and lessons.read_shatter(tmp_path) is None
 
 
 @pytest.mark.parametrize("args, message", [
