@@ -37,7 +37,8 @@ the stack read another value from before it, is evaluated whole; the results are
 
 Stored results: ``lesion.parquet`` in the run directory, written atomically. A rerun reads it
 instead of evaluating when its ``checkpoint`` key (the checkpoint's content digest, else its size
-and modification time) and the options are the same; a new ``best.pt`` is evaluated again.
+and modification time), the options and the number of test images are the same; a new
+``best.pt`` is evaluated again.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import lessons, runs
+from . import lessons, resources, runs
 from .data import DeviceLoader, Splits, make_splits, normalize
 from .models import build_model
 from .probes import ProbePoint, select
@@ -381,8 +382,9 @@ def load_trained(run: runs.Run, device: torch.device | str = "cpu") -> tuple[nn.
     return model.to(device).eval(), checkpoint_key(path, state)
 
 
-def _stored(run: runs.Run, key: str, draws: int, seed: int, reorder: bool) -> pd.DataFrame | None:
-    """The stored study when it was made of the same checkpoint with the same options, else None."""
+def _stored(run: runs.Run, key: str, draws: int, seed: int, reorder: bool, images: int) -> pd.DataFrame | None:
+    """The stored study when it was made of the same checkpoint with the same options on as many
+    test images, else None."""
     path = run.path / LESION
     if not path.is_file():
         return None
@@ -392,7 +394,8 @@ def _stored(run: runs.Run, key: str, draws: int, seed: int, reorder: bool) -> pd
         return None  # unreadable: evaluated again and overwritten
     if not set(STORED_COLUMNS) <= set(frame.columns) or frame.empty:
         return None
-    same = (frame["checkpoint"] == key).all() and (frame["draws"] == draws).all() and (frame["lesion_seed"] == seed).all()
+    same = ((frame["checkpoint"] == key).all() and (frame["draws"] == draws).all()
+            and (frame["lesion_seed"] == seed).all() and (frame["images"] == images).all())
     if not same or (reorder and not (frame["experiment"] == "swap").any()):
         return None
     return frame if reorder else frame.loc[frame["experiment"] != "swap"].reset_index(drop=True)
@@ -407,7 +410,9 @@ def lesion_run(run: runs.Run, splits: Splits | Callable[[], Splits], draws: int 
     _check_draws(draws, seed)
     model, key = load_trained(run, device)
     if not recompute:
-        stored = _stored(run, key, draws, seed, reorder)
+        # a loader (not yet called) gives the whole test split; given data may be a part of it
+        images = len(splits.test[1]) if isinstance(splits, Splits) else resources.TEST_IMAGES
+        stored = _stored(run, key, draws, seed, reorder, images)
         if stored is not None:
             return stored[STORED_COLUMNS], True
     if callable(splits):
@@ -439,10 +444,13 @@ def lesion_runs(path: str | os.PathLike, draws: int = DEFAULT_DRAWS, seed: int =
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = resolve_device(device)
     usable, skipped = trained_runs(path)
-    loaded: list[Splits] = [splits] if splits is not None else []
+    loaded: list[Splits] = []
 
-    def test_data(train: dict) -> Callable[[], Splits]:
-        def load() -> Splits:
+    def test_data(train: dict) -> Splits | Callable[[], Splits]:
+        if splits is not None:
+            return splits
+
+        def load() -> Splits:  # the whole test split, loaded once, when a run needs evaluating
             if not loaded:
                 loaded.append(make_splits(train.get("dataset", "cifar10"), data_root or train.get("data_root"),
                                           seed=train.get("seed", 0), device=device))

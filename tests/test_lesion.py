@@ -2,6 +2,7 @@
 hooks and modules put back, stored results reused until the checkpoint changes, the command line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict
@@ -205,6 +206,11 @@ def test_results_are_stored_and_reused_until_the_checkpoint_changes(trained, sma
     assert calls
     calls.clear()
     assert study()[2] == ["res"] and calls == []  # the stored study with swaps serves one without
+    part = dataclasses.replace(small_splits, test=(small_splits.test[0][:50], small_splits.test[1][:50]))
+    assert lesion_runs(run, draws=2, device="cpu", splits=part)[2] == []  # other test images: evaluated
+    assert (runs.read_parquet(run / LESION)["images"] == 50).all()
+    study()
+    calls.clear()
     # a new best.pt (here: other weights, stored without a digest) is evaluated again
     state = torch.load(run / runs.BEST, weights_only=True)
     state.pop("digest")
@@ -246,6 +252,8 @@ def _invoke(args):
 
 def test_cli_prints_the_tables_and_reuses_stored_results(trained, small_splits, monkeypatch):
     monkeypatch.setattr(lesion_module, "make_splits", lambda *a, **k: small_splits)
+    # stored results count for the whole test split: here the stand-in's 200 images
+    monkeypatch.setattr(lesion_module.resources, "TEST_IMAGES", len(small_splits.test[1]))
     result = _invoke([str(trained / "res"), "--draws", "2", "--device", "cpu", "--recompute"])
     assert result.exit_code == 0, result.output
     assert "Test accuracy with one block deleted" in result.stdout and "layers.3" in result.stdout
