@@ -630,5 +630,187 @@ def demo(data_root, html, work_dir, device) -> None:
     click.echo(f"({total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + ")")
 
 
+
+# --- the lesson's two experiments: shattered gradients and the lesion study -------------------
+
+
+def _print_sections(sections: dict, titles: dict[str, str], sentences: list[str], fmt: str) -> None:
+    """Titled tables and the reading for people (table, markdown); the tidy frames for tools: csv as
+    ``# name`` sections, json as one object with a key per section and the sentences."""
+    import json
+
+    from .report.text import json_records, render
+
+    if fmt == "json":
+        report = {name: json_records(frame) for name, (frame, _) in sections.items()}
+        click.echo(json.dumps(report | {"reading": sentences}, indent=2, allow_nan=False, ensure_ascii=False))
+        return
+    if fmt == "csv":
+        click.echo("\n\n".join(f"# {name}\n{render(frame, 'csv')}" for name, (frame, _) in sections.items()))
+        return
+    for name, (_, shown) in sections.items():
+        if len(shown):
+            click.echo(f"{titles[name]}\n{render(shown, fmt)}\n")
+    for sentence in sentences:
+        click.echo(sentence)
+
+
+_GRID_OPTIONS = ("blocks", "depths", "norms", "width", "stat_batches", "stat_batch_size", "dataset")
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--blocks", default="conv,res,skip", show_default=True,
+              help="At initialisation: block types, comma separated.")
+@click.option("--depths", default="2,8,16,32", show_default=True, help="At initialisation: depths, comma separated.")
+@click.option("--norm", "norms", default="batch", show_default=True, help="At initialisation: batch, none, comma separated.")
+@click.option("--width", type=click.IntRange(min=2), default=32, show_default=True, help="At initialisation: channels, even.")
+@click.option("--points", type=int, default=256, show_default=True,
+              help="Points on the line between two test images (at least 8, and twice --max-lag).")
+@click.option("--pairs", type=int, default=8, show_default=True,
+              help="Test-image pairs per network; the mean and its spread are over these (at least 2).")
+@click.option("--target", default="logit", show_default=True,
+              help="What is differentiated: logit (of image a's true class) or loss (cross-entropy against it).")
+@click.option("--max-lag", type=int, default=16, show_default=True, help="Autocorrelation lags 0 ... N, in points.")
+@click.option("--stat-batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="At initialisation: training batches that estimate BatchNorm's running statistics.")
+@click.option("--stat-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="At initialisation: images per such batch.")
+@click.option("--seed", type=click.IntRange(min=0, max=2 ** 63 - 1), default=0, show_default=True,
+              help="Seeds initialisation, the image pairs and the statistics batches.")
+@click.option("--dataset", type=click.Choice(["cifar10", "synthetic"]), default="cifar10", show_default=True,
+              help="At initialisation: cifar10, or synthetic noise with learnable labels (a run uses its own).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Folder holding cifar-10-batches-py. Default: the run's, else $GRADLAB_DATA, else ~/.cache/gradlab/data.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when present.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also store the measurements in this folder (shatter.parquet, shatter-images.parquet). Default: none.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True, help="table and markdown for people; csv and json (tidy, full precision) for other tools.")
+@click.pass_context
+def shatter(ctx, path, blocks, depths, norms, width, points, pairs, target, max_lag, stat_batches, stat_batch_size,
+            seed, dataset, data_root, device, out, fmt) -> None:
+    """Shattered gradients (Balduzzi et al. 2017): how alike input gradients are at neighbouring inputs.
+
+    On the line between two test images, the gradient of the output with respect to the input at
+    each point, and the mean cosine similarity of gradients k points apart (k = 1: neighbours),
+    averaged over image pairs. Every point is evaluated on its own (eval mode). Without PATH:
+    networks at initialisation, BatchNorm statistics estimated from training batches first; with a
+    run or sweep directory: its trained networks (best.pt).
+    """
+    from tqdm.auto import tqdm
+
+    from . import lessons
+    from .shatter import ShatterConfig, check_line, shatter as measure, shatter_runs, write
+
+    problem = _unwritable(out, folder=True) if out else None
+    if problem:
+        raise BadInput(f"--out {out}: {problem}; choose another --out")
+    if path is not None:
+        given = [name for name in _GRID_OPTIONS
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            option = "--norm" if given[0] == "norms" else "--" + given[0].replace("_", "-")
+            raise BadInput(f"{option} describes networks at initialisation; with {path} the networks are its "
+                           "trained runs: leave it out")
+    try:
+        check_line(points, pairs, max_lag, target)
+        if path is None:
+            config = ShatterConfig(blocks=_name_list(blocks), depths=_int_list(depths), norms=_name_list(norms),
+                                   width=width, points=points, pairs=pairs, target=target, max_lag=max_lag,
+                                   stat_batches=stat_batches, stat_batch_size=stat_batch_size, seed=seed,
+                                   dataset=dataset, data_root=data_root, device=device)
+            config.validate()
+            total = len(config.blocks) * len(config.norms) * len(config.depths)
+            with tqdm(total=total, unit="network", desc="shatter", dynamic_ncols=True, delay=1.0) as bar:
+                result = measure(config, on_network_done=lambda name: bar.update(1))
+        else:
+            with tqdm(unit="network", desc="shatter", dynamic_ncols=True, delay=1.0) as bar:
+                result = shatter_runs(path, points=points, pairs=pairs, target=target, max_lag=max_lag, seed=seed,
+                                      data_root=data_root, device=device, on_network_done=lambda name: bar.update(1))
+        if out:
+            write(result, out)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise _os_error(exc, f"storing the measurements in {out}") from None
+    if result.synthetic and fmt in ("table", "markdown"):
+        click.echo("note: synthetic data (seeded noise with learnable labels), not CIFAR-10")
+    summary = result.summary
+    sections = {"similarity": (lessons.similarity(summary), lessons.similarity_table(summary)),
+                "autocorrelation": (summary, lessons.autocorrelation_table(summary))}
+    titles = {"similarity": "Neighbouring-gradient similarity: mean cosine similarity of input gradients at "
+                            "neighbouring points (mean ± standard deviation over image pairs)",
+              "autocorrelation": "Autocorrelation: mean cosine similarity of input gradients k points apart "
+                                 "(mean over image pairs)"}
+    _print_sections(sections, titles, lessons.describe_shatter(summary), fmt)
+    for name, why in result.skipped.items():
+        click.echo(f"gradlab: warning: skipped {name}: {why}", err=True)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--draws", type=int, default=5, show_default=True,
+              help="Random sets of k blocks deleted at once, per k (every set when there are no more).")
+@click.option("--seed", type=click.IntRange(min=0, max=2 ** 63 - 1), default=0, show_default=True,
+              help="Seeds the random sets.")
+@click.option("--reorder", is_flag=True, help="Also swap each pair of adjacent blocks.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Test images per batch (speed only). Default: the run's evaluation batch size.")
+@click.option("--recompute", is_flag=True,
+              help="Evaluate again even when the run directory holds results for the same checkpoint and options.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Folder holding cifar-10-batches-py. Default: the run's, else $GRADLAB_DATA, else ~/.cache/gradlab/data.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when present.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True, help="table and markdown for people; csv and json (tidy, full precision) for other tools.")
+def lesion(path, draws, seed, reorder, batch_size, recompute, data_root, device, fmt) -> None:
+    """Lesion study (Veit et al. 2016): test accuracy of trained networks with blocks deleted.
+
+    On each trained run's best.pt (a run, or every trained cell of a sweep), in eval mode on the
+    test set: every single stack block replaced by the identity, then k = 2, 4, ... blocks at
+    once (random sets). Blocks that change the shape are reported as not deletable. Results are
+    stored in the run directory (lesion.parquet) and reused while the checkpoint is the same.
+    """
+    from tqdm.auto import tqdm
+
+    from . import lessons
+    from .lesion import lesion_runs
+
+    bar = tqdm(unit="evaluation", desc="lesion", dynamic_ncols=True, delay=1.0)
+
+    def progress(name: str, done: int, total: int) -> None:
+        if done == 1:
+            bar.reset(total=total)
+            bar.set_description(f"lesion {name}")
+        bar.update(1)
+
+    try:
+        with bar:
+            frame, skipped, reused = lesion_runs(path, draws=draws, seed=seed, reorder=reorder, batch_size=batch_size,
+                                                 data_root=data_root, device=device, recompute=recompute,
+                                                 on_evaluation=progress)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise _os_error(exc, f"storing the lesion study in {path}") from None
+    images = int(frame["images"].iloc[0])
+    sections = {"single": (lessons.lesion_single(frame), lessons.single_table(frame)),
+                "k_blocks": (lessons.lesion_k(frame), lessons.k_table(frame)),
+                "swaps": (frame.loc[frame["experiment"] == "swap"].reset_index(drop=True), lessons.swap_table(frame))}
+    if not reorder:
+        del sections["swaps"]
+    titles = {"single": f"Test accuracy with one block deleted (best.pt, eval mode, {images:,} test images)",
+              "k_blocks": "Test accuracy with k blocks deleted at once (mean ± standard deviation in points over "
+                          "random sets (how many); k = 0: intact)",
+              "swaps": "Test accuracy with two adjacent blocks swapped"}
+    _print_sections(sections, titles, lessons.describe_lesion(frame), fmt)
+    for name in reused:
+        click.echo(f"gradlab: note: {name}: reused its stored lesion study (same checkpoint and options; "
+                   "--recompute evaluates again)", err=True)
+    for name, why in skipped.items():
+        click.echo(f"gradlab: warning: skipped {name}: {why}", err=True)
+
+
 if __name__ == "__main__":
     main()
