@@ -57,9 +57,8 @@ import torch.nn as nn
 
 from . import lessons, resources, runs
 from .data import DeviceLoader, Splits, make_splits, normalize
-from .models import build_model
 from .probes import ProbePoint, select
-from .schema import DEFAULT_MODEL, NOT_IN_STACK
+from .schema import NOT_IN_STACK
 from .train import load_checkpoint, resolve_device
 
 LESION = lessons.LESION  # in the run directory
@@ -315,10 +314,14 @@ def lesion_study(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, d
 
 def build_network(train: dict) -> nn.Module:
     """The untrained network a run's ``config.json`` ``train`` options describe."""
-    model = train.get("model") or DEFAULT_MODEL
-    if model != DEFAULT_MODEL:
-        raise ValueError(f"model {model!r}: this gradlab builds only {DEFAULT_MODEL} networks from a run directory")
-    return build_model(train["block"], train["depth"], train["width"], train["norm"])
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: (tuple(map(tuple, v)) if k == "model_args" else v)
+                            for k, v in train.items() if k in known})
+    return config.spec().build(**config.model_kwargs())
 
 
 def unusable(run: runs.Run) -> str | None:
