@@ -427,18 +427,33 @@ def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[
     return sentences
 
 
+def _run_budgets(runs: pd.DataFrame) -> pd.Series:
+    """``budget_words`` of every run that records any part of its budget."""
+    table = analysis.training_budget(runs)
+    table = table.dropna(subset=["steps", "train_images", "epochs_done"], how="all")
+    return pd.Series([budget_words(r["steps"], r["train_images"], r["epochs_done"])
+                      for r in table.to_dict("records")], dtype=object)
+
+
+def shared_budget(runs: pd.DataFrame) -> str | None:
+    """The ``budget_words`` every run of ``runs`` trained for, or None when they differ or none says."""
+    words = _run_budgets(runs)
+    return words.iloc[0] if len(words) == len(runs) and words.nunique() == 1 else None
+
+
 def budget_line(runs: pd.DataFrame) -> str | None:
     """"Training budget: 40 optimizer steps on 10,000 training images (1 epoch), every run", or
     each distinct budget with its number of runs; None when no run records one."""
-    table = analysis.training_budget(runs)
-    if table.empty or table[["steps", "train_images", "epochs_done"]].isna().all(axis=None):
+    words = _run_budgets(runs)
+    if words.empty:
         return None
-    words = pd.Series([budget_words(r["steps"], r["train_images"], r["epochs_done"])
-                       for r in table.to_dict("records")])
     counts = words.value_counts(sort=False)
     counts = counts.iloc[np.argsort(-counts.to_numpy(), kind="stable")]  # the most common budget first
     if len(counts) == 1:
-        return f"Training budget: {counts.index[0]}" + (", every run" if len(table) > 1 else "")
+        budget = f"Training budget: {counts.index[0]}"
+        if len(words) < len(runs):
+            return f"{budget} ({len(words)} of the {len(runs)} runs record one)"
+        return budget + (", every run" if len(runs) > 1 else "")
     return "Training budgets: " + "; ".join(f"{w}: {_count(n, 'run')}" for w, n in counts.items())
 
 
