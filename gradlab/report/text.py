@@ -302,10 +302,10 @@ def depth_scaling_table(scaling: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- the training budget
 
 
-def _count(n, one: str, many: str | None = None) -> str:
+def _count(n, noun: str) -> str:
     """"1 epoch", "2,048 training images": a whole number with thousands separators and its noun."""
     n = int(n)
-    return f"{n:,} {one if n == 1 else many or one + 's'}"
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _known(value) -> bool:
@@ -408,8 +408,8 @@ def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[
             parts.append(f"{_percent(accuracy.mean())} at depth {depth_words}{seeds}{after}")
             measured.append((depth, accuracy.mean()))
             if rows["at_chance"].all():
-                barely.append(rows.iloc[[-1]].assign(depth=depth, short_budget=rows["short_budget"].all(),
-                                                     steps=pd.to_numeric(rows["steps"], errors="coerce").max()))
+                barely.append({"depth": depth, "short_budget": bool(rows["short_budget"].all()),
+                               "steps": pd.to_numeric(rows["steps"], errors="coerce").max()})
         change = ""
         if len(measured) > 1:
             (shallow, low), (deep, high) = measured[0], measured[-1]
@@ -422,7 +422,7 @@ def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[
             sentence += f", {each}after {group['words'].iloc[0]}"
         sentence += "".join(f"; {m}" for m in missing) + "."
         if barely:
-            sentence += " " + _chance_clause(pd.concat(barely, ignore_index=True), chance)
+            sentence += " " + _chance_clause(pd.DataFrame(barely), chance)
         sentences.append(sentence)
     return sentences
 
