@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs gradlab, runs the demo
+#   make demo   creates .venv, installs gradlab, runs the demo (its report: runs/demo/demo.html, ignored by git)
 #   make test   creates .venv, installs gradlab with the dev extra, runs the whole suite
 PYTHON ?= python3
 VENV ?= .venv

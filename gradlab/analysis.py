@@ -110,6 +110,19 @@ float32 sums of squares overflow long before the values do. Ratios
 (``grad_gain``, ``update_ratio``) are not either: 0/0 is NaN for gradients
 that vanished to exactly 0.
 
+Training budget (``training_budget``)
+-------------------------------------
+A run's accuracy means something only at the budget it was trained for: its
+``steps`` (optimizer steps done), ``train_images`` (the training images it drew
+its batches from) and ``epochs_done``. An accuracy is ``at_chance`` when it
+lies within ``CHANCE_MARGIN`` (3 points) of chance, 1 / classes (``CHANCE``:
+10 % for CIFAR-10's ten classes and the synthetic set's). A budget is
+``short_budget`` below ``SHORT_BUDGET_STEPS`` (500) optimizer steps: enough to
+compare gradient flow at initialisation and early in training, too few to
+tell how well a network can learn (the notebook's experiment takes 30 epochs
+of 176 steps). A net at chance after a short budget has barely trained; its
+accuracy says "not yet", never "cannot".
+
 No direction is assumed: BatchNorm nets without skips typically explode
 toward the input at init (Yang et al. 2019); nets without normalisation
 vanish (Glorot & Bengio 2010). The verdict says what the numbers say.
@@ -174,6 +187,11 @@ LAYER_TABLE_COLUMNS = [
     "relative", "act_std", "param_grad_norm", "update_ratio",
 ]
 ACCURACIES = ["test_acc", "best_val_acc", "final_train_acc"]
+CHANCE = 0.1  # accuracy of a guess among ten classes (CIFAR-10, and the synthetic set)
+CHANCE_MARGIN = 0.03  # an accuracy within 3 points of chance is "at chance"
+SHORT_BUDGET_STEPS = 500  # fewer optimizer steps: too short a budget to tell whether a network can learn
+BUDGET_COLUMNS = [*RUN_KEYS, "status", "epochs_done", "steps", "train_images", "test_acc", "final_train_acc",
+                  "at_chance", "short_budget"]
 
 EVIDENCE_METRICS = list(EVIDENCE)  # alias kept for demo.py; use schema.EVIDENCE
 
@@ -804,3 +822,24 @@ def _majority_verdict(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         top["verdict"] = top["verdict"].mask(diverged_top & alone, top["_first"])
         top["verdict"] = top["verdict"].mask(diverged_top & ~alone, several)
     return top[[*keys, "verdict"]]
+
+
+# ---------------------------------------------------------------- training budget
+
+
+def training_budget(runs: pd.DataFrame, chance: float | None = None) -> pd.DataFrame:
+    """Per run: what it trained for and whether its accuracy can say anything yet.
+
+    Columns ``BUDGET_COLUMNS``: the run keys, ``status``, ``epochs_done``, ``steps``,
+    ``train_images`` (NaN where the runs table does not hold them), the test and final train
+    accuracy, ``at_chance`` (the test accuracy lies within ``CHANCE_MARGIN`` of ``chance``,
+    default ``CHANCE``) and ``short_budget`` (fewer than ``SHORT_BUDGET_STEPS`` steps). An
+    unknown accuracy is not at chance and an unknown budget is not short: nothing is claimed
+    that the runs table does not hold.
+    """
+    chance = CHANCE if chance is None else chance
+    table = _with_columns(runs, BUDGET_COLUMNS[:-2])
+    accuracy = pd.to_numeric(table["test_acc"], errors="coerce")
+    steps = pd.to_numeric(table["steps"], errors="coerce")
+    return table.assign(at_chance=(accuracy - chance).abs() <= CHANCE_MARGIN,
+                        short_budget=steps < SHORT_BUDGET_STEPS)[BUDGET_COLUMNS].reset_index(drop=True)

@@ -573,8 +573,8 @@ def _list_probes(config, fmt: str) -> None:
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Folder holding cifar-10-batches-py. Default: $GRADLAB_DATA, else ~/.cache/gradlab/data "
                    "(downloaded when absent; offline without data the demo runs on synthetic data and says so).")
-@click.option("--out", "html", type=click.Path(dir_okay=False), default="reports/demo.html", show_default=True,
-              help="Where to write the HTML report.")
+@click.option("--out", "html", type=click.Path(dir_okay=False), default="runs/demo/demo.html", show_default=True,
+              help="Where to write the HTML report (the gallery's copy: --out reports/demo.html).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
               help="Where the probed and trained networks are stored (rerunning resumes).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when present.")
@@ -589,7 +589,7 @@ def demo(data_root, html, work_dir, device) -> None:
 
     from . import analysis
     from .demo import DemoConfig, run_demo
-    from .report.text import format_number, render
+    from .report.text import accuracy_sentences, format_number, render
 
     config = DemoConfig(data_root=data_root, html=html, work_dir=work_dir, device=device)
     for path, option in ((work_dir, "--work-dir"), (html, "--out")):
@@ -619,12 +619,8 @@ def demo(data_root, html, work_dir, device) -> None:
     click.echo("\n3. What was measured\n")
     for row in analysis.sort_by_arch(flow.loc[flow["depth"] == flow["depth"].max()], ["arch", "norm"]).to_dict("records"):
         click.echo("   " + analysis.describe_flow(row))
-    for arch, group in trained.groupby("arch", sort=False):
-        shallow, deep = group.loc[group["depth"].idxmin()], group.loc[group["depth"].idxmax()]
-        change = deep["test_acc"] - shallow["test_acc"]
-        click.echo(f"   {arch}, trained: depth {deep['depth']} reached {_pct(deep['test_acc'])} test accuracy, "
-                   f"depth {shallow['depth']} {_pct(shallow['test_acc'])} "
-                   f"({'+' if change >= 0 else '−'}{abs(change) * 100:.1f} points with depth; chance is 10%).")
+    for sentence in accuracy_sentences(trained):
+        click.echo(f"   {sentence}")
     click.echo(f"\nHTML report: {result.html}")
     total = sum(result.seconds.values())
     click.echo(f"({total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + ")")

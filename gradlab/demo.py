@@ -14,7 +14,7 @@ from typing import Callable
 
 import pandas as pd
 
-from . import analysis, runs
+from . import analysis, runs, schema
 from .data import DataError, make_splits
 from .probe import ProbeConfig, probe
 from .sweep import SweepGrid, run_sweep
@@ -41,7 +41,7 @@ class DemoConfig:
     data_root: str | None = None  # as in TrainConfig; None: $GRADLAB_DATA, else the cache (downloads)
     device: str = "auto"
     work_dir: str = "runs/demo"  # the trained networks' sweep directory (and the probe's)
-    html: str = "reports/demo.html"  # the report written at the end
+    html: str = "runs/demo/demo.html"  # the report: beside the runs (ignored by git), outside the gallery
 
 
 @dataclass
@@ -51,7 +51,7 @@ class DemoResult:
     probe_records: pd.DataFrame
     probe_flow: pd.DataFrame  # analysis.flow_summary at initialisation, one row per probed network
     probe_profile: pd.DataFrame  # analysis.gradient_profile at initialisation
-    trained: pd.DataFrame  # one row per trained network: arch, depth, first and last loss, accuracies, verdicts
+    trained: pd.DataFrame  # one row per trained network: its keys, budget, first and last loss, accuracies, verdicts
     html: Path
     seconds: dict  # phase -> wall seconds
 
@@ -108,7 +108,9 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[str], Non
 
 
 def _trained_table(sweep_dir: Path) -> pd.DataFrame:
-    """Per trained network: the loss at the first and last step, accuracies, and the flow verdicts."""
+    """Per trained network: its run keys, status and training budget (epochs, steps, training
+    images: ``report.text.accuracy_sentences`` names it), the loss at the first and last step,
+    accuracies, and the flow verdicts."""
     from .report.text import runs_table  # with each summary's divergence, so a diverged net says where
 
     sweep = runs.load_sweep(sweep_dir)
@@ -118,6 +120,6 @@ def _trained_table(sweep_dir: Path) -> pd.DataFrame:
     metrics = sorted({"grad_out_norm", "grad_gain", *analysis.EVIDENCE_METRICS})
     flow = analysis.flow_summary(sweep.records(metrics=metrics), table, phases=("init", "end"))
     verdicts = flow.pivot(index="run", columns="phase", values="verdict").add_prefix("verdict_").reset_index()
-    columns = ["run", "arch", "depth", "first_loss", "last_loss", "final_train_acc", "best_val_acc", "test_acc",
-               "verdict_init", "verdict_end", "status"]
+    columns = [*schema.RUN_KEYS, "status", "epochs_done", "steps", "train_images", "first_loss", "last_loss",
+               "final_train_acc", "best_val_acc", "test_acc", "verdict_init", "verdict_end"]
     return table.merge(losses, on="run", how="left").merge(verdicts, on="run", how="left").reindex(columns=columns)

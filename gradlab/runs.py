@@ -40,7 +40,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gradlab import schema
-from gradlab.schema import DEFAULT_MODEL, LEGACY_RECORD_COLUMNS, RECORD_COLUMNS, RECORD_DTYPES, RUN_KEYS, UNKNOWN
+from gradlab.schema import (DEFAULT_MODEL, LEGACY_RECORD_COLUMNS, POOL_IMAGES, RECORD_COLUMNS, RECORD_DTYPES,
+                            RUN_KEYS, UNKNOWN)
 
 CONFIG, SUMMARY, HISTORY, STEPS, RECORDS = "config.json", "summary.json", "history.parquet", "steps.parquet", "records.parquet"
 LAST, BEST = "last.pt", "best.pt"
@@ -406,14 +407,30 @@ SWEEP = "sweep.json"
 RUNS_FOLDER = "runs"
 SWEEP_HINT = ("delete it and rerun the same gradlab sweep command to write it again "
               "(finished cells are kept; each cell checks its own options)")
-RUN_COLUMNS = [*RUN_KEYS, "status", "epochs", "epochs_done", "final_train_acc", "best_val_acc", "test_acc",
-               "n_params", "wall_seconds", "dataset", "synthetic", "error"]
+RUN_COLUMNS = [*RUN_KEYS, "status", "epochs", "epochs_done", "steps", "train_images", "batch_size",
+               "final_train_acc", "best_val_acc", "test_acc", "n_params", "wall_seconds", "dataset", "synthetic",
+               "error"]
+
+
+def train_images(config: dict) -> int | None:
+    """The training images a run drew its batches from: config.json's ``train_images``; in a config
+    written before gradlab recorded it, counted from the options as ``TrainConfig.split_sizes``
+    does (its ``subset``, else the pool less the validation split); None when neither says."""
+    if config.get("train_images") is not None:
+        return int(config["train_images"])
+    train = config.get("train") or {}
+    if train.get("subset") is not None:
+        return int(train["subset"])
+    fraction = train.get("val_fraction")
+    return None if fraction is None else POOL_IMAGES - round(POOL_IMAGES * fraction)
 
 
 def _run_row(run: Run) -> dict:
     train, summary = run.train, run.summary
+    steps = summary.get("steps_done", len(run.steps) if len(run.steps) else None)  # older runs: their loss rows
     return {**run.identity(), "status": summary.get("status", "running"),
             "epochs": train.get("epochs"), "epochs_done": summary.get("epochs_done", 0),
+            "steps": steps, "train_images": train_images(run.config), "batch_size": train.get("batch_size"),
             "final_train_acc": summary.get("final_train_acc", np.nan), "best_val_acc": summary.get("best_val_acc", np.nan),
             "test_acc": summary.get("test_acc", np.nan), "n_params": summary.get("n_params"),
             "wall_seconds": summary.get("wall_seconds", np.nan), "dataset": run.config.get("dataset"),

@@ -427,6 +427,7 @@ def _run_config(config: TrainConfig, record, trainer: Trainer) -> dict:
         "versions": {"gradlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "n_params": trainer.n_params,
         "classes": list(trainer.splits.classes),
+        "train_images": len(trainer.splits.train[1]),  # the training budget's images (reports name it)
     }
 
 

@@ -489,3 +489,64 @@ def test_run_heatmaps_shorten_long_module_names_without_ambiguity():
     (ax,) = _panels(fig)
     assert [t.get_text() for t in ax.get_yticklabels()] == [
         "backbone.conv1", "…stages.0.blocks.0.mixer", "…stages.0.blocks.1.mixer", "head"]
+
+
+# ---------------------------------------------------------------- training curves: what the data supports
+
+
+def _curve_frames(epochs: int, depths=(2, 8, 32), steps_per_epoch: int = 40) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Loss per step and accuracy per epoch of one conv run per depth."""
+    steps = pd.DataFrame([{"run": f"conv-d{d}", "block": "conv", "depth": d, "step": s, "loss": 2.3 - s / 1000}
+                          for d in depths for s in range(epochs * steps_per_epoch)])
+    history = pd.DataFrame([{"run": f"conv-d{d}", "block": "conv", "depth": d, "epoch": e,
+                             "train_acc": 0.1 + 0.02 * e + 0.1 / d, "val_acc": 0.09 + 0.02 * e + 0.1 / d}
+                            for d in depths for e in range(epochs)])
+    return steps, history
+
+
+def _tick_labels(ax) -> list[str]:
+    """The x tick labels drawn inside the axis' view."""
+    ax.figure.canvas.draw()
+    low, high = ax.get_xlim()
+    return [t.get_text() for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if low <= x <= high]
+
+
+def test_one_epoch_draws_its_accuracy_as_markers_on_a_whole_epoch_axis():
+    fig = figures.training_curves(*_curve_frames(epochs=1))
+    loss, accuracy = _panels(fig)
+    assert [len(line.get_xdata()) for line in _data_lines(loss)] == [40, 40, 40]  # the loss of every step
+    assert [line for line in accuracy.get_lines() if len(line.get_xdata()) > 1] == []  # no line through epochs
+    markers = [c.get_offsets() for c in accuracy.collections]
+    assert sorted(len(m) for m in markers) == [3, 3]  # train and validation: a marker per run
+    assert {float(x) for m in markers for x in m[:, 0]} == {1.0}  # drawn at epoch 1
+    assert _tick_labels(accuracy) == ["1"]  # whole epochs only, never 0.95 or 1.05
+    assert accuracy.get_xlim() == (0.5, 1.5)
+    assert accuracy.get_ylim()[0] == 0  # an accuracy axis from 0, not a zoom on one dot
+    legend = [t.get_text() for t in accuracy.get_legend().get_texts()]
+    assert legend == ["train", "validation"]
+    assert all(h.get_linestyle() == "None" for h in accuracy.get_legend().legend_handles)  # markers, no lines
+
+
+def test_many_epochs_draw_a_line_per_run_and_split_with_a_point_per_epoch():
+    fig = figures.training_curves(*_curve_frames(epochs=5))
+    loss, accuracy = _panels(fig)
+    assert [len(line.get_xdata()) for line in _data_lines(loss)] == [200, 200, 200]
+    lines = [line for line in accuracy.get_lines() if len(line.get_xdata()) > 1]
+    assert len(lines) == 6  # 3 runs x (train, validation)
+    assert all(list(line.get_xdata()) == [1, 2, 3, 4, 5] for line in lines)
+    assert sorted(line.get_linestyle() for line in lines) == ["-"] * 3 + ["--"] * 3  # train solid, validation dashed
+    assert len(accuracy.collections) == 0  # no stray single markers
+    assert _tick_labels(accuracy) == ["1", "2", "3", "4", "5"]
+    long = _panels(figures.training_curves(*_curve_frames(epochs=30, depths=(2,), steps_per_epoch=2)))[1]
+    labels = _tick_labels(long)
+    assert labels and all(label.isdigit() for label in labels)  # whole epochs, thinned out
+    assert {len(line.get_xdata()) for line in long.get_lines() if len(line.get_xdata()) > 1} == {30}
+
+
+def test_a_run_of_one_epoch_beside_runs_of_several_is_a_marker_beside_lines():
+    steps, history = _curve_frames(epochs=3, depths=(2, 8))
+    history = history.loc[~((history["run"] == "conv-d8") & (history["epoch"] > 0))]  # conv-d8 stopped after one
+    accuracy = _panels(figures.training_curves(steps, history))[1]
+    assert len([line for line in accuracy.get_lines() if len(line.get_xdata()) > 1]) == 2  # conv-d2's two splits
+    assert sorted(len(c.get_offsets()) for c in accuracy.collections) == [1, 1]  # conv-d8: a marker per split
+    assert _tick_labels(accuracy) == ["1", "2", "3"]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import gradlab
+from gradlab import __version__
 from gradlab.report import html as report_html
 from gradlab.report.html import SECTIONS, build_report, default_html_path, write_report
 from gradlab.report.text import MISSING
@@ -154,8 +154,40 @@ def test_the_header_says_what_was_run(page):
     text = " ".join(Page(page[0]).text)
     assert "SYNTHETIC DATA" in text  # stated prominently: in the facts and in a banner
     assert "Synthetic data: these runs trained on seeded noise" in text
-    for fact in ("conv, res, skip", "1, 3", "batch norm", f"gradlab {gradlab.__version__}", "torch ", "Wall time", "cpu"):
+    for fact in ("conv, res, skip", "1, 3", "batch norm", f"gradlab {__version__}", "torch ", "Wall time", "cpu"):
         assert fact in text, fact
+
+
+def test_a_short_budget_is_named_under_the_title_and_in_every_accuracy_comparison(report, page):
+    budget = "8 optimizer steps on 400 training images (2 epochs)"  # the fixture: 2 epochs of 4 steps of 100
+    assert report.caption.startswith(f"A short training budget: 8 optimizer steps on 400 training images per run, "
+                                     f"fewer than 500.")
+    assert "too short to tell how well a network of any depth can learn" in report.caption
+    html = page[0]
+    assert html.index('<p class="caption">A short training budget') < html.index("<nav>")  # right under the title
+    assert dict(report.facts)["Training budget"] == f"{budget}, every run"
+    scaling = report.section("depth-scaling")
+    assert f"the accuracy each depth reached after {budget}." in scaling.lead
+    assert scaling.images[1].alt.endswith(f"accuracy against depth per block type, after {budget}.")
+    sentences = [n for n in scaling.notes if n.startswith(("conv:", "res:", "skip:"))]
+    assert len(sentences) == 3 and all(budget in n for n in sentences)
+    assert all("too short a budget to tell" in n for n in sentences if "at chance" in n)
+    assert f"test accuracy (mean ± std over seeds) after {budget}" in report.section("depth-table").lead
+    listing = report.section("run").tables[0]
+    assert {"steps", "train_images"} <= set(listing.columns)
+    assert {row[listing.columns.index("steps")] for row in listing.rows} == {"8"}
+
+
+def test_a_long_budget_has_no_caption(sweep_dir, tmp_path):
+    from gradlab import runs
+
+    long = tmp_path / "long"
+    shutil.copytree(sweep_dir, long)
+    for summary in long.glob("runs/*/summary.json"):
+        runs.write_json(summary, json.loads(summary.read_text()) | {"steps_done": 600})
+    report = build_report(long)
+    assert report.caption == "" and 'class="caption"' not in report.to_html()
+    assert dict(report.facts)["Training budget"] == "600 optimizer steps on 400 training images (2 epochs), every run"
 
 
 def test_the_headline_figure_states_the_verdicts(report):

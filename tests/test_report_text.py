@@ -12,6 +12,8 @@ from gradlab import analysis
 from gradlab.report.text import (
     FORMATS,
     MISSING,
+    accuracy_sentences,
+    budget_words,
     depth_scaling_table,
     format_number,
     render,
@@ -210,7 +212,7 @@ def test_report_csv_sections_parse(report_inputs):
     for block in text.strip().split("\n\n")[1:]:
         name, _, body = block.partition("\n")
         sections[name.removeprefix("# ")] = pd.read_csv(io.StringIO(body), comment="#")
-    assert list(sections) == ["depth_scaling", "layers", "flow", "diverged", "unreadable"]
+    assert list(sections) == ["depth_scaling", "layers", "flow", "diverged", "unreadable", "budget"]
     assert sections["diverged"].empty and sections["unreadable"].columns.tolist() == ["cell", "reason"]
     scaling = sections["depth_scaling"]
     expected = pd.concat([analysis.depth_scaling(records, runs, p) for p in ("init", "end")])
@@ -224,7 +226,7 @@ def test_report_csv_sections_parse(report_inputs):
 
 def test_report_json_is_one_object(report_inputs):
     report = json.loads(report_text(*report_inputs, fmt="json"))
-    assert list(report) == ["header", "depth_scaling", "layers", "flow", "diverged", "unreadable"]
+    assert list(report) == ["header", "depth_scaling", "layers", "flow", "diverged", "unreadable", "budget"]
     assert report["diverged"] == [] and report["unreadable"] == []
     assert report["header"]["runs"] == 3 and report["header"]["dataset"] == ["cifar10"]
     assert report["header"]["depths"] == [4, 16] and report["header"]["status"] == {"complete": 3}
@@ -480,3 +482,92 @@ def test_long_module_names_are_shortened_in_tables_for_people_only():
         "…stages.1.blocks.1.mixer", "head.fc"]
     report = json.loads(report_text(records, fmt="json"))
     assert [row["layer"] for row in report["layers"]][1:5] == stack
+
+
+
+# ------------------------------------------------------------------ accuracies name their training budget
+
+
+def budget_runs(steps=40, train_images=10_000, epochs_done=1, **accuracies):
+    """The sweep() runs table with a training budget and test accuracies {run: accuracy}."""
+    records, runs = sweep()
+    runs = runs.assign(steps=steps, train_images=train_images, epochs_done=epochs_done)
+    for run, accuracy in accuracies.items():
+        runs.loc[runs["run"] == run.replace("_", "-"), "test_acc"] = accuracy
+    return records, runs
+
+
+def test_budget_words_name_steps_images_and_epochs():
+    assert budget_words(32, 2048, 2) == "32 optimizer steps on 2,048 training images (2 epochs)"
+    assert budget_words(1, 1, 1) == "1 optimizer step on 1 training image (1 epoch)"
+    assert budget_words(40, None, float("nan")) == "40 optimizer steps"
+    assert budget_words(None, 45_000, 30) == "45,000 training images (30 epochs)"
+    assert budget_words() == "an unrecorded training budget"
+
+
+def test_an_accuracy_comparison_across_depths_names_its_budget_and_a_net_at_chance_is_too_short_to_tell():
+    records, runs = budget_runs(steps=40, conv_batch_d16_s0=0.1)
+    sentences = accuracy_sentences(runs)
+    assert sentences == [
+        "conv: test accuracy falls 31.2 points from depth 4 to 16: 41.2 % at depth 4 and 10.0 % at depth 16, each "
+        "after 40 optimizer steps on 10,000 training images (1 epoch). Depth 16 is still at chance (10 %) after "
+        "only 40 optimizer steps: too short a budget to tell whether this depth can learn.",
+        "res: test accuracy 60.0 % at depth 16, after 40 optimizer steps on 10,000 training images (1 epoch).",
+    ]
+    text = report_text(records, runs, fmt="table")
+    assert "Test accuracy against depth, at the training budget" in text
+    assert all(sentence in text for sentence in sentences)
+    assert "Training budget: 40 optimizer steps on 10,000 training images (1 epoch), every run" in text
+    assert "A short training budget: 40 optimizer steps on 10,000 training images per run, fewer than 500." in text
+    assert "- " + sentences[0] in report_text(records, runs, fmt="markdown")
+
+
+def test_at_chance_after_a_long_budget_is_stated_without_blaming_the_budget():
+    records, runs = budget_runs(steps=5280, train_images=45_000, epochs_done=30, conv_batch_d16_s0=0.11)
+    sentence = accuracy_sentences(runs)[0]
+    assert sentence.endswith("each after 5,280 optimizer steps on 45,000 training images (30 epochs). "
+                             "Depth 16 is at chance (10 %) after 5,280 optimizer steps.")
+    assert "too short" not in sentence
+    text = report_text(records, runs, fmt="table")
+    assert "A short training budget" not in text and "Training budget: 5,280 optimizer steps" in text
+
+
+def test_depths_trained_at_different_budgets_name_each_budget():
+    records, runs = budget_runs(conv_batch_d16_s0=0.3)
+    runs.loc[runs["run"] == "conv-batch-d4-s0", ["steps", "epochs_done"]] = [80, 2]
+    runs = pd.concat([runs, runs.loc[runs["block"] == "res"].assign(run="res-batch-d16-s1", seed=1, test_acc=0.64)])
+    conv, res = accuracy_sentences(runs)
+    assert conv == ("conv: test accuracy falls 11.2 points from depth 4 to 16: 41.2 % at depth 4 after 80 optimizer "
+                    "steps on 10,000 training images (2 epochs) and 30.0 % at depth 16 after 40 optimizer steps on "
+                    "10,000 training images (1 epoch).")
+    assert res.startswith("res: test accuracy 62.0 % at depth 16 (mean of 2 seeds), each after 40 optimizer steps")
+    budget = report_text(records, runs, fmt="table").splitlines()[2]
+    assert budget == ("Training budgets: 40 optimizer steps on 10,000 training images (1 epoch): 3 runs; "
+                      "80 optimizer steps on 10,000 training images (2 epochs): 1 run")
+
+
+def test_a_run_without_an_accuracy_and_a_runs_table_without_a_budget_are_said_as_such():
+    records, runs = sweep()
+    runs.loc[runs["run"] == "conv-batch-d4-s0", ["status", "test_acc"]] = ["diverged", np.nan]
+    conv = accuracy_sentences(runs)[0]
+    assert conv == ("conv: test accuracy 41.2 % at depth 16, after an unrecorded training budget; depth 4 has no test "
+                    "accuracy (diverged).")
+    assert accuracy_sentences(runs.assign(test_acc=np.nan)) == []  # a probe: nothing trained, nothing to compare
+    assert "Training budget" not in report_text(records, None)
+
+
+def test_the_machine_formats_carry_each_runs_budget(report_inputs):
+    records, runs = report_inputs
+    runs = runs.assign(steps=[40, 40, 12], train_images=10_000, epochs_done=1)
+    budget = {r["run"]: r for r in json.loads(report_text(records, runs, fmt="json"))["budget"]}
+    assert budget["conv-batch-d4-s0"]["steps"] == 40 and budget["conv-batch-d4-s0"]["train_images"] == 10_000
+    assert budget["res-batch-d16-s0"]["short_budget"] is True and budget["res-batch-d16-s0"]["at_chance"] is False
+
+
+def test_real_runs_report_the_budget_they_trained_for(broken):
+    root, (records, runs, unreadable) = broken
+    healthy = runs.set_index("run").loc["conv-d3-s0"]
+    budget = healthy[["steps", "train_images", "batch_size", "epochs_done"]].tolist()
+    assert budget == [8, 400, 100, 2]  # 2 epochs of 4 steps of 100 on the 400 images of small_splits
+    text = report_text(records, runs, unreadable=unreadable)
+    assert "8 optimizer steps on 400 training images (2 epochs)" in text

@@ -156,3 +156,17 @@ def test_locate_nonfinite_on_current_records():
     assert runs.locate_nonfinite(rows) == {"layer": "conv2", "position": 1, "cause": "activation"}
     loss_only = make_records(depth=3).assign(value=lambda f: f["value"].mask(f["metric"] == "loss", np.nan))
     assert runs.locate_nonfinite(loss_only) is None
+
+
+def test_the_runs_table_holds_each_runs_training_budget(tmp_path):
+    assert runs.train_images({"train_images": 400, "train": {"subset": 5}}) == 400  # what the trainer drew from
+    assert runs.train_images({"train": {"subset": 10_000, "val_fraction": 0.1}}) == 10_000  # older configs
+    assert runs.train_images({"train": {"val_fraction": 0.1}}) == 45_000
+    assert runs.train_images({"train": {"val_fraction": 0.04}}) == 48_000
+    assert runs.train_images({}) is None
+    train = {"block": "conv", "depth": 3, "width": 8, "norm": "batch", "seed": 0, "epochs": 2, "batch_size": 256,
+             "subset": 10_000, "val_fraction": 0.1}
+    make_run_dir(tmp_path / "run", train)
+    runs.write_json(tmp_path / "run" / runs.SUMMARY, {"status": "complete", "epochs_done": 2, "steps_done": 80})
+    row = runs.load_sweep(tmp_path / "run").table().iloc[0]
+    assert (row["epochs_done"], row["steps"], row["train_images"], row["batch_size"]) == (2, 80, 10_000, 256)

@@ -44,6 +44,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import LogNorm, to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
 from gradlab import analysis
@@ -744,13 +745,60 @@ def _panel_rows(frame: pd.DataFrame, network: str, norm) -> pd.DataFrame:
     return mine if norm is None or "norm" not in mine else mine.loc[mine["norm"] == norm]
 
 
+SPLIT_STYLES = {"train": "-", "validation": "--"}  # accuracy splits: line style; validation markers are open
+
+
+def _epoch_axis(ax, last_epoch: int) -> None:
+    """Epochs 1 .. ``last_epoch`` with whole-number ticks only: accuracy is measured after an
+    epoch, never between two."""
+    ax.set_xlim(0.5, max(1, last_epoch) + 0.5)
+    if last_epoch <= 12:
+        ax.xaxis.set_major_locator(mpl.ticker.FixedLocator(range(1, max(1, last_epoch) + 1)))
+    else:
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda x, _: str(int(round(x)))))
+    ax.xaxis.set_minor_locator(mpl.ticker.NullLocator())
+
+
+def _accuracy_per_epoch(ax, data: pd.DataFrame, shades: Mapping, legend: bool) -> None:
+    """``data`` (``run, depth, epoch, split, accuracy``; finite, epochs from 1) on ``ax``: a line
+    per run and split over several epochs, a marker alone for a run measured after one epoch."""
+    epochs = data.groupby(["run", "split"], sort=False)["epoch"].transform("nunique")
+    size = 4 if data["epoch"].nunique() <= 12 else 2.5  # markers of a long run would hide its line
+    for (_, split), rows in data.loc[epochs > 1].groupby(["run", "split"], sort=False):
+        rows = rows.sort_values("epoch")
+        colour = shades.get(rows["depth"].iloc[0], "0.3")
+        ax.plot(rows["epoch"], rows["accuracy"], color=colour, linestyle=SPLIT_STYLES[split], linewidth=1.5,
+                marker="o", markersize=size, markeredgecolor=colour,
+                markerfacecolor=colour if split == "train" else "white")
+    single = data.loc[epochs == 1]
+    for split, rows in single.groupby("split", sort=False):
+        colours = rows["depth"].map(lambda d: shades.get(d, "0.3")).tolist()
+        ax.scatter(rows["epoch"], rows["accuracy"], s=30, zorder=4, linewidths=1.2, edgecolors=colours,
+                   c=colours if split == "train" else "white")
+    _epoch_axis(ax, int(data["epoch"].max()))
+    ax.set_ylim(0, min(1.05, math.ceil((data["accuracy"].max() + 0.05) * 10) / 10))
+    _percent(ax)
+    if legend:
+        lines = (epochs > 1).any()
+        handles = [Line2D([], [], color="0.3", linestyle=SPLIT_STYLES[split] if lines else "none", marker="o",
+                          markersize=5, markerfacecolor="0.3" if split == "train" else "white", label=split)
+                   for split in SPLIT_STYLES]
+        ax.legend(handles=handles, fontsize=7, loc="best")
+
+
 @_themed
 def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | None = None,
                     columns: int = 4, diverged: pd.DataFrame | None = None) -> Figure:
     """The notebook's two plots for many runs: loss per step (upper panel) and accuracy per
-    epoch (lower panel; train solid, validation dashed), one pair of panels per network
-    (and norm, when there are several), at most ``columns`` pairs a row; hue depth, one line
-    per run.
+    epoch (lower panel), one pair of panels per network (and norm, when there are several),
+    at most ``columns`` pairs a row; hue depth, one line per run.
+
+    The accuracy panel draws only what was measured: accuracy exists after whole epochs, so
+    the epoch axis has whole-number ticks only, and a run with several epochs is a line
+    through its epochs (train solid with filled markers, validation dashed with open ones)
+    while a run of one epoch is a marker alone (filled: train, open: validation), never a
+    line or an axis of fractional epochs. Its y axis starts at 0.
 
     ``steps``: ``run, block, depth, step, loss``; ``history``: ``run, block, depth, epoch,
     train_acc, val_acc`` (epoch counted from 0, drawn from 1); ``model`` and ``norm`` optional. Non-finite
@@ -816,13 +864,7 @@ def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | Non
                                split=data["split"].map({"train_acc": "train", "val_acc": "validation"}),
                                accuracy=_numeric(data["accuracy"]).where(lambda s: np.isfinite(s)))
         if has_history and data["accuracy"].notna().any():
-            sns.lineplot(data=data, x="epoch", y="accuracy", hue="depth", palette=shades, hue_order=sorted(shades),
-                         style="split", style_order=["train", "validation"], units="run", estimator=None,
-                         marker="o", markersize=4, linewidth=1.5, legend=k == 0, ax=bottom)
-            if bottom.get_legend() is not None:
-                bottom.legend(fontsize=7, loc="best", ncol=2)
-            bottom.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-            _percent(bottom)
+            _accuracy_per_epoch(bottom, data.dropna(subset=["accuracy", "epoch"]), shades, legend=k == 0)
         else:
             _say(bottom, ("no finite accuracies" if len(mine_history) else "no finished epochs") if has_history
                  else "no accuracy per epoch")

@@ -19,6 +19,12 @@ Bounded work for big sweeps:
 - gradient-flow panels show at most ``MAX_DEPTHS`` depths per block type, training curves at
   most ``MAX_CURVE_RUNS`` runs; the page says what it left out.
 
+Accuracies name their budget: the facts and the run list give each run's optimizer steps,
+training images and epochs; every sentence comparing accuracies across depths says the budget it
+was measured at (``text.accuracy_sentences``); and when every run trained fewer than
+``analysis.SHORT_BUDGET_STEPS`` steps, a caption under the title says what so short a budget can
+and cannot show (``text.short_budget_note``).
+
 Runs that go wrong stay on the page without breaking it: a diverged run (its summary says so,
 or its records hold non-finite values: ``analysis.divergence``) gets a badge, a row in the
 "Diverged runs" section and ✕ in the figures, and is left out of every ratio; a cell that
@@ -45,8 +51,9 @@ import pandas as pd
 
 from gradlab import __version__, analysis, schema
 from gradlab.report import figures
-from gradlab.report.text import (MISSING, depth_scaling_table, diverged_line, diverged_table, format_number,
-                                 layer_table_for_people, runs_table)
+from gradlab.report.text import (MISSING, accuracy_sentences, budget_line, depth_scaling_table, diverged_line,
+                                 diverged_table, format_number, layer_table_for_people, runs_table, shared_budget,
+                                 short_budget_note)
 from gradlab.runs import Run, RunError, Sweep, load_sweep
 from gradlab.schema import DIVERGED, EVIDENCE, PHASE_WORDS, RECORD_COLUMNS, RUN_KEYS, first_nonfinite, norm_words
 
@@ -123,6 +130,7 @@ class Report:
     banners: list[str]  # prominent warnings: synthetic data, failed runs, unreadable cells
     sections: list[Section]
     build_seconds: float = 0.0
+    caption: str = ""  # under the title: what the runs' training budget can and cannot show, when it is short
 
     def to_html(self) -> str:
         return _TEMPLATE.render(report=self, version=__version__)
@@ -374,6 +382,8 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
         ("Norms", _join([norm_words(n) for n in runs["norm"]])),
         ("Seeds", _join(runs["seed"])),
         ("Epochs", each("train", "epochs")),
+        ("Training budget", (budget_line(runs) or MISSING).removeprefix("Training budgets: ")
+         .removeprefix("Training budget: ")),
         ("Width · batch · learning rate", f"{each('train', 'width')} · {each('train', 'batch_size')} · "
                                           f"{each('train', 'lr')}"),
         ("Dataset", dataset),
@@ -402,8 +412,8 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
     if sweep.unreadable:
         banners.append(f"{len(sweep.unreadable)} cell(s) could not be read and are left out: "
                        f"{', '.join(sweep.unreadable)}. See Unreadable cells.")
-    columns = ["run", "model", "block", "depth", "norm", "seed", "status", "diverged", "epochs_done", "final_train_acc",
-               "best_val_acc", "test_acc", "wall_seconds", "error"]
+    columns = ["run", "model", "block", "depth", "norm", "seed", "status", "diverged", "epochs_done", "steps",
+               "train_images", "final_train_acc", "best_val_acc", "test_acc", "wall_seconds", "error"]
     where = {row["run"]: analysis.diverged_verdict(row).removeprefix(DIVERGED).strip() or "yes"
              for row in diverged.to_dict("records")}
     listing = runs.assign(diverged=[where.get(r, "") for r in runs["run"]]).reindex(columns=columns)
@@ -464,17 +474,23 @@ def _depth_scaling(scaling, flow, runs, chance, dpi) -> Section:
             "`gradlab sweep --blocks conv,res,skip --depths 2,8,32` — adds the gradient ratio and the "
             "accuracy against depth for each block type, the picture of how trainability scales.")
         return section
+    budget = shared_budget(runs)
     section.lead = ("Top: how many times larger the gradient is at the first block than at the last, for each "
                     "depth. Lines that rise with depth are exploding nets; lines that stay near ×1 keep "
-                    "their gradients usable at any depth. Bottom: what that does to accuracy.")
+                    "their gradients usable at any depth. Bottom: the accuracy each depth reached "
+                    + (f"after {budget}." if budget else "at its own training budget (see the run list)."))
     if scaling["first_to_last"].notna().any():
         fig = figures.depth_scaling_ratio(scaling, flow=flow)
         section.images.append(_png(fig, "First-to-last gradient ratio against depth per block type.", dpi))
     else:
         section.notes.append("No gradient ratios (no records, or every net has fewer than 2 blocks).")
     shown = runs.assign(status=runs["status"].mask(runs["is_diverged"], DIVERGED))  # ✕ for diverged runs
-    fig = figures.accuracy_vs_depth(shown, chance=chance)
-    section.images.append(_png(fig, "Test and best validation accuracy against depth per block type.", dpi))
+    after = f"after {budget}" if budget else "at each run's training budget"
+    fig = figures.accuracy_vs_depth(shown, chance=chance,
+                                    title=f"Accuracy against depth, {after}; line: mean over seeds, dots: runs")
+    section.images.append(_png(fig, f"Test and best validation accuracy against depth per block type, {after}.",
+                               dpi))
+    section.notes += accuracy_sentences(runs, chance)
     return section
 
 
@@ -551,8 +567,10 @@ def _branch_skip(share: pd.DataFrame, runs: pd.DataFrame, dpi: int) -> Section:
 
 def _training(sweep: Sweep, runs: pd.DataFrame, diverged: pd.DataFrame, dpi: int) -> Section:
     section = Section("training-curves", SECTIONS["training-curves"])
-    section.lead = ("The training loss at every step (top) and the train (solid) and validation (dashed) "
-                    "accuracy after every epoch (bottom); darker lines are deeper nets.")
+    section.lead = ("The training loss at every step (top) and the train and validation accuracy after every "
+                    "epoch (bottom: train solid with filled markers, validation dashed with open ones; a run of "
+                    "one epoch has only a marker each, as accuracy is measured after whole epochs); darker "
+                    "colours are deeper nets.")
     chosen, note = _curve_selection(runs)
     by_name = {r.name: r for r in sweep.runs}
     steps, history = _curves([by_name[name] for name in chosen["run"]])
@@ -605,9 +623,11 @@ def _unreadable_section(unreadable: dict[str, str]) -> Section | None:
     return section
 
 
-def _depth_table(scaling: pd.DataFrame) -> Section:
+def _depth_table(scaling: pd.DataFrame, runs: pd.DataFrame) -> Section:
     section = Section("depth-table", SECTIONS["depth-table"])
-    section.lead = ("Per depth and block type: test accuracy (mean ± std over seeds), the first-to-last "
+    budget = shared_budget(runs)
+    after = f"after {budget}" if budget else "at each run's training budget (see the run list)"
+    section.lead = (f"Per depth and block type: test accuracy (mean ± std over seeds) {after}, the first-to-last "
                     "gradient ratio (geometric mean over seeds) and the verdict.")
     titles = {"init": "at initialisation", "end": f"at the end of training (median of the last "
                                                   f"{analysis.END_STEPS} recorded steps)"}
@@ -668,10 +688,10 @@ def build_report(path, dpi: int = FIGURE_DPI) -> Report:
         _branch_skip(share, runs, dpi),
         _training(sweep, runs, diverged, dpi),
         _samples_section(sweep, synthetic, dpi),
-        _depth_table(scaling),
+        _depth_table(scaling, plain_runs),
     ]
     title = f"gradlab report: {path.name}"
-    report = Report(title, facts, banners, sections)
+    report = Report(title, facts, banners, sections, caption=short_budget_note(plain_runs) or "")
     report.build_seconds = time.perf_counter() - start
     return report
 
@@ -710,6 +730,8 @@ dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 18px;
 dl.facts dt { color: var(--muted); }
 dl.facts dd { margin: 0; }
 .lead { max-width: 60em; }
+.caption { max-width: 60em; margin: 4px 0 8px; padding: 8px 12px; border-left: 4px solid var(--muted);
+           background: #f1f3f5; }
 .note { color: var(--muted); font-size: .9rem; max-width: 60em; }
 figure { margin: 14px 0; }
 figure img { max-width: 100%; height: auto; display: block; }
@@ -734,6 +756,7 @@ _PAGE = """<!DOCTYPE html>
 <body>
 <main>
 <h1>{{ report.title }}</h1>
+{% if report.caption %}<p class="caption">{{ report.caption }}</p>{% endif %}
 <nav>{% for s in report.sections %}<a href="#{{ s.id }}">{{ s.title }}</a> {% endfor %}</nav>
 {% for text in report.banners %}<div class="banner">{{ text }}</div>
 {% endfor %}

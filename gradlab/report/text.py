@@ -28,6 +28,14 @@ report lists those cells and every diverged run (``analysis.divergence``),
 and a depth-scaling cell without a finite ratio says why ("diverged at step
 5 (layer layers.1)", "ratio 0/0", "no finite ratio") instead of showing NaN.
 
+Accuracies name their budget: a test accuracy means something only at the training budget it
+was measured at, so every sentence that compares accuracies across depths
+(``accuracy_sentences``) says after how many optimizer steps, on how many training images and
+in how many epochs (``budget_words``), and a net still at chance after a short budget
+(``analysis.training_budget``) is said to be too short-trained to tell, never unable to learn.
+The report states the runs' budgets under its header (``budget_line``), with what a short
+budget can and cannot show (``short_budget_note``).
+
 Names: tables show a probe point's real module path (``layers.7``,
 ``layer3.1``) with its role and stack index. Human tables shorten long paths
 with ``short_names``, which never makes two names look alike; csv and json
@@ -291,6 +299,181 @@ def depth_scaling_table(scaling: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+# ---------------------------------------------------------------- the training budget
+
+
+def _count(n, noun: str) -> str:
+    """"1 epoch", "2,048 training images": a whole number with thousands separators and its noun."""
+    n = int(n)
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _known(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and value is not pd.NA
+
+
+def budget_words(steps=None, train_images=None, epochs=None) -> str:
+    """The training budget an accuracy was measured at, in words: "40 optimizer steps on 10,000
+    training images (1 epoch)"; parts the run does not record are left out, and with none of
+    them it is "an unrecorded training budget"."""
+    parts = []
+    if _known(steps):
+        parts.append(_count(steps, "optimizer step"))
+    if _known(train_images):
+        parts.append(("on " if parts else "") + _count(train_images, "training image"))
+    words = " ".join(parts)
+    if _known(epochs):
+        words = f"{words} ({_count(epochs, 'epoch')})" if words else _count(epochs, "epoch")
+    return words or "an unrecorded training budget"
+
+
+def _percent(x: float) -> str:
+    """"41.3 %": an accuracy in a sentence."""
+    return f"{100 * x:.1f} %"
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _steps_range(steps: pd.Series) -> str:
+    """"40 optimizer steps", "12 to 40 optimizer steps"."""
+    low, high = int(steps.min()), int(steps.max())
+    return _count(high, "optimizer step") if low == high else f"{low:,} to {_count(high, 'optimizer step')}"
+
+
+def _chance_clause(rows: pd.DataFrame, chance: float) -> str:
+    """What a depth at chance means at its budget: "Depth 16 is still at chance (10 %) after only
+    32 optimizer steps: too short a budget to tell whether this depth can learn." (short
+    budgets); "Depth 32 is at chance (10 %) after 11,730 optimizer steps." (long ones)."""
+    sentences = []
+    level = f"{format_number(100 * chance)} %"
+    for short, group in rows.groupby("short_budget", sort=False):
+        depths = [format_number(int(d)) for d in group["depth"]]
+        one = len(depths) == 1
+        subject = f"Depth {depths[0]} is" if one else f"Depths {_and(depths)} are"
+        steps = pd.to_numeric(group["steps"], errors="coerce").dropna()
+        if short:
+            sentences.append(f"{subject} still at chance ({level}) after only {_steps_range(steps)}: too short a "
+                             f"budget to tell whether {'this depth' if one else 'these depths'} can learn.")
+        else:
+            after = f" after {_steps_range(steps)}" if len(steps) else ""
+            sentences.append(f"{subject} at chance ({level}){after}.")
+    return " ".join(sentences)
+
+
+def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[str]:
+    """One sentence per network (and norm, when there are several) comparing its test accuracy
+    across depths, each accuracy with the training budget it was measured at:
+
+        conv: test accuracy falls 31.3 points from depth 2 to 16: 41.3 % at depth 2 and 10.0 % at
+        depth 16, each after 32 optimizer steps on 2,048 training images (2 epochs). Depth 16 is
+        still at chance (10 %) after only 32 optimizer steps: too short a budget to tell whether
+        this depth can learn.
+
+    ``runs`` is a runs table (``Sweep.table()``: ``steps``, ``train_images``, ``epochs_done``;
+    missing ones are left out of the words). Seeds of one depth are averaged ("mean of 3
+    seeds"); a budget that differs between depths is named at each depth. At chance and short
+    budget are ``analysis.training_budget``'s, against ``chance`` (default ``analysis.CHANCE``).
+    Networks without any test accuracy (a probe, runs still at their first epoch) get no
+    sentence; a depth without one says so with its status.
+    """
+    chance = analysis.CHANCE if chance is None else chance
+    table = analysis.training_budget(runs, chance)
+    if table.empty:
+        return []
+    table = table.assign(test_acc=pd.to_numeric(table["test_acc"], errors="coerce"),
+                         words=[budget_words(r["steps"], r["train_images"], r["epochs_done"])
+                                for r in table.to_dict("records")])
+    several_norms = table["norm"].nunique(dropna=False) > 1
+    keys = ["model", "block", "norm"]
+    sentences = []
+    ordered = analysis.sort_by_block(table, [*keys, "depth"])
+    for _, group in ordered.groupby(keys, sort=False, dropna=False):
+        if group["test_acc"].isna().all():
+            continue
+        first = group.iloc[0]
+        name = analysis.network_label(first) + (f" ({norm_words(first['norm'])})" if several_norms else "")
+        shared = group["words"].nunique() == 1
+        parts, measured, barely, missing = [], [], [], []
+        for depth, rows in group.groupby("depth", sort=True):
+            depth_words = format_number(int(depth))
+            accuracy = rows["test_acc"].dropna()
+            after = "" if shared else " after " + _and(list(dict.fromkeys(rows["words"])))
+            if accuracy.empty:
+                status = ", ".join(dict.fromkeys(rows["status"].astype(str)))
+                missing.append(f"depth {depth_words} has no test accuracy ({status}{after})")
+                continue
+            seeds = f" (mean of {len(accuracy)} seeds)" if len(accuracy) > 1 else ""
+            parts.append(f"{_percent(accuracy.mean())} at depth {depth_words}{seeds}{after}")
+            measured.append((depth, accuracy.mean()))
+            if rows["at_chance"].all():
+                barely.append({"depth": depth, "short_budget": bool(rows["short_budget"].all()),
+                               "steps": pd.to_numeric(rows["steps"], errors="coerce").max()})
+        change = ""
+        if len(measured) > 1:
+            (shallow, low), (deep, high) = measured[0], measured[-1]
+            points = round(100 * (high - low), 1)
+            verb = "stays the same" if points == 0 else f"{'rises' if points > 0 else 'falls'} {abs(points):.1f} points"
+            change = f" {verb} from depth {format_number(int(shallow))} to {format_number(int(deep))}:"
+        sentence = f"{name}: test accuracy{change} {_and(parts)}"
+        if shared:
+            each = "each " if group["test_acc"].notna().sum() > 1 else ""
+            sentence += f", {each}after {group['words'].iloc[0]}"
+        sentence += "".join(f"; {m}" for m in missing) + "."
+        if barely:
+            sentence += " " + _chance_clause(pd.DataFrame(barely), chance)
+        sentences.append(sentence)
+    return sentences
+
+
+def _run_budgets(runs: pd.DataFrame) -> pd.Series:
+    """``budget_words`` of every run that records any part of its budget."""
+    table = analysis.training_budget(runs)
+    table = table.dropna(subset=["steps", "train_images", "epochs_done"], how="all")
+    return pd.Series([budget_words(r["steps"], r["train_images"], r["epochs_done"])
+                      for r in table.to_dict("records")], dtype=object)
+
+
+def shared_budget(runs: pd.DataFrame) -> str | None:
+    """The ``budget_words`` every run of ``runs`` trained for, or None when they differ or none says."""
+    words = _run_budgets(runs)
+    return words.iloc[0] if len(words) == len(runs) and words.nunique() == 1 else None
+
+
+def budget_line(runs: pd.DataFrame) -> str | None:
+    """"Training budget: 40 optimizer steps on 10,000 training images (1 epoch), every run", or
+    each distinct budget with its number of runs; None when no run records one."""
+    words = _run_budgets(runs)
+    if words.empty:
+        return None
+    counts = words.value_counts(sort=False)
+    counts = counts.iloc[np.argsort(-counts.to_numpy(), kind="stable")]  # the most common budget first
+    if len(counts) == 1:
+        budget = f"Training budget: {counts.index[0]}"
+        if len(words) < len(runs):
+            return f"{budget} ({len(words)} of the {len(runs)} runs record one)"
+        return budget + (", every run" if len(runs) > 1 else "")
+    return "Training budgets: " + "; ".join(f"{w}: {_count(n, 'run')}" for w, n in counts.items())
+
+
+def short_budget_note(runs: pd.DataFrame) -> str | None:
+    """What a short budget can and cannot show, when every run that records its steps trained
+    fewer than ``analysis.SHORT_BUDGET_STEPS``; None otherwise (or when none records them)."""
+    table = analysis.training_budget(runs)
+    steps = pd.to_numeric(table["steps"], errors="coerce").dropna()
+    if steps.empty or not table.loc[steps.index, "short_budget"].all():
+        return None
+    images = pd.to_numeric(table["train_images"], errors="coerce").dropna()
+    on = f" on {_count(images.max(), 'training image')}" if len(images) and images.nunique() == 1 else ""
+    return (f"A short training budget: {_steps_range(steps)}{on} per run, fewer than "
+            f"{analysis.SHORT_BUDGET_STEPS:,}. That is enough to compare gradient flow at initialisation and in the "
+            f"first steps of training, and to see which networks start learning first; it is too short to tell how "
+            f"well a network of any depth can learn, so an accuracy near chance here says that a network has not "
+            f"learned yet, not that it cannot. The notebook's experiment trains 30 epochs on 45,000 images "
+            f"(5,280 steps of 256).")
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -413,6 +596,10 @@ def _sections(records: pd.DataFrame, runs: pd.DataFrame | None, unreadable: dict
         "flow": flow[[*analysis.FLOW_COLUMNS, "sentence"]],
         "diverged": diverged_table(diverged, runs),
         "unreadable": pd.DataFrame(sorted(unreadable.items()), columns=UNREADABLE_COLUMNS),
+        "budget": analysis.training_budget(runs),
+        "accuracy": accuracy_sentences(runs),
+        "budget_line": budget_line(runs),
+        "short_budget": short_budget_note(runs),
     }
 
 
@@ -423,6 +610,7 @@ def _machine_report(sections: dict, fmt: str) -> str:
         "flow": sections["flow"],
         "diverged": sections["diverged"],
         "unreadable": sections["unreadable"],
+        "budget": sections["budget"],
     }
     if fmt == "json":
         report = {"header": sections["header"]} | {n: json_records(t) for n, t in tables.items()}
@@ -439,6 +627,9 @@ def _human_report(sections: dict, fmt: str) -> str:
     header = _header_line(sections["header"])
     blocks = [f"# {header}" if fmt == "markdown" else header]
     bullet = "- " if fmt == "markdown" else ""
+    budget = [line for line in (sections["budget_line"], sections["short_budget"]) if line]
+    if budget:
+        blocks.append("\n\n".join(budget))
     if len(sections["unreadable"]):
         lines = "\n".join(f"{bullet}{row.cell}: {row.reason}" for row in sections["unreadable"].itertuples())
         blocks.append(f"{title('Unreadable cells (left out of this report)')}\n\n{lines}")
@@ -457,6 +648,9 @@ def _human_report(sections: dict, fmt: str) -> str:
         frame = scaling.loc[scaling["phase"] == phase]
         body = render(depth_scaling_table(frame), fmt) if len(frame) else "(no runs)"
         blocks.append(f"{title(text)}\n\n{body}")
+    if sections["accuracy"]:
+        sentences = "\n".join(bullet + s for s in sections["accuracy"])
+        blocks.append(f"{title('Test accuracy against depth, at the training budget')}\n\n{sentences}")
     layers = sections["layers"]
     verdicts = dict(zip(diverged["run"], (analysis.diverged_verdict(r) for r in diverged.to_dict("records"))))
     for run in sections["deepest"].to_dict("records"):
@@ -532,10 +726,12 @@ def report_text(
 
     Sections: a header line (run count and status, models when not all are
     DeepCNNs, blocks, depths, norms, seeds, and dataset when a ``dataset``
-    column exists); the cells that could
+    column exists); the runs' training budget (``budget_line``) and, when it
+    is short, what it can and cannot show (``short_budget_note``); the cells that could
     not be read, by name with the reason (``unreadable``: cell -> why); the
     diverged runs (``analysis.divergence``), a line each and a table; the
-    depth-scaling table at init and at end; the per-layer gradient-flow table
+    depth-scaling table at init and at end; one ``accuracy_sentences``
+    sentence per network, each accuracy with its budget; the per-layer gradient-flow table
     (at init) of the deepest run of each network (and norm), each probe point
     with its role and stack index; one
     ``describe_flow`` sentence per such run. Without ``runs`` the run fields
@@ -543,7 +739,9 @@ def report_text(
     "header" (json only; csv has the header line as a comment),
     "depth_scaling" (with a phase column), "layers" (with a run column),
     "flow" (with a sentence column), "diverged" and "unreadable" (cell,
-    reason), the last two empty when there is nothing to say.
+    reason), both empty when there is nothing to say, and "budget"
+    (``analysis.training_budget``: each run's steps, training images, epochs,
+    test accuracy, at_chance and short_budget).
     """
     _check_format(fmt)
     sections = _sections(records, runs, unreadable)
