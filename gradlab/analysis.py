@@ -135,13 +135,11 @@ import numpy as np
 import pandas as pd
 
 from gradlab import schema
-from gradlab.schema import (  # noqa: F401  (NORM_WORDS, DIVERGED_FIELDS: re-exported for cli.py and probe.py)
+from gradlab.schema import (
     DEFAULT_MODEL,
     DIVERGED,
     DIVERGED_FIELDS,
-    EVIDENCE,
     MODEL_LAYER,
-    NORM_WORDS,
     PHASES,
     PHASE_WORDS,
     first_nonfinite,
@@ -193,7 +191,6 @@ SHORT_BUDGET_STEPS = 500  # fewer optimizer steps: too short a budget to tell wh
 BUDGET_COLUMNS = [*RUN_KEYS, "status", "epochs_done", "steps", "train_images", "test_acc", "final_train_acc",
                   "at_chance", "short_budget"]
 
-EVIDENCE_METRICS = list(EVIDENCE)  # alias kept for demo.py; use schema.EVIDENCE
 
 
 # ---------------------------------------------------------------- helpers
@@ -253,11 +250,6 @@ def sort_by_block(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     keyed = df.assign(**{f"_{c}_rank": _rank(df[c], ranks[c]) for c in by if c in ranks})
     keys = [f"_{c}_rank" if c in ranks else c for c in by]
     return keyed.sort_values(keys, kind="stable").drop(columns=[k for k in keys if k.startswith("_")])
-
-
-def sort_by_arch(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
-    """Alias of ``sort_by_block`` kept for main's cli.py: "arch" in ``by`` means "block"."""
-    return sort_by_block(df, ["block" if c == "arch" and "arch" not in df.columns else c for c in by])
 
 
 def network_label(row: Mapping | pd.Series) -> str:

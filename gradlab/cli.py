@@ -617,7 +617,7 @@ def demo(data_root, html, work_dir, device) -> None:
                           "gradient at init": trained["verdict_init"], "at end": trained["verdict_end"]})
     click.echo(render(shown, "table"))
     click.echo("\n3. What was measured\n")
-    for row in analysis.sort_by_arch(flow.loc[flow["depth"] == flow["depth"].max()], ["arch", "norm"]).to_dict("records"):
+    for row in analysis.sort_by_block(flow.loc[flow["depth"] == flow["depth"].max()], ["block", "norm"]).to_dict("records"):
         click.echo("   " + analysis.describe_flow(row))
     for sentence in accuracy_sentences(trained):
         click.echo(f"   {sentence}")

@@ -117,7 +117,7 @@ def _trained_table(sweep_dir: Path) -> pd.DataFrame:
     table = runs_table(sweep)
     losses = pd.DataFrame([{"run": r.name, "first_loss": r.steps["loss"].iloc[0], "last_loss": r.steps["loss"].iloc[-1]}
                            for r in sweep.runs if len(r.steps)])
-    metrics = sorted({"grad_out_norm", "grad_gain", *analysis.EVIDENCE_METRICS})
+    metrics = sorted({"grad_out_norm", "grad_gain", *schema.EVIDENCE})
     flow = analysis.flow_summary(sweep.records(metrics=metrics), table, phases=("init", "end"))
     verdicts = flow.pivot(index="run", columns="phase", values="verdict").add_prefix("verdict_").reset_index()
     columns = [*schema.RUN_KEYS, "status", "epochs_done", "steps", "train_images", "first_loss", "last_loss",

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from .report.text import format_number
-from .schema import DEFAULT_MODEL, NORM_WORDS, RUN_KEYS
+from .schema import DEFAULT_MODEL, RUN_KEYS, norm_words
 
 LESION = "lesion.parquet"  # in a run directory: gradlab.lesion's rows for its best.pt
 SHATTER = "shatter.parquet"  # in a folder given to `gradlab shatter --out`: the per-pair rows
@@ -67,7 +67,7 @@ def _network(row: Mapping) -> str:
     model = row.get("model") or DEFAULT_MODEL
     name = str(row.get("block")) if model == DEFAULT_MODEL else f"{model} ({row.get('block')})"
     norm = row.get("norm")
-    return f"{name}, {NORM_WORDS.get(norm, norm)}" if isinstance(norm, str) else name
+    return f"{name}, {norm_words(norm)}" if isinstance(norm, str) else name
 
 
 # --- stored results ---------------------------------------------------------------------------

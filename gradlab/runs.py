@@ -260,7 +260,6 @@ def upgrade_records(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # The activation statistics whose non-finite value means the forward pass broke at a probe point.
-ACTIVATION_METRICS = tuple(m for m, cause in schema.EVIDENCE.items() if cause == "activation")  # alias: test_faults
 
 
 def locate_nonfinite(records: pd.DataFrame) -> dict | None:

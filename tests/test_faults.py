@@ -31,7 +31,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from gradlab import resources, runs
+from gradlab import resources, runs, schema
 from gradlab.cli import main
 from gradlab.lock import LOCK, RunLock
 from gradlab.recorder import RecordConfig
@@ -691,7 +691,7 @@ def _assert_located(run_dir: Path, diverged: dict) -> None:
     at = records[records["step"] == diverged["step"]]
     assert len(at) and not np.isfinite(at["value"]).all()
     if diverged["cause"] == "activation":
-        broken = at[at["metric"].isin(runs.ACTIVATION_METRICS) & ~np.isfinite(at["value"]) & (at["position"] >= 0)]
+        broken = at[at["metric"].map(schema.EVIDENCE).eq("activation") & ~np.isfinite(at["value"]) & (at["position"] >= 0)]
         assert broken["position"].min() == diverged["position"]
         assert set(broken.loc[broken["position"] == diverged["position"], "layer"]) == {diverged["layer"]}
     earlier = records[records["step"] < diverged["step"]]
