@@ -384,8 +384,8 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
         ("Epochs", each("train", "epochs")),
         ("Training budget", (budget_line(runs) or MISSING).removeprefix("Training budgets: ")
          .removeprefix("Training budget: ")),
-        ("Width · batch · learning rate", f"{each('train', 'width')} · {each('train', 'batch_size')} · "
-                                          f"{each('train', 'lr')}"),
+        ("Width · batch · learning rate", f"{_join(runs['width'])} · {each('train', 'batch_size')} · "
+                                          f"{each('train', 'lr')}"),  # width: a DeepCNN's option alone
         ("Dataset", dataset),
         ("Hardware", machine),
         ("Versions", f"gradlab {each('versions', 'gradlab')} · torch {each('versions', 'torch')} · "
