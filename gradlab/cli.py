@@ -680,7 +680,8 @@ _GRID_OPTIONS = ("blocks", "depths", "norms", "width", "stat_batches", "stat_bat
               help="Folder holding cifar-10-batches-py. Default: the run's, else $GRADLAB_DATA, else ~/.cache/gradlab/data.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when present.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Also store the measurements in this folder (shatter.parquet, shatter-images.parquet). Default: none.")
+              help="Store the measurements in this folder (shatter.parquet, shatter-images.parquet). Default: with "
+                   "PATH, PATH/shatter (gradlab report --html PATH shows them); without, none.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True, help="table and markdown for people; csv and json (tidy, full precision) for other tools.")
 @click.pass_context
@@ -699,6 +700,9 @@ def shatter(ctx, path, blocks, depths, norms, width, points, pairs, target, max_
     from . import lessons
     from .shatter import ShatterConfig, check_line, shatter as measure, shatter_runs, write
 
+    stored_beside = out is None and path is not None
+    if stored_beside:
+        out = str(Path(path) / lessons.SHATTER_FOLDER)  # beside the runs, where the report looks
     problem = _unwritable(out, folder=True) if out else None
     if problem:
         raise BadInput(f"--out {out}: {problem}; choose another --out")
@@ -740,6 +744,8 @@ def shatter(ctx, path, blocks, depths, norms, width, points, pairs, target, max_
               "autocorrelation": "Autocorrelation: mean cosine similarity of input gradients k points apart "
                                  "(mean over image pairs)"}
     _print_sections(sections, titles, lessons.describe_shatter(summary), fmt)
+    if stored_beside:
+        click.echo(f"gradlab: note: stored in {out} (gradlab report --html {path} shows it)", err=True)
     for name, why in result.skipped.items():
         click.echo(f"gradlab: warning: skipped {name}: {why}", err=True)
 
