@@ -439,16 +439,27 @@ def _print_profiles(flow, profile, fmt: str = "table") -> None:
         click.echo(profile_bars(profile, deepest["run"].tolist()))
 
 
-def _print_flow(records, runs_table, fmt: str) -> None:
-    """The probe's terminal report: ratio table, profiles with bars, signal propagation, sentences."""
-    from . import analysis
+def _print_flow(records, runs_table, fmt: str, shatter_summary=None) -> None:
+    """The probe's terminal report: ratio table, profiles with bars, signal propagation, sentences;
+    with ``shatter_summary`` (``gradlab probe --shatter``) each network's neighbouring-gradient
+    similarity (``similarity``, ``similarity_std``: mean and spread over image pairs) beside its ratio."""
+    from . import analysis, lessons
     from .report.text import render
 
     flow = analysis.flow_summary(records, runs_table, phases=("init",))
+    if shatter_summary is not None:
+        similarity = lessons.similarity(shatter_summary)[["run", "mean", "std"]]
+        flow = flow.merge(similarity.rename(columns={"mean": "similarity", "std": "similarity_std"}), on="run",
+                          how="left")
     if fmt in ("csv", "json"):
         click.echo(render(flow, fmt))
         return
     _print_profiles(flow, analysis.gradient_profile(records, "init"), fmt)
+    if shatter_summary is not None:
+        click.echo("\nNeighbouring-gradient similarity at initialisation (Balduzzi et al. 2017): mean cosine similarity "
+                   "of input gradients at neighbouring points on a line between two test images (mean ± standard "
+                   "deviation over image pairs)")
+        click.echo(render(lessons.similarity_table(shatter_summary), fmt))
     signal = analysis.activation_profile(records, "init")
     blocks = signal.loc[signal["role"] == "stack"]
     if not blocks.empty:
@@ -459,6 +470,8 @@ def _print_flow(records, runs_table, fmt: str) -> None:
     click.echo("")
     for row in analysis.sort_by_block(flow, ["model", "block", "norm", "depth"]).to_dict("records"):
         click.echo(analysis.describe_flow(row))
+    for sentence in lessons.describe_shatter(shatter_summary) if shatter_summary is not None else []:
+        click.echo(sentence)
 
 
 @main.command()
@@ -490,8 +503,12 @@ def _print_flow(records, runs_table, fmt: str) -> None:
 @click.option("--list-probes", is_flag=True,
               help="Print the probe points chosen on each network (name, role, stack index, module type, residual "
                    "declaration) and exit, without data or measurements.")
+@click.option("--shatter", "with_shatter", is_flag=True,
+              help="Also measure shattered gradients (as gradlab shatter does, on the same data, BatchNorm statistics "
+                   "from --batches batches): adds the neighbouring-gradient similarity to the table, and to --out "
+                   "(OUT/shatter) and the --html report (deepcnn only).")
 def probe(models, model_args, blocks, depths, norms, width, batch_size, batches, seed, dataset, data_root, device, out,
-          html_file, fmt, probes, list_probes) -> None:
+          html_file, fmt, probes, list_probes, with_shatter) -> None:
     """Gradient flow at initialisation, without training: seconds, even at depth 64.
 
     Builds each network, runs forward and backward on real CIFAR-10 batches (averaged) and prints
@@ -515,12 +532,17 @@ def probe(models, model_args, blocks, depths, norms, width, batch_size, batches,
             _list_probes(config, fmt)
             return
         _check_probe_memory(config)
+        if with_shatter and "deepcnn" not in config.models:
+            raise ValueError("--shatter measures the deepcnn networks of --blocks, --depths and --norm; "
+                             "add deepcnn to --model")
         with tempfile.TemporaryDirectory(prefix="gradlab-probe-") as scratch:
             store = out or (scratch if html_file else None)
-            records, runs_table, synthetic = run_probe(config, out=store)
+            splits = _probe_splits(config) if with_shatter else None  # one copy of the data for both measurements
+            records, runs_table, synthetic = run_probe(config, splits=splits, out=store)
+            similarity = _probe_shatter(config, splits, store) if with_shatter else None
             if synthetic and fmt in ("table", "markdown"):
                 click.echo("note: synthetic data (seeded noise with learnable labels), not CIFAR-10")
-            _print_flow(records, runs_table, fmt)
+            _print_flow(records, runs_table, fmt, similarity)
             if html_file:
                 from .report.html import write_report
 
@@ -530,6 +552,28 @@ def probe(models, model_args, blocks, depths, norms, width, batch_size, batches,
     except OSError as exc:
         raise BadInput(f"cannot write {exc.filename or out or html_file} ({exc.strerror or exc}); "
                        "choose another --out or --html") from None
+
+
+def _probe_splits(config):
+    from .data import make_splits
+    from .train import resolve_device
+
+    return make_splits(config.dataset, config.data_root, seed=config.seed, device=resolve_device(config.device))
+
+
+def _probe_shatter(config, splits, store):
+    """``gradlab probe --shatter``: the shatter summary of the probe's deepcnn grid on its own data,
+    stored in ``store/shatter`` when the probe is stored (the report reads it there)."""
+    from . import lessons
+    from .shatter import ShatterConfig, shatter, write
+
+    shatter_config = ShatterConfig(blocks=config.blocks, depths=config.depths, norms=config.norms, width=config.width,
+                                   stat_batches=config.batches, stat_batch_size=config.batch_size, seed=config.seed,
+                                   dataset=config.dataset, data_root=config.data_root, device=config.device)
+    result = shatter(shatter_config, splits=splits)
+    if store is not None:
+        write(result, Path(store) / lessons.SHATTER_FOLDER)
+    return result.summary
 
 
 def _check_probe_memory(config) -> None:
