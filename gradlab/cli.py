@@ -456,9 +456,9 @@ def _print_flow(records, runs_table, fmt: str, shatter_summary=None) -> None:
         return
     _print_profiles(flow, analysis.gradient_profile(records, "init"), fmt)
     if shatter_summary is not None:
-        click.echo("\nNeighbouring-gradient similarity at initialisation (Balduzzi et al. 2017): mean cosine similarity "
-                   "of input gradients at neighbouring points on a line between two test images (mean ± standard "
-                   "deviation over image pairs)")
+        click.echo("\nNeighbouring-gradient similarity at initialisation (Balduzzi et al. 2017): mean cosine "
+                   "similarity of input gradients at neighbouring points on a line between two test images "
+                   "(mean ± standard deviation over image pairs)")
         click.echo(render(lessons.similarity_table(shatter_summary), fmt))
     signal = analysis.activation_profile(records, "init")
     blocks = signal.loc[signal["role"] == "stack"]
@@ -626,12 +626,13 @@ def demo(data_root, html, work_dir, device) -> None:
     """The gradient-flow lesson in about a minute on a laptop CPU.
 
     Probes plain (conv), residual (res) and skip networks at depths 2, 8 and 32 at initialisation,
-    trains a depth-2 and a depth-16 network of each kind briefly, prints what was measured and
-    writes an HTML report.
+    measures the shattering of their input gradients at depths 2 and 32, trains a depth-2 and a
+    depth-16 network of each kind briefly, deletes their blocks one and several at a time, prints
+    what was measured and writes an HTML report.
     """
     import pandas as pd
 
-    from . import analysis
+    from . import analysis, lessons
     from .demo import DemoConfig, run_demo
     from .report.text import accuracy_sentences, format_number, render
 
@@ -664,6 +665,14 @@ def demo(data_root, html, work_dir, device) -> None:
     for row in analysis.sort_by_block(flow.loc[flow["depth"] == flow["depth"].max()], ["block", "norm"]).to_dict("records"):
         click.echo("   " + analysis.describe_flow(row))
     for sentence in accuracy_sentences(trained):
+        click.echo(f"   {sentence}")
+    click.echo("\n   Shattered gradients at initialisation (Balduzzi et al. 2017): on a line between two test images, "
+               "1 means neighbouring inputs have the same gradient direction, 0 unrelated ones (white noise).")
+    for sentence in lessons.describe_shatter(result.shatter_summary):
+        click.echo(f"   {sentence}")
+    click.echo(f"\n   Lesion study of the trained networks (Veit et al. 2016): test accuracy on the first "
+               f"{config.lesion_images:,} test images with blocks replaced by the identity.")
+    for sentence in lessons.describe_lesion(result.lesion):
         click.echo(f"   {sentence}")
     click.echo(f"\nHTML report: {result.html}")
     total = sum(result.seconds.values())

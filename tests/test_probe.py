@@ -113,7 +113,8 @@ def test_probe_shatter_adds_the_neighbouring_gradient_similarity_and_stores_it(t
 
 def test_demo_measures_trains_and_reports(tmp_path):
     config = DemoConfig(probe_depths=(1, 4), train_depths=(1, 3), width=4, probe_batch_size=16, subset=128,
-                        epochs=1, batch_size=64, data_root=str(tmp_path / "no-data"), device="cpu",
+                        epochs=1, batch_size=64, shatter_depths=(1, 4), shatter_points=16, shatter_pairs=2,
+                        shatter_max_lag=4, lesion_images=100, data_root=str(tmp_path / "no-data"), device="cpu",
                         work_dir=str(tmp_path / "work"), html=str(tmp_path / "demo.html"))
     import torchvision
 
@@ -132,6 +133,11 @@ def test_demo_measures_trains_and_reports(tmp_path):
     assert (result.trained["status"] == "complete").all()
     html = result.html.read_text()
     assert "synthetic" in html.lower() and result.html.stat().st_size > 10_000
+    similarity = result.shatter_summary.loc[result.shatter_summary["lag"] == 1]
+    assert sorted(similarity["run"]) == ["conv-d1", "conv-d4", "res-d1", "res-d4", "skip-d1", "skip-d4"]
+    assert (similarity["weights"] == "init").all()
+    assert set(result.lesion["run"]) == set(result.trained["run"]) and (result.lesion["images"] == 100).all()
+    assert 'id="shatter"' in html and 'id="lesion"' in html
 
 
 def test_a_probe_whose_gradient_underflows_to_exactly_zero_reports_it(small_splits):
