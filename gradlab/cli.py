@@ -439,16 +439,27 @@ def _print_profiles(flow, profile, fmt: str = "table") -> None:
         click.echo(profile_bars(profile, deepest["run"].tolist()))
 
 
-def _print_flow(records, runs_table, fmt: str) -> None:
-    """The probe's terminal report: ratio table, profiles with bars, signal propagation, sentences."""
-    from . import analysis
+def _print_flow(records, runs_table, fmt: str, shatter_summary=None) -> None:
+    """The probe's terminal report: ratio table, profiles with bars, signal propagation, sentences;
+    with ``shatter_summary`` (``gradlab probe --shatter``) each network's neighbouring-gradient
+    similarity (``similarity``, ``similarity_std``: mean and spread over image pairs) beside its ratio."""
+    from . import analysis, lessons
     from .report.text import render
 
     flow = analysis.flow_summary(records, runs_table, phases=("init",))
+    if shatter_summary is not None:
+        similarity = lessons.similarity(shatter_summary)[["run", "mean", "std"]]
+        flow = flow.merge(similarity.rename(columns={"mean": "similarity", "std": "similarity_std"}), on="run",
+                          how="left")
     if fmt in ("csv", "json"):
         click.echo(render(flow, fmt))
         return
     _print_profiles(flow, analysis.gradient_profile(records, "init"), fmt)
+    if shatter_summary is not None:
+        click.echo("\nNeighbouring-gradient similarity at initialisation (Balduzzi et al. 2017): mean cosine "
+                   "similarity of input gradients at neighbouring points on a line between two test images "
+                   "(mean ± standard deviation over image pairs)")
+        click.echo(render(lessons.similarity_table(shatter_summary), fmt))
     signal = analysis.activation_profile(records, "init")
     blocks = signal.loc[signal["role"] == "stack"]
     if not blocks.empty:
@@ -459,6 +470,8 @@ def _print_flow(records, runs_table, fmt: str) -> None:
     click.echo("")
     for row in analysis.sort_by_block(flow, ["model", "block", "norm", "depth"]).to_dict("records"):
         click.echo(analysis.describe_flow(row))
+    for sentence in lessons.describe_shatter(shatter_summary) if shatter_summary is not None else []:
+        click.echo(sentence)
 
 
 @main.command()
@@ -490,8 +503,12 @@ def _print_flow(records, runs_table, fmt: str) -> None:
 @click.option("--list-probes", is_flag=True,
               help="Print the probe points chosen on each network (name, role, stack index, module type, residual "
                    "declaration) and exit, without data or measurements.")
+@click.option("--shatter", "with_shatter", is_flag=True,
+              help="Also measure shattered gradients (as gradlab shatter does, on the same data, BatchNorm statistics "
+                   "from --batches batches): adds the neighbouring-gradient similarity to the table, and to --out "
+                   "(OUT/shatter) and the --html report (deepcnn only).")
 def probe(models, model_args, blocks, depths, norms, width, batch_size, batches, seed, dataset, data_root, device, out,
-          html_file, fmt, probes, list_probes) -> None:
+          html_file, fmt, probes, list_probes, with_shatter) -> None:
     """Gradient flow at initialisation, without training: seconds, even at depth 64.
 
     Builds each network, runs forward and backward on real CIFAR-10 batches (averaged) and prints
@@ -515,12 +532,17 @@ def probe(models, model_args, blocks, depths, norms, width, batch_size, batches,
             _list_probes(config, fmt)
             return
         _check_probe_memory(config)
+        if with_shatter and "deepcnn" not in config.models:
+            raise ValueError("--shatter measures the deepcnn networks of --blocks, --depths and --norm; "
+                             "add deepcnn to --model")
         with tempfile.TemporaryDirectory(prefix="gradlab-probe-") as scratch:
             store = out or (scratch if html_file else None)
-            records, runs_table, synthetic = run_probe(config, out=store)
+            splits = _probe_splits(config) if with_shatter else None  # one copy of the data for both measurements
+            records, runs_table, synthetic = run_probe(config, splits=splits, out=store)
+            similarity = _probe_shatter(config, splits, store) if with_shatter else None
             if synthetic and fmt in ("table", "markdown"):
                 click.echo("note: synthetic data (seeded noise with learnable labels), not CIFAR-10")
-            _print_flow(records, runs_table, fmt)
+            _print_flow(records, runs_table, fmt, similarity)
             if html_file:
                 from .report.html import write_report
 
@@ -530,6 +552,28 @@ def probe(models, model_args, blocks, depths, norms, width, batch_size, batches,
     except OSError as exc:
         raise BadInput(f"cannot write {exc.filename or out or html_file} ({exc.strerror or exc}); "
                        "choose another --out or --html") from None
+
+
+def _probe_splits(config):
+    from .data import make_splits
+    from .train import resolve_device
+
+    return make_splits(config.dataset, config.data_root, seed=config.seed, device=resolve_device(config.device))
+
+
+def _probe_shatter(config, splits, store):
+    """``gradlab probe --shatter``: the shatter summary of the probe's deepcnn grid on its own data,
+    stored in ``store/shatter`` when the probe is stored (the report reads it there)."""
+    from . import lessons
+    from .shatter import ShatterConfig, shatter, write
+
+    shatter_config = ShatterConfig(blocks=config.blocks, depths=config.depths, norms=config.norms, width=config.width,
+                                   stat_batches=config.batches, stat_batch_size=config.batch_size, seed=config.seed,
+                                   dataset=config.dataset, data_root=config.data_root, device=config.device)
+    result = shatter(shatter_config, splits=splits)
+    if store is not None:
+        write(result, Path(store) / lessons.SHATTER_FOLDER)
+    return result.summary
 
 
 def _check_probe_memory(config) -> None:
@@ -582,12 +626,13 @@ def demo(data_root, html, work_dir, device) -> None:
     """The gradient-flow lesson in about a minute on a laptop CPU.
 
     Probes plain (conv), residual (res) and skip networks at depths 2, 8 and 32 at initialisation,
-    trains a depth-2 and a depth-16 network of each kind briefly, prints what was measured and
-    writes an HTML report.
+    measures the shattering of their input gradients at depths 2 and 32, trains a depth-2 and a
+    depth-16 network of each kind briefly, deletes their blocks one and several at a time, prints
+    what was measured and writes an HTML report.
     """
     import pandas as pd
 
-    from . import analysis
+    from . import analysis, lessons
     from .demo import DemoConfig, run_demo
     from .report.text import accuracy_sentences, format_number, render
 
@@ -620,6 +665,14 @@ def demo(data_root, html, work_dir, device) -> None:
     for row in analysis.sort_by_block(flow.loc[flow["depth"] == flow["depth"].max()], ["block", "norm"]).to_dict("records"):
         click.echo("   " + analysis.describe_flow(row))
     for sentence in accuracy_sentences(trained):
+        click.echo(f"   {sentence}")
+    click.echo("\n   Shattered gradients at initialisation (Balduzzi et al. 2017): on a line between two test images, "
+               "1 means neighbouring inputs have the same gradient direction, 0 unrelated ones (white noise).")
+    for sentence in lessons.describe_shatter(result.shatter_summary):
+        click.echo(f"   {sentence}")
+    click.echo(f"\n   Lesion study of the trained networks (Veit et al. 2016): test accuracy on the first "
+               f"{config.lesion_images:,} test images with blocks replaced by the identity.")
+    for sentence in lessons.describe_lesion(result.lesion):
         click.echo(f"   {sentence}")
     click.echo(f"\nHTML report: {result.html}")
     total = sum(result.seconds.values())
@@ -680,7 +733,8 @@ _GRID_OPTIONS = ("blocks", "depths", "norms", "width", "stat_batches", "stat_bat
               help="Folder holding cifar-10-batches-py. Default: the run's, else $GRADLAB_DATA, else ~/.cache/gradlab/data.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when present.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Also store the measurements in this folder (shatter.parquet, shatter-images.parquet). Default: none.")
+              help="Store the measurements in this folder (shatter.parquet, shatter-images.parquet). Default: with "
+                   "PATH, PATH/shatter (gradlab report --html PATH shows them); without, none.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True, help="table and markdown for people; csv and json (tidy, full precision) for other tools.")
 @click.pass_context
@@ -699,6 +753,9 @@ def shatter(ctx, path, blocks, depths, norms, width, points, pairs, target, max_
     from . import lessons
     from .shatter import ShatterConfig, check_line, shatter as measure, shatter_runs, write
 
+    stored_beside = out is None and path is not None
+    if stored_beside:
+        out = str(Path(path) / lessons.SHATTER_FOLDER)  # beside the runs, where the report looks
     problem = _unwritable(out, folder=True) if out else None
     if problem:
         raise BadInput(f"--out {out}: {problem}; choose another --out")
@@ -740,6 +797,8 @@ def shatter(ctx, path, blocks, depths, norms, width, points, pairs, target, max_
               "autocorrelation": "Autocorrelation: mean cosine similarity of input gradients k points apart "
                                  "(mean over image pairs)"}
     _print_sections(sections, titles, lessons.describe_shatter(summary), fmt)
+    if stored_beside:
+        click.echo(f"gradlab: note: stored in {out} (gradlab report --html {path} shows it)", err=True)
     for name, why in result.skipped.items():
         click.echo(f"gradlab: warning: skipped {name}: {why}", err=True)
 

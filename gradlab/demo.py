@@ -1,22 +1,26 @@
 """The gradient-flow lesson in one call: probe at initialisation, train shallow and deep, report.
 
-``run_demo`` probes plain, residual and skip networks at a few depths, trains a shallow and a
-deep network of each kind for a short fixed budget on a real CIFAR-10 subset (synthetic data,
-stated as such, when no CIFAR-10 can be had), and writes the HTML report of that small sweep.
-It returns frames; ``gradlab demo`` prints them.
+``run_demo`` probes plain, residual and skip networks at a few depths, measures their shattered
+gradients at initialisation (a shallow and a deep one of each kind: ``gradlab.shatter``), trains a
+shallow and a deep network of each kind for a short fixed budget on a real CIFAR-10 subset
+(synthetic data, stated as such, when no CIFAR-10 can be had), deletes their blocks on part of
+the test split (``gradlab.lesion``), and writes the HTML report of that small sweep, which shows
+both experiments. It returns frames; ``gradlab demo`` prints them.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-from . import analysis, runs, schema
+from . import analysis, lessons, runs, schema
 from .data import DataError, make_splits
+from .lesion import lesion_runs
 from .probe import ProbeConfig, probe
+from .shatter import ShatterConfig, shatter, write
 from .sweep import SweepGrid, run_sweep
 from .train import TrainConfig, resolve_device
 
@@ -37,6 +41,12 @@ class DemoConfig:
     batch_size: int = 128  # images per optimizer step
     lr: float = 1e-3  # Adam; 10x the notebook's so that two short epochs show learning
     val_fraction: float = 0.04  # 2,000 validation images: evaluation would otherwise cost more than training
+    shatter_depths: tuple[int, ...] = (2, 32)  # networks whose shattered gradients are measured at initialisation
+    shatter_points: int = 128  # points per line; half the default: the neighbours are still close
+    shatter_pairs: int = 4  # image pairs per network: enough for a spread
+    shatter_max_lag: int = 16  # autocorrelation lags 0 ... 16 (the report's figure)
+    lesion_images: int = 2000  # the first test images the trained networks are lesioned on
+    lesion_draws: int = 2  # random sets per number of deleted blocks
     seed: int = 0
     data_root: str | None = None  # as in TrainConfig; None: $GRADLAB_DATA, else the cache (downloads)
     device: str = "auto"
@@ -52,6 +62,8 @@ class DemoResult:
     probe_flow: pd.DataFrame  # analysis.flow_summary at initialisation, one row per probed network
     probe_profile: pd.DataFrame  # analysis.gradient_profile at initialisation
     trained: pd.DataFrame  # one row per trained network: its keys, budget, first and last loss, accuracies, verdicts
+    shatter_summary: pd.DataFrame  # lessons.summarise_shatter at initialisation
+    lesion: pd.DataFrame  # gradlab.lesion's rows of the trained networks, run keys in front
     html: Path
     seconds: dict  # phase -> wall seconds
 
@@ -89,6 +101,16 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[str], Non
     seconds["probe"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    say(f"shattered gradients of depths {' and '.join(map(str, config.shatter_depths))} at initialisation")
+    shattered = shatter(ShatterConfig(blocks=config.blocks, depths=config.shatter_depths, width=config.width,
+                                      points=config.shatter_points, pairs=config.shatter_pairs,
+                                      max_lag=config.shatter_max_lag,
+                                      stat_batches=config.probe_batches, stat_batch_size=config.probe_batch_size,
+                                      seed=config.seed, dataset=dataset, data_root=config.data_root,
+                                      device=config.device), splits=splits)
+    seconds["shatter"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
     say(f"training depths {' and '.join(map(str, config.train_depths))} of each kind "
         f"({config.epochs} epochs on {config.subset} images)")
     base = TrainConfig(width=config.width, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -98,13 +120,23 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[str], Non
     sweep_dir = Path(config.work_dir) / "train"
     run_sweep(SweepGrid(blocks=config.blocks, depths=config.train_depths, seeds=(config.seed,)), base, sweep_dir)
     trained = _trained_table(sweep_dir)
+    write(shattered, sweep_dir / lessons.SHATTER_FOLDER)  # the report's section reads it there
     seconds["train"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    say(f"deleting blocks of the trained networks (first {config.lesion_images:,} test images)")
+    images, labels = splits.test
+    part = replace(splits, test=(images[:config.lesion_images], labels[:config.lesion_images]))
+    lesion, _, _ = lesion_runs(sweep_dir, draws=config.lesion_draws, seed=config.seed, device=config.device,
+                               splits=part)
+    seconds["lesion"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     say("writing the HTML report")
     html = write_report(sweep_dir, config.html)
     seconds["report"] = time.perf_counter() - clock
-    return DemoResult(splits.synthetic, data_note, records, flow, profile, trained, Path(html), seconds)
+    return DemoResult(splits.synthetic, data_note, records, flow, profile, trained, shattered.summary, lesion,
+                      Path(html), seconds)
 
 
 def _trained_table(sweep_dir: Path) -> pd.DataFrame:

@@ -42,6 +42,7 @@ from .schema import DEFAULT_MODEL, RUN_KEYS, norm_words
 LESION = "lesion.parquet"  # in a run directory: gradlab.lesion's rows for its best.pt
 SHATTER = "shatter.parquet"  # in a folder given to `gradlab shatter --out`: the per-pair rows
 SHATTER_IMAGES = "shatter-images.parquet"  # beside it: the gradient images
+SHATTER_FOLDER = "shatter"  # in a run or sweep directory: where `gradlab shatter PATH` stores them; the report reads it
 CHANCE = 0.1  # CIFAR-10: ten balanced classes
 WEIGHTS_WORDS = {"init": "at initialisation", "trained": "trained (best.pt)"}
 TARGET_WORDS = {"logit": "the logit of image a's true class", "loss": "the cross-entropy against image a's true class"}

@@ -109,3 +109,38 @@ def test_report_on_a_folder_that_is_no_run_is_one_line(tmp_path):
 def test_unknown_command_is_one_line():
     result = invoke("trian")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
+
+
+def test_the_demo_closes_with_the_measured_similarity_and_lesion_numbers(tmp_path, monkeypatch):
+    """The demo command on a tiny configuration, offline (synthetic data): its closing sentences state
+    the neighbouring-gradient similarity of each block type and each trained network's lesion."""
+    import functools
+    import re
+
+    import torchvision
+
+    from gradlab import demo
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(demo, "DemoConfig", functools.partial(
+        demo.DemoConfig, probe_depths=(1, 4), train_depths=(1, 3), width=4, probe_batch_size=16, subset=128, epochs=1,
+        batch_size=64, shatter_depths=(1, 4), shatter_points=16, shatter_pairs=2, shatter_max_lag=4,
+        lesion_images=100))
+    result = invoke("demo", "--data-root", tmp_path / "no-data", "--work-dir", tmp_path / "work",
+                    "--out", tmp_path / "demo.html", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    number = r"-?\d+(\.\d+)?(e[+-]\d+)?( ± \d+(\.\d+)?(e[+-]\d+)?)?"
+    for block in ("conv", "res", "skip"):
+        assert re.search(rf"{block}, batch norm, at initialisation: the mean cosine similarity of input gradients at "
+                         rf"neighbouring points was {number} at depth 1 and {number} at depth 4 \(mean ± standard "
+                         rf"deviation over 2 image pairs, 16 points per line", out), out
+        for depth in (1, 3):
+            assert re.search(rf"{block}-d{depth}-s0: \d+\.\d% test accuracy with all {depth} blocks; deleting one "
+                             rf"block gave \d+\.\d% to \d+\.\d%", out), out
+    assert "first 100 test images" in out and "lesion" in out.splitlines()[-1]
+    html = (tmp_path / "demo.html").read_text()
+    assert 'id="shatter"' in html and 'id="lesion"' in html

@@ -86,9 +86,35 @@ def test_probe_cli_prints_ratios_bars_and_sentences(tmp_path):
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1
 
 
+def test_probe_shatter_adds_the_neighbouring_gradient_similarity_and_stores_it(tmp_path):
+    from gradlab import lessons
+
+    args = ["probe", "--blocks", "conv,res", "--depths", "2,6", "--width", "8", "--batch-size", "32",
+            "--batches", "1", "--dataset", "synthetic", "--device", "cpu", "--shatter"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "probe"), "--html", str(tmp_path / "p.html")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Neighbouring-gradient similarity at initialisation" in out
+    assert out.count("the mean cosine similarity of input gradients at neighbouring points was") == 2
+    assert "running statistics estimated from 1 training batches of 32 images" in out
+    pairs, _ = lessons.read_shatter(tmp_path / "probe" / lessons.SHATTER_FOLDER)  # where the report reads it
+    assert set(pairs["run"]) == {"conv-d2", "conv-d6", "res-d2", "res-d6"}
+    assert 'id="shatter"' in (tmp_path / "p.html").read_text()
+    rows = json.loads(CliRunner().invoke(main, [*args, "--format", "json"], catch_exceptions=False).stdout)
+    stored = lessons.similarity(lessons.summarise_shatter(pairs)).set_index("run")
+    assert {r["run"] for r in rows} == set(stored.index)
+    for row in rows:  # the same networks, seed and data: the same similarity as stored
+        assert -1 <= row["similarity"] <= 1 and row["similarity_std"] >= 0
+        assert row["similarity"] == pytest.approx(stored.loc[row["run"], "mean"])
+    bad = CliRunner().invoke(main, ["probe", "--model", "torchvision:resnet18", "--shatter", "--dataset", "synthetic"])
+    assert bad.exit_code == 2 and "--shatter measures the deepcnn networks" in bad.stderr
+
+
 def test_demo_measures_trains_and_reports(tmp_path):
     config = DemoConfig(probe_depths=(1, 4), train_depths=(1, 3), width=4, probe_batch_size=16, subset=128,
-                        epochs=1, batch_size=64, data_root=str(tmp_path / "no-data"), device="cpu",
+                        epochs=1, batch_size=64, shatter_depths=(1, 4), shatter_points=16, shatter_pairs=2,
+                        shatter_max_lag=4, lesion_images=100, data_root=str(tmp_path / "no-data"), device="cpu",
                         work_dir=str(tmp_path / "work"), html=str(tmp_path / "demo.html"))
     import torchvision
 
@@ -107,6 +133,11 @@ def test_demo_measures_trains_and_reports(tmp_path):
     assert (result.trained["status"] == "complete").all()
     html = result.html.read_text()
     assert "synthetic" in html.lower() and result.html.stat().st_size > 10_000
+    similarity = result.shatter_summary.loc[result.shatter_summary["lag"] == 1]
+    assert sorted(similarity["run"]) == ["conv-d1", "conv-d4", "res-d1", "res-d4", "skip-d1", "skip-d4"]
+    assert (similarity["weights"] == "init").all()
+    assert set(result.lesion["run"]) == set(result.trained["run"]) and (result.lesion["images"] == 100).all()
+    assert 'id="shatter"' in html and 'id="lesion"' in html
 
 
 def test_a_probe_whose_gradient_underflows_to_exactly_zero_reports_it(small_splits):

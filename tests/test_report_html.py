@@ -510,3 +510,66 @@ def test_a_resnet18_like_run_beside_a_deepcnn_in_a_real_browser(mixed_dir, tmp_p
     assert "layer3.1\t6\tstack\t5\tBasicBlock" in shown and "fc\t9\thead" in shown
     assert widths and all(w > 0 for w in widths)
     assert "torchvision:resnet18" in body and not re.search(r"\bnan\b", body, re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- the lesson's experiments: shatter and lesion
+
+
+@pytest.fixture(scope="module")
+def lesson_dir(sweep_dir, tmp_path_factory, small_splits) -> Path:
+    """The tiny sweep with its lesion study (lesion.parquet in each run) and its shattered gradients
+    (shatter/ in the sweep directory), measured by the library on the synthetic test split."""
+    import torch
+
+    from gradlab.lesion import lesion_runs
+    from gradlab.shatter import shatter_runs, write
+
+    out = tmp_path_factory.mktemp("lesson") / "lesson-sweep"
+    shutil.copytree(sweep_dir, out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # width-4 nets: one thread is fastest (see sweep_dir)
+    try:
+        lesion_runs(out, draws=2, device="cpu", splits=small_splits)
+        write(shatter_runs(out, points=16, pairs=2, max_lag=4, device="cpu", splits=small_splits),
+              out / "shatter")
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_a_sweep_without_lesson_data_has_no_lesson_sections(report):
+    assert not {"shatter", "lesion"} & {s.id for s in report.sections}
+
+
+@pytest.mark.browser
+def test_stored_shatter_and_lesion_frames_get_their_sections_in_a_real_browser(lesson_dir, tmp_path):
+    report = build_report(lesson_dir)
+    assert [s.id for s in report.sections] == [*SECTIONS, "shatter", "lesion"]
+    shatter, lesion = report.section("shatter"), report.section("lesion")
+    assert shatter.title == f"{len(SECTIONS) + 1} · Shattered gradients"
+    assert lesion.title == f"{len(SECTIONS) + 2} · Lesion study"
+    assert len(shatter.images) == 3 and len(lesion.images) == 2
+    # one sentence per block type, saying how BatchNorm's statistics were obtained
+    assert len(shatter.notes) == 3
+    assert all("the checkpoint's running statistics" in n for n in shatter.notes)
+    assert shatter.tables[0].columns == ["depth", "conv", "res", "skip"]
+    assert [row[0] for row in shatter.tables[0].rows] == ["1", "3"]
+    # one sentence per run, the tables per k and per block
+    assert len(lesion.notes) == 6 and all("chance is 10.0%" in n for n in lesion.notes)
+    assert "200 test images" in lesion.lead and "running statistics" in lesion.lead
+    assert lesion.tables[0].columns[0] == "deleted" and lesion.tables[1].columns[0] == "stack index"
+    page = tmp_path / "lesson.html"
+    page.write_text(report.to_html(), encoding="utf-8")
+    errors, dialogs = [], []
+    with browser_tab(page.resolve().as_uri(), errors, dialogs) as tab:
+        ids = tab.evaluate("Array.from(document.querySelectorAll('section[id]'), s => s.id)")
+        widths = tab.evaluate("Array.from(document.querySelectorAll('#shatter img, #lesion img'), "
+                              "i => i.complete ? i.naturalWidth : 0)")
+        shown = {id: tab.inner_text(f"#{id}") for id in ("shatter", "lesion")}
+        links = tab.evaluate("Array.from(document.querySelectorAll('nav a'), a => a.getAttribute('href'))")
+    assert errors == [] and dialogs == []
+    assert ids == [*SECTIONS, "shatter", "lesion"] and links[-2:] == ["#shatter", "#lesion"]
+    assert len(widths) == 5 and all(w > 0 for w in widths)
+    assert "the mean cosine similarity of input gradients at neighbouring points was" in shown["shatter"]
+    assert "conv-d3-s0: " in shown["lesion"] and "test accuracy with all 3 blocks" in shown["lesion"]
+    assert not re.search(r"\bnan\b", shown["shatter"] + shown["lesion"], re.IGNORECASE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict
 
 import numpy as np
@@ -238,3 +239,15 @@ def test_bad_input_is_one_line_and_exit_status_2(trained, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gradlab: error: ") and message in lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_cli_on_a_run_stores_its_measurement_in_the_run_directory_for_the_report(trained, monkeypatch, small_splits,
+                                                                                  tmp_path):
+    monkeypatch.setattr(shatter_module, "make_splits", lambda *a, **k: small_splits)
+    run = tmp_path / "good"
+    shutil.copytree(trained / "good", run)
+    result = _invoke([str(run), "--points", "16", "--pairs", "2", "--max-lag", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"stored in {run / lessons.SHATTER_FOLDER}" in result.stderr
+    pairs, images = lessons.read_shatter(run / lessons.SHATTER_FOLDER)
+    assert set(pairs["run"]) == {"good"} and (pairs["weights"] == "trained").all() and len(images)

@@ -31,6 +31,12 @@ or its records hold non-finite values: ``analysis.divergence``) gets a badge, a 
 cannot be read (``Sweep.unreadable``, or records that fail to load) is named with the reason
 in "Unreadable cells" while the others are reported. Both sections appear only when needed.
 
+The lesson's two experiments get a section each when the directory holds them (``LESSON_SECTIONS``):
+"Shattered gradients" reads what ``gradlab shatter PATH`` stored in ``PATH/shatter/``
+(``lessons.read_shatter``), "Lesion study" the ``lesion.parquet`` of each run
+(``lessons.read_lesions``); both are drawn by ``gradlab.report.lesson_figures`` and say in words
+what was measured (``lessons.describe_shatter``, ``lessons.describe_lesion``).
+
 Any model: runs are grouped by network (``analysis.network_label``: the block type, with the
 model in front when it is not a DeepCNN) and norm; the gradient-flow section lists, for the
 deepest run of each, every probe point by its real module path with its role and stack index
@@ -49,8 +55,8 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from gradlab import __version__, analysis, schema
-from gradlab.report import figures
+from gradlab import __version__, analysis, lessons, schema
+from gradlab.report import figures, lesson_figures
 from gradlab.report.text import (MISSING, accuracy_sentences, budget_line, depth_scaling_table, diverged_line,
                                  diverged_table, format_number, layer_table_for_people, runs_table, shared_budget,
                                  short_budget_note)
@@ -82,6 +88,10 @@ SECTIONS = {  # id -> heading; every page has all of them, in this order
     "training-curves": "7 · Training curves",
     "samples": "8 · Sample inputs",
     "depth-table": "9 · Depth-scaling table",
+}
+LESSON_SECTIONS = {  # id -> heading; only on pages whose directory holds the measurement, after SECTIONS, numbered on
+    "shatter": "Shattered gradients",  # gradlab shatter PATH (or gradlab probe --out PATH --shatter): PATH/shatter/
+    "lesion": "Lesion study",  # gradlab lesion PATH: lesion.parquet in each run directory
 }
 PROBLEM_SECTIONS = {  # id -> heading; only on pages that have something to list, right after "run"
     "diverged": "⚠ Diverged runs",
@@ -641,6 +651,79 @@ def _depth_table(scaling: pd.DataFrame, runs: pd.DataFrame) -> Section:
     return section
 
 
+def _lesson_title(id: str, present: list[str]) -> str:
+    """"10 · Shattered gradients": numbered after ``SECTIONS`` among the lesson sections present."""
+    return f"{len(SECTIONS) + 1 + present.index(id)} · {LESSON_SECTIONS[id]}"
+
+
+def _shatter_section(path: Path, title: str, dpi: int) -> Section:
+    section = Section("shatter", title)
+    section.lead = ("Shattered gradients (Balduzzi et al. 2017): on the line between two test images, the gradient "
+                    "of the output with respect to the input at each point, and the mean cosine similarity of "
+                    "gradients at neighbouring points (1: the same direction; 0: unrelated, like white noise). "
+                    "Every point is evaluated on its own, in eval mode.")
+    try:
+        stored = lessons.read_shatter(path / lessons.SHATTER_FOLDER)
+    except RunError as exc:
+        section.notes.append(f"The stored measurement could not be read: {exc}")
+        return section
+    pairs, images = stored
+    summary = lessons.summarise_shatter(pairs)
+    if summary.empty:
+        section.notes.append("The stored measurement holds no rows.")
+        return section
+    section.images.append(_png(lesson_figures.shatter_similarity(summary), "Neighbouring-gradient similarity "
+                               "against depth, a line per block type, ±1 standard deviation over image pairs.", dpi))
+    section.images.append(_png(lesson_figures.shatter_autocorrelation(summary), "Mean cosine similarity of "
+                               "gradients k points apart against k, a panel per block type, a line per depth.", dpi))
+    if not images.empty:
+        section.images.append(_png(lesson_figures.gradient_lines(images), "The input gradient along the line "
+                                   "between two test images, for the shallowest and deepest network of each "
+                                   "block type.", dpi))
+    section.notes += lessons.describe_shatter(summary)
+    section.tables.append(_table(lessons.similarity_table(summary), "Neighbouring-gradient similarity (mean ± "
+                                 "standard deviation over image pairs), per depth and block type"))
+    section.tables.append(_table(lessons.autocorrelation_table(summary), "Mean cosine similarity of gradients "
+                                 "k points apart (lag k), per network", collapsed=True))
+    return section
+
+
+def _lesion_section(frame: pd.DataFrame, title: str, chance: float | None, dpi: int) -> Section:
+    section = Section("lesion", title)
+    images = int(frame["images"].max()) if "images" in frame and frame["images"].notna().any() else None
+    on = f"{images:,} test images" if images else "the test images"
+    section.lead = ("Lesion study (Veit et al. 2016): the test accuracy of each trained network (best.pt, eval "
+                    f"mode, BatchNorm with the checkpoint's running statistics, on {on}) with single blocks "
+                    "of its stack replaced by the identity, and with k blocks deleted at once (random sets).")
+    chance = chance if chance is not None else lessons.CHANCE
+    k_summary, single = lessons.lesion_k(frame), lessons.lesion_single(frame)
+    section.images.append(_png(lesson_figures.lesion_k_blocks(k_summary, chance=chance), "Test accuracy against "
+                               "the number of blocks deleted at once, a line per network, chance marked.", dpi))
+    section.images.append(_png(lesson_figures.lesion_single_blocks(single, chance=chance), "Test accuracy after "
+                               "deleting each single block along the stack, a line per network.", dpi))
+    section.notes += lessons.describe_lesion(frame)
+    section.tables.append(_table(lessons.k_table(frame), "Test accuracy with k blocks deleted at once (mean ± "
+                                 "standard deviation in points over random sets (how many); k = 0: intact)"))
+    section.tables.append(_table(lessons.single_table(frame), "Test accuracy with one block deleted"))
+    swaps = lessons.swap_table(frame)
+    if len(swaps):
+        section.tables.append(_table(swaps, "Test accuracy with two adjacent blocks swapped", collapsed=True))
+    return section
+
+
+def _lesson_sections(sweep: Sweep, path: Path, dpi: int) -> list[Section]:
+    """The lesson's sections whose data the directory holds, in ``LESSON_SECTIONS`` order."""
+    lesions = lessons.read_lesions(sweep)
+    present = [id for id, here in (("shatter", (path / lessons.SHATTER_FOLDER / lessons.SHATTER).is_file()),
+                                   ("lesion", not lesions.empty)) if here]
+    sections = []
+    if "shatter" in present:
+        sections.append(_shatter_section(path, _lesson_title("shatter", present), dpi))
+    if "lesion" in present:
+        sections.append(_lesion_section(lesions, _lesson_title("lesion", present), _chance(sweep), dpi))
+    return sections
+
+
 # ---------------------------------------------------------------- building
 
 
@@ -689,6 +772,7 @@ def build_report(path, dpi: int = FIGURE_DPI) -> Report:
         _training(sweep, runs, diverged, dpi),
         _samples_section(sweep, synthetic, dpi),
         _depth_table(scaling, plain_runs),
+        *_lesson_sections(sweep, path, dpi),
     ]
     title = f"gradlab report: {path.name}"
     report = Report(title, facts, banners, sections, caption=short_budget_note(plain_runs) or "")

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from gradlab.lessons import CHANCE, WEIGHTS_WORDS
 from gradlab.report.figures import (_depth_axis, _figure, _missing, _numeric, _panel_title, _percent, _say, _suptitle,
-                                    _themed, arch_color, arch_order, depth_shades)
+                                    _themed, block_color, block_order, depth_shades)
 from gradlab.report.text import format_number
 
 NOT_DELETABLE_MARKER = "x"
@@ -68,7 +68,7 @@ def shatter_similarity(summary: pd.DataFrame, title: str | None = None) -> Figur
     for j, weights in enumerate(panels):
         ax = axes[0, j]
         data = df if weights is None else df.loc[df["weights"] == weights]
-        for block in arch_order(data["block"]):
+        for block in block_order(data["block"]):
             for norm in norms:
                 rows = data.loc[data["block"].astype(str) == block]
                 if norm is not None:
@@ -77,7 +77,7 @@ def shatter_similarity(summary: pd.DataFrame, title: str | None = None) -> Figur
                 if rows.empty:
                     continue
                 label = block if len(norms) == 1 else f"{block}, {norm}"
-                ax.errorbar(rows["depth"], rows["mean"], yerr=rows["std"].fillna(0), color=arch_color(block),
+                ax.errorbar(rows["depth"], rows["mean"], yerr=rows["std"].fillna(0), color=block_color(block),
                             linestyle=styles[norm], marker="o", linewidth=2, capsize=3, label=label)
         ax.axhline(0, color="0.5", linewidth=1)
         ax.set_ylim(min(-0.05, float((df["mean"] - df["std"].fillna(0)).min()) - 0.05), 1.05)
@@ -101,7 +101,7 @@ def shatter_autocorrelation(summary: pd.DataFrame, title: str | None = None) -> 
         return _empty("no shattered-gradient data")
     df = summary.assign(depth=_numeric(summary["depth"]), lag=_numeric(summary["lag"]), mean=_numeric(summary["mean"]),
                         std=_numeric(summary["std"]) if "std" in summary else 0.0).dropna(subset=["depth", "lag"])
-    blocks = arch_order(df["block"])
+    blocks = block_order(df["block"])
     fig, axes = _figure(1, len(blocks), (3.6, 3.2), sharey=True, sharex=True)
     for j, block in enumerate(blocks):
         ax = axes[0, j]
@@ -114,7 +114,7 @@ def shatter_autocorrelation(summary: pd.DataFrame, title: str | None = None) -> 
             ax.fill_between(rows["lag"], rows["mean"] - rows["std"].fillna(0), rows["mean"] + rows["std"].fillna(0),
                             color=colour, alpha=0.15, linewidth=0)
         ax.axhline(0, color="0.5", linewidth=1)
-        _panel_title(ax, block, arch_color(block))
+        _panel_title(ax, block, block_color(block))
         ax.set_xlabel("lag (points apart)")
         ax.set_ylabel("mean cosine similarity" if j == 0 else "")
         ax.legend(title="depth", fontsize=8)
@@ -133,7 +133,7 @@ def gradient_lines(images: pd.DataFrame, title: str | None = None, depths: str =
     if _missing(images, need, "gradient_lines") or images.empty:
         return _empty("no gradient images")
     df = images.assign(depth=_numeric(images["depth"]).astype("Int64"))
-    blocks = arch_order(df["block"])
+    blocks = block_order(df["block"])
     columns = {}
     for block in blocks:
         present = sorted(set(df.loc[df["block"].astype(str) == block, "depth"].dropna().astype(int)))
@@ -162,7 +162,7 @@ def gradient_lines(images: pd.DataFrame, title: str | None = None, depths: str =
             ax.grid(False)
             ax.set_xticks([0, 1])
             ax.set_xticklabels(["a", "b"])
-            _panel_title(ax, f"{block}, depth {depth}", arch_color(block))
+            _panel_title(ax, f"{block}, depth {depth}", block_color(block))
     fig.supxlabel("position on the line from image a to image b · rows: one pixel row of each channel · "
                   "colour: gradient / its norm", fontsize=8)
     _suptitle(fig, title or "The input gradient along the line between two test images")
