@@ -130,6 +130,18 @@ def check_architecture(depth: int, width: int, block: str = "conv", norm: str = 
         raise ValueError(f"width must be an even integer >= 2, got {width!r}")
 
 
+def check_axes(**axes) -> None:
+    """Raise ValueError unless every list of a grid (``blocks=(...)``, ``depths=(...)``) is non-empty
+    and names each value once; the message names the list and the value."""
+    for name, values in axes.items():
+        values = tuple(values)
+        if not values:
+            raise ValueError(f"{name} must not be empty")
+        for value in values:
+            if values.count(value) > 1:
+                raise ValueError(f"{name} lists {value!r} more than once")
+
+
 class DeepCNN(nn.Module):
     """The notebook's ``Deep_CNN``: a 3-conv stem (32x32 -> 8x8), ``num_blocks`` blocks, a linear head."""
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import __version__, analysis, resources, runs, schema, specs
 from .data import DeviceLoader, Splits, make_splits
-from .models import check_architecture, count_parameters
+from .models import check_architecture, check_axes, count_parameters
 from .recorder import Recorder
 from .train import SAMPLES, TrainConfig, _write_samples, model_shape, resolve_device
 
@@ -58,13 +58,7 @@ class ProbeConfig:
             object.__setattr__(self, "probes", (self.probes,) if isinstance(self.probes, str) else tuple(self.probes))
 
     def validate(self) -> None:
-        for name in ("blocks", "depths", "norms", "models"):
-            values = getattr(self, name)
-            if not values:
-                raise ValueError(f"{name} must not be empty")
-            duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
-            if duplicates:
-                raise ValueError(f"{name} lists {duplicates[0]!r} more than once")
+        check_axes(**{name: getattr(self, name) for name in ("blocks", "depths", "norms", "models")})
         parsed = [specs.parse(model) for model in self.models]
         for block, depth, norm in itertools.product(self.blocks, self.depths, self.norms):
             check_architecture(depth, self.width, block, norm)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from . import lessons, runs
 from .data import DeviceLoader, Splits, make_splits, normalize
 from .lesion import load_trained, trained_runs  # the checks and loading of trained runs
-from .models import build_model, check_architecture
+from .models import build_model, check_architecture, check_axes
 from .probe import network_name
 from .train import resolve_device
 
@@ -89,13 +89,7 @@ class ShatterConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> None:
-        for name in ("blocks", "depths", "norms"):
-            values = getattr(self, name)
-            if not values:
-                raise ValueError(f"{name} must not be empty")
-            duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
-            if duplicates:
-                raise ValueError(f"{name} lists {duplicates[0]!r} more than once")
+        check_axes(**{name: getattr(self, name) for name in ("blocks", "depths", "norms")})
         for block, depth, norm in itertools.product(self.blocks, self.depths, self.norms):
             check_architecture(depth, self.width, block, norm)
         check_line(self.points, self.pairs, self.max_lag, self.target)

@@ -50,7 +50,7 @@ import torch
 
 from . import __version__, resources, runs, specs
 from .lock import RunLock
-from .models import BLOCKS, NORMS
+from .models import BLOCKS, NORMS, check_axes
 from .train import RunFinished, TrainConfig, disk_estimate, finished, memory_estimate, resolve_device, train_run
 
 SWEEP, RUNS = runs.SWEEP, runs.RUNS_FOLDER  # the layout is defined once, in runs.py
@@ -80,13 +80,7 @@ class SweepGrid:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad list and value."""
-        for f in fields(self):
-            values = getattr(self, f.name)
-            if not values:
-                raise ValueError(f"{f.name} must not be empty")
-            for value in values:
-                if values.count(value) > 1:
-                    raise ValueError(f"{f.name} lists {value!r} more than once")
+        check_axes(**{f.name: getattr(self, f.name) for f in fields(self)})
         for model in self.models:
             try:
                 specs.parse(model)
