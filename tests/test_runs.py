@@ -35,8 +35,12 @@ def write_part(run_dir, frame):
 
 
 def make_run_dir(path, train, records=None, status="complete"):
+    """A run directory as the trainer writes it; another model's norm is in the model section."""
     path.mkdir(parents=True)
-    runs.write_json(path / runs.CONFIG, {"train": train, "dataset": "synthetic", "synthetic": True})
+    config = {"train": train, "dataset": "synthetic", "synthetic": True}
+    if train.get("model", "deepcnn") != "deepcnn" and "norm" in train:
+        config["model"] = {"spec": train["model"], "norm": train["norm"]}
+    runs.write_json(path / runs.CONFIG, config)
     runs.write_json(path / runs.SUMMARY, {"status": status, "epochs_done": 1, "test_acc": 0.3})
     if records is not None:
         write_part(path, records)
@@ -119,6 +123,9 @@ def test_the_run_keys_of_another_model_come_from_its_stack(tmp_path):
     assert identity | {"width": None} == {"run": "r18", "model": "torchvision:resnet18", "block": "BasicBlock",
                                           "depth": 8, "width": None, "norm": "batch", "seed": 1}
     assert np.isnan(identity["width"])  # a DeepCNN option, meaningless here
+    # --norm shapes a DeepCNN alone: another model's train.norm is the option's default, not a fact
+    runs.write_json(run_dir / runs.CONFIG, {"train": train, "model": {"spec": train["model"]}})
+    assert runs.load_run(run_dir).identity()["norm"] == schema.UNKNOWN
     assert runs.load_run(bare).identity() | {"width": 0} == {"run": "bare", "model": "file.py:make",
                                                             "block": schema.UNKNOWN, "depth": 0, "width": 0,
                                                             "norm": schema.UNKNOWN, "seed": 0}
