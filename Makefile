@@ -65,10 +65,12 @@ bench: $(VENV)/.base $(DATA_STAMP)
 	$(PY) benchmarks/allocator.py
 	$(PY) benchmarks/recorder_overhead.py --reps 20 --depths 6 32 --blocks conv res
 	$(PY) benchmarks/recorder_overhead.py --reps 20 --depths 6 32 --blocks conv res --precision bf16
+	$(PY) benchmarks/recorder_overhead.py --reps 10 --model torchvision:resnet18
 	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/epoch.py
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/demo_time.py
+	$(PY) benchmarks/lessons_time.py
 
 clean:
 	rm -rf $(VENV) .data runs .pytest_cache

@@ -316,11 +316,10 @@ def test_legacy_records_are_refused_with_the_way_to_read_them():
         flow_summary(records)
 
 
-def test_sort_by_block_and_the_kept_alias():
+def test_sort_by_block():
     frame = pd.DataFrame({"block": ["skip", "BasicBlock", "conv", "res"], "model": ["deepcnn", "tv", "deepcnn", "a"]})
     assert analysis.sort_by_block(frame, ["block"])["block"].tolist() == ["conv", "res", "skip", "BasicBlock"]
     assert analysis.sort_by_block(frame, ["model", "block"])["block"].tolist() == ["conv", "skip", "res", "BasicBlock"]
-    assert analysis.sort_by_arch(frame, ["arch"])["block"].tolist() == ["conv", "res", "skip", "BasicBlock"]
 
 
 # ------------------------------------------------------------------ phases

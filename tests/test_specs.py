@@ -175,7 +175,8 @@ def test_a_factory_in_a_file_trains_through_the_cli(tmp_path, user_file, factory
     assert run.summary["n_params"] == sum(p.numel() for p in model.parameters())
     assert run.config["model"] == {"spec": f"{user_file}:{factory}", "kind": "file", "name": f"user_models.py:{factory}",
                                    "path": str(user_file.resolve()),
-                                   "sha256": hashlib.sha256(user_file.read_bytes()).hexdigest()}
+                                   "sha256": hashlib.sha256(user_file.read_bytes()).hexdigest(),
+                                   "norm": "batch" if factory == "res_cnn" else "none"}
     assert run.config["train"]["model"] == f"{user_file}:{factory}"
     records = run.records()
     steps = 256 // 64
@@ -268,7 +269,7 @@ def test_the_trainer_takes_a_model_optimizer_and_loss_of_its_own(small_splits):
 def test_the_default_train_keeps_its_config_and_stores_the_model(tmp_path, small_config, small_splits):
     train_run(replace(small_config, epochs=1), tmp_path / "run", splits=small_splits)
     run = runs.load_run(tmp_path / "run")
-    assert run.config["model"] == {"spec": "deepcnn", "kind": "deepcnn", "name": "deepcnn"}
+    assert run.config["model"] == {"spec": "deepcnn", "kind": "deepcnn", "name": "deepcnn", "norm": "batch"}
     assert {k: run.train[k] for k in ("model", "model_args", "optimizer", "momentum", "weight_decay")} == \
         {"model": "deepcnn", "model_args": [], "optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0}
     # An older run directory, without these keys, resumes as the default it stands for.
