@@ -21,18 +21,22 @@ _EXPORTS = {
     "load_cifar10": "data", "make_splits": "data", "DeviceLoader": "data", "DataError": "data",
     "Recorder": "recorder", "RecordConfig": "recorder", "every": "recorder", "logspaced": "recorder",
     "TrainConfig": "train", "Trainer": "train", "Callback": "train", "train_run": "train",
+    # the lessons: gradlab.shatter is the module, so its entry points are exported by these names
+    "ShatterConfig": "shatter", "shatter_networks": "shatter", "shatter_runs": "shatter",
+    "lesion_study": "lesion", "lesion_runs": "lesion",
     # the run directory (no torch)
     "load_run": "runs", "Run": "runs", "RunError": "runs", "load_sweep": "runs", "Sweep": "runs",
     "SweepGrid": "sweep", "run_sweep": "sweep", "expand": "sweep", "cell_status": "sweep",
 }
 
+_RENAMED = {"select_probes": "select", "shatter_networks": "shatter"}  # exported name -> the module's
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         module = import_module(f".{_EXPORTS[name]}", __name__)
-        value = getattr(module, "select" if name == "select_probes" else name)
+        value = getattr(module, _RENAMED.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gradlab' has no attribute {name!r}")

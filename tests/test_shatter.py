@@ -251,3 +251,12 @@ def test_cli_on_a_run_stores_its_measurement_in_the_run_directory_for_the_report
     assert f"stored in {run / lessons.SHATTER_FOLDER}" in result.stderr
     pairs, images = lessons.read_shatter(run / lessons.SHATTER_FOLDER)
     assert set(pairs["run"]) == {"good"} and (pairs["weights"] == "trained").all() and len(images)
+
+
+def test_the_lessons_are_in_the_public_api():
+    import gradlab
+    from gradlab import lesion, shatter
+
+    assert gradlab.shatter_networks is shatter.shatter and gradlab.ShatterConfig is shatter.ShatterConfig
+    assert gradlab.shatter_runs is shatter.shatter_runs
+    assert gradlab.lesion_study is lesion.lesion_study and gradlab.lesion_runs is lesion.lesion_runs
