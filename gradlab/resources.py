@@ -21,11 +21,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import schema
 from .runs import RunError
 
 GiB = 1024 ** 3
 IMAGE_BYTES = 3 * 32 * 32  # one uint8 CIFAR-10 image
-POOL_IMAGES = 50_000  # the training pool of both datasets, split into train and validation
+POOL_IMAGES = schema.POOL_IMAGES  # the training pool of both datasets, split into train and validation
 TEST_IMAGES = 10_000
 
 # Bytes autograd saves for backward, per image: stem = a + b * width, block = c * width.

@@ -143,6 +143,8 @@ def stack_block(module_types) -> str:
     order, each once, joined with "/" ("BasicBlock", "BasicBlock/Bottleneck"); UNKNOWN for none."""
     distinct = [str(t) for t in dict.fromkeys(module_types) if isinstance(t, str) and t]
     return "/".join(distinct) or UNKNOWN
+
+
 DIVERGED = "diverged"  # the status, and the first word of a diverged verdict
 DIVERGED_FIELDS = ("step", "epoch", "layer", "position", "cause")  # summary.json's "diverged" object
 
