@@ -44,7 +44,7 @@ def gradient_images() -> pd.DataFrame:
 
 def lesion_frame() -> pd.DataFrame:
     rows = []
-    for block, depth, intact in (("conv", 8, 0.6), ("res", 8, 0.62), ("res", 4, 0.55)):
+    for block, depth, intact in (("conv", 8, 0.6), ("res", 16, 0.62), ("res", 4, 0.55)):
         run = f"{block}-d{depth}"
         keys = {"run": run, "model": "deepcnn", "block": block, "depth": depth, "width": 32, "norm": "batch", "seed": 0}
         rows.append({**keys, "experiment": "intact", "k": 0, "draw": 0, "blocks": "", "stack_index": -1,
@@ -96,7 +96,7 @@ def test_lesion_figures_mark_what_cannot_be_deleted_and_draw_a_line_per_network(
     assert "cannot be deleted" in single._supxlabel.get_text()
     assert len(single.axes[0].get_legend().get_texts()) == 3
     k = lf.lesion_k_blocks(lessons.lesion_k(lesion_frame()))
-    assert [t.get_text() for t in k.axes[0].get_legend().get_texts()] == ["conv, depth 8", "res, depth 4", "res, depth 8"]
+    assert [t.get_text() for t in k.axes[0].get_legend().get_texts()] == ["conv, depth 8", "res, depth 4", "res, depth 16"]
 
 
 @pytest.mark.parametrize("name, draw", [

@@ -200,8 +200,11 @@ def lesion_k_blocks(k_summary: pd.DataFrame, chance: float | None = CHANCE, titl
     colours = _run_colours(df)
     fig, axes = _figure(1, 1, (5.6, 3.8))
     ax = axes[0, 0]
-    for run, rows in df.groupby("run", sort=False):
-        rows = rows.sort_values("k")
+    firsts = df.drop_duplicates("run")
+    depths = _numeric(firsts["depth"]) if "depth" in firsts else pd.Series(0, index=firsts.index)
+    order = firsts.assign(_depth=depths).sort_values(["block", "_depth"], kind="stable")["run"]  # depth as a number
+    for run in order:
+        rows = df.loc[df["run"] == run].sort_values("k")
         ax.errorbar(rows["k"], rows["mean"], yerr=rows["std"].fillna(0), color=colours[run], marker="o", linewidth=2,
                     capsize=3, label=_run_label(rows.iloc[0].to_dict()))
     _chance(ax, chance)
