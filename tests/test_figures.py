@@ -178,6 +178,13 @@ def test_accuracy_vs_depth_has_a_panel_per_accuracy_and_survives_nan():
     assert len(axes) == 2
     assert [ax.get_title() for ax in axes] == ["test accuracy", "best validation accuracy"]
     assert all(len(ax.get_lines()) >= 2 for ax in axes)  # a line per block type (and the chance line)
+    assert [ax.get_ylim() for ax in axes] == [(0.0, 0.7)] * 2  # from 0, never zoomed onto the spread
+
+
+def test_accuracies_near_chance_are_drawn_on_an_axis_from_zero():
+    table = runs_table().assign(test_acc=lambda t: 0.09 + 0.002 * t["depth"], best_val_acc=0.1)
+    fig = figures.accuracy_vs_depth(table, chance=0.1)
+    assert all(ax.get_ylim() == (0.0, 0.2) for ax in _panels(fig))
 
 
 def test_accuracy_vs_depth_says_when_no_run_finished():

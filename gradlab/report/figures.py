@@ -476,9 +476,12 @@ def accuracy_vs_depth(runs: pd.DataFrame, chance: float | None = None, title: st
                       metrics: Sequence[str] = ("test_acc", "best_val_acc")) -> Figure:
     """Accuracy against depth per network: one panel per accuracy column, one dot per run,
     a line through the mean over seeds (seaborn's estimator). ``chance`` draws a dotted line.
-    Runs whose ``status`` is "diverged" are drawn as ✕ instead of a dot."""
+    Runs whose ``status`` is "diverged" are drawn as ✕ instead of a dot. The accuracy axis
+    starts at 0: a zoomed axis would make a few points between networks at chance look like a
+    result."""
     fig, axes = _figure(1, len(metrics), (4.3, 3.4), sharey=True)
     base = _missing(runs, ["block", "depth"], "accuracy_vs_depth")
+    top = 0.0  # the highest finite accuracy drawn, for the shared axis
     for j, metric in enumerate(metrics):
         ax = axes[0, j]
         ax.set_title(ACCURACY_LABELS.get(metric, metric))
@@ -511,6 +514,8 @@ def accuracy_vs_depth(runs: pd.DataFrame, chance: float | None = None, title: st
             ax.annotate("chance", (1, chance), xycoords=("axes fraction", "data"), xytext=(-2, 2),
                         textcoords="offset points", ha="right", fontsize=8, color="0.35")
         _depth_axis(ax, data["depth"])
+        top = max(top, float(data["acc"].max()), chance or 0.0)
+        ax.set_ylim(0, min(1.0, math.ceil((top + 0.05) * 10) / 10))
         _percent(ax)
         ax.set_ylabel("accuracy" if j == 0 else "")
         if ax.get_legend() is not None:
