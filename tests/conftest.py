@@ -31,6 +31,34 @@ def small_splits():
                   classes=arrays.classes, synthetic=True, dataset="synthetic")
 
 
+def train_tiny_sweep(out: Path, splits, blocks, depths):
+    """Width-4 networks of ``blocks`` x ``depths``, two epochs on ``splits``, trained into
+    ``out/runs/<cell>`` as gradlab.sweep lays them out; returns the cell names and the base
+    TrainConfig (the caller writes sweep.json).
+    One thread: width-4 nets are fastest so, and on a shared CPU two threads spin-wait for each
+    other (measured: 3 s with one thread, 25-45 s with two while another process runs)."""
+    from dataclasses import replace
+
+    import torch
+
+    from gradlab.sweep import cell_name
+    from gradlab.train import TrainConfig, train_run
+
+    base = TrainConfig(dataset="synthetic", width=4, epochs=2, batch_size=100, lr=3e-3, device="cpu",
+                       eval_batch_size=4096)
+    cells, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for block in blocks:
+            for depth in depths:
+                config = replace(base, block=block, depth=depth)
+                cells.append(cell_name(config))
+                train_run(config, out / "runs" / cells[-1], splits=splits)
+    finally:
+        torch.set_num_threads(threads)
+    return cells, base
+
+
 @pytest.fixture
 def small_config():
     from gradlab.train import TrainConfig

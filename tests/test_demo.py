@@ -1,7 +1,6 @@
 """gradlab demo: where its report goes, and its closing sentences on real (tiny) trained networks."""
 import json
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,25 +26,10 @@ def test_the_demo_writes_its_report_outside_the_committed_gallery():
 def test_the_demos_closing_sentences_name_the_budget_its_networks_trained_for(tmp_path, small_splits):
     """Two epochs of 4 steps on 400 images, as the demo's sweep lays them out; every network is
     still near chance after 8 steps, and the sentences say that 8 steps cannot tell."""
-    import torch
-
-    from gradlab.sweep import cell_name
-    from gradlab.train import TrainConfig, train_run
+    from conftest import train_tiny_sweep
 
     sweep_dir = tmp_path / "train"
-    base = TrainConfig(dataset="synthetic", width=4, epochs=2, batch_size=100, lr=3e-3, device="cpu",
-                       eval_batch_size=4096)
-    cells = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # width-4 nets: one thread is fastest on a shared CPU
-    try:
-        for block in ("conv", "res"):
-            for depth in (2, 16):
-                config = replace(base, block=block, depth=depth)
-                cells.append(cell_name(config))
-                train_run(config, sweep_dir / "runs" / cells[-1], splits=small_splits)
-    finally:
-        torch.set_num_threads(threads)
+    cells, _ = train_tiny_sweep(sweep_dir, small_splits, ("conv", "res"), (2, 16))
     (sweep_dir / "sweep.json").write_text(json.dumps({"cells": cells}))
     trained = _trained_table(sweep_dir)
     assert trained[["block", "depth", "steps", "train_images", "epochs_done"]].values.tolist() == [

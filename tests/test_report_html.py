@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -35,27 +35,10 @@ HOSTILE_PROCESSOR = "<b onmouseover=alert(2)>x86</b>"
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory, small_splits) -> Path:
     """A sweep folder laid out as gradlab.sweep writes it: sweep.json and runs/<cell>/."""
-    import torch
-
-    from gradlab.sweep import cell_name
-    from gradlab.train import TrainConfig, train_run
+    from conftest import train_tiny_sweep
 
     out = tmp_path_factory.mktemp("report") / "tiny-sweep"
-    base = TrainConfig(dataset="synthetic", width=4, epochs=2, batch_size=100, lr=3e-3, device="cpu",
-                       eval_batch_size=4096)
-    cells = []
-    threads = torch.get_num_threads()
-    # Width-4 nets: one thread is fastest, and on a shared CPU two threads spin-wait for each
-    # other (measured: 3 s with one thread, 25-45 s with two while another process runs).
-    torch.set_num_threads(1)
-    try:
-        for block in ("conv", "res", "skip"):
-            for depth in (1, 3):
-                config = replace(base, block=block, depth=depth)
-                cells.append(cell_name(config))
-                train_run(config, out / "runs" / cells[-1], splits=small_splits)
-    finally:
-        torch.set_num_threads(threads)
+    cells, base = train_tiny_sweep(out, small_splits, ("conv", "res", "skip"), (1, 3))
     grid = {"blocks": ["conv", "res", "skip"], "depths": [1, 3], "seeds": [0], "norms": ["batch"]}
     (out / "sweep.json").write_text(json.dumps({"grid": grid, "base": asdict(base), "cells": cells}))
     return out
