@@ -12,6 +12,14 @@ spikes of a shared machine).
 
     python benchmarks/recorder_overhead.py --reps 20 --steps 2 --depths 6 32 --blocks conv res
         [--model torchvision:resnet18] [--precision fp32|bf16] [--no-channels-last] [--threads T]
+        [--tensorboard] [--flush-every N]
+
+``--tensorboard`` adds a fifth copy: the recorder whose flushes also go to a
+``gradlab.integrations.tensorboard.TensorBoardSink`` (as ``gradlab train --tensorboard``), so
+its ratio against the plain recorder's is the sink's cost. A flush happens every
+``--flush-every`` recorded steps (the trainer's 64 by default); its cost is per recorded row, so
+a smaller N puts flushes inside the timed steps of a short benchmark without changing the cost
+per step.
 
 The models run as gradlab's trainer runs them: channels-last activations by default, and
 with ``--precision bf16`` under bfloat16 autocast (the recorder's statistics stay float32).
@@ -23,6 +31,7 @@ import contextlib
 import copy
 import math
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -147,18 +156,33 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
     spec = ModelSpec.parse(args.model)
     base = spec.build(block=block, depth=depth, width=args.width) if spec.kind == "deepcnn" else spec.build()
     base = base.to(memory_format=memory_format)
-    models = {name: copy.deepcopy(base) for name in ("none", "recorder", "eager", "naive")}
+    variants = ("none", "recorder", "eager", "naive") + (("tensorboard",) if args.tensorboard else ())
+    models = {name: copy.deepcopy(base) for name in variants}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
     x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=memory_format)
     bf16 = args.precision == "bf16"
     y = torch.randint(0, 10, (args.batch,))
     kept = []  # the recorder's flushed columns; a real sink would write them to disk
+    flush = args.flush_every
     recorders = {
         "none": None,
-        "recorder": Recorder(models["recorder"], every=1, optimizer=optimizers["recorder"], sink=kept.append),
-        "eager": Recorder(models["eager"], every=1, optimizer=optimizers["eager"], sink=kept.append),
+        "recorder": Recorder(models["recorder"], every=1, optimizer=optimizers["recorder"], sink=kept.append,
+                             flush_every=flush),
+        "eager": Recorder(models["eager"], every=1, optimizer=optimizers["eager"], sink=kept.append, flush_every=flush),
         "naive": NaiveRecorder(models["naive"]),
     }
+    board = None
+    if args.tensorboard:
+        from gradlab.integrations.tensorboard import TensorBoardSink
+
+        board = TensorBoardSink(tempfile.mkdtemp(prefix="gradlab-bench-tb-"))
+
+        def both(columns) -> None:
+            kept.append(columns)
+            board(columns)
+
+        recorders["tensorboard"] = Recorder(models["tensorboard"], every=1, optimizer=optimizers["tensorboard"],
+                                            sink=both, flush_every=flush)
     for r in recorders.values():
         if r is not None:
             r.__enter__()
@@ -178,11 +202,17 @@ def measure(block: str, depth: int, args: argparse.Namespace) -> dict[tuple[str,
         for r in recorders.values():
             if r is not None:
                 r.__exit__(None, None, None)
+        if board is not None:
+            board.close()
     result = {("none", clock): statistics.median(t[clock] for t in times["none"]) for clock in (0, 1)}
     result["kernels", 0] = kernel_seconds / result["none", 0]
-    for name in ("recorder", "eager", "naive"):  # ratios within each repetition, then their median
+    for name in variants[1:]:  # ratios within each repetition, then their median
         for clock in (0, 1):
             result[name, clock] = statistics.median(t[clock] / b[clock] for t, b in zip(times[name], times["none"]))
+    if args.tensorboard:  # the sink's own cost: against the plain recorder in the same repetition
+        for clock in (0, 1):
+            result["tb_vs_recorder", clock] = statistics.median(
+                t[clock] / r[clock] for t, r in zip(times["tensorboard"], times["recorder"]))
     return result
 
 
@@ -200,6 +230,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="NHWC activations, gradlab's default")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also time the recorder with the TensorBoard sink (needs gradlab[tensorboard])")
+    parser.add_argument("--flush-every", type=int, default=64, help="recorded steps per flush (the trainer's: 64)")
     args = parser.parse_args()
     # The naive recorder's hook on conv1, whose input needs no gradient, warns once per step.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -216,14 +249,16 @@ def main() -> None:
     print("kernels: the recorder's time inside its compiled kernels, over the bare step (its floor)")
     if args.model != "deepcnn":  # one model: blocks and depths are the DeepCNN's options
         args.blocks, args.depths = [args.model], [0]
+    board = f" {'+tensorboard':>18} {'tb/recorder':>18}" if args.tensorboard else ""
     print(f"{'block':>7} {'depth':>5} {'bare ms':>9} {'recorder':>18} {'kernels':>8} {'eager ops':>18} "
-          f"{'naive (.item())':>18}")
+          f"{'naive (.item())':>18}{board}")
     for block in args.blocks:
         for depth in args.depths:
             t = measure(block, depth, args)
-            recorder, eager, naive = (f"{t[name, 0]:6.3f}x ({t[name, 1]:.3f}x)" for name in ("recorder", "eager", "naive"))
+            names = ("recorder", "eager", "naive") + (("tensorboard", "tb_vs_recorder") if args.tensorboard else ())
+            recorder, eager, naive, *tb = (f"{t[name, 0]:6.3f}x ({t[name, 1]:.3f}x)" for name in names)
             print(f"{block:>7} {depth:>5} {t['none', 0] * 1e3:9.1f} {recorder:>18} {t['kernels', 0]:7.1%} "
-                  f"{eager:>18} {naive:>18}", flush=True)
+                  f"{eager:>18} {naive:>18}" + "".join(f" {x:>18}" for x in tb), flush=True)
 
 
 if __name__ == "__main__":

@@ -599,6 +599,26 @@ def _flow_phase(records: pd.DataFrame, phase: str, diverged: pd.DataFrame | None
     return out[FLOW_COLUMNS]
 
 
+def first_to_last_by_step(records: pd.DataFrame) -> pd.DataFrame:
+    """``run, step, first_to_last`` at every recorded step: the flow summary's headline ratio
+    taken one step at a time (no phase median), for views that follow a run as it trains, such
+    as TensorBoard. NaN where the flow summary's would be (0/0, a non-finite norm); runs without
+    two stack blocks have no rows. Records without a ``run`` column are one run named ""."""
+    norms = records.loc[records["metric"] == "grad_out_norm"]
+    if "run" not in norms:
+        norms = norms.assign(run="")
+    index = _stack_index(norms)
+    blocks = norms.assign(index=index).loc[index.notna()]
+    last_index = blocks.groupby("run")["index"].transform("max")
+    blocks = blocks.loc[last_index >= 1]
+    last_index = last_index.loc[blocks.index]
+    first = blocks.loc[blocks["index"] == 0].set_index(["run", "step"])["value"]
+    last = blocks.loc[blocks["index"] == last_index].set_index(["run", "step"])["value"]
+    pair = pd.concat({"first": first, "last": last}, axis=1, join="inner")
+    ratio, _ = _verdicts(pair["first"].to_numpy(float), pair["last"].to_numpy(float), np.ones(len(pair), bool))
+    return pair.index.to_frame(index=False).assign(first_to_last=ratio)
+
+
 def flow_summary(
     records: pd.DataFrame,
     runs: pd.DataFrame | None = None,

@@ -255,7 +255,10 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(), help="Run directory to write (or resume). Required.")
 @click.option("--restart", is_flag=True, help="Discard what --out holds and train from scratch.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines; only the result.")
-def train(out: str, restart: bool, quiet: bool, **options) -> None:
+@click.option("--tensorboard", "tensorboard", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Also write the records, losses and accuracies as TensorBoard scalars into DIR while training "
+                   "(needs gradlab[tensorboard]). Default: none.")
+def train(out: str, restart: bool, quiet: bool, tensorboard: str | None, **options) -> None:
     """Train one network on CIFAR-10 into a run directory, recording gradient flow.
 
     The network is the notebook's DeepCNN unless --model names a torchvision model or your own factory.
@@ -264,13 +267,17 @@ def train(out: str, restart: bool, quiet: bool, **options) -> None:
     """
     from .train import train_run
 
+    problem = _unwritable(tensorboard, folder=True) if tensorboard else None
+    if problem:
+        raise BadInput(f"--tensorboard {tensorboard}: {problem}; choose another DIR")
     try:
         config, record = _split_options(options)
-        summary = train_run(config, out, record=record, restart=restart, callbacks=[_Console(quiet)])
+        summary = train_run(config, out, record=record, restart=restart, callbacks=[_Console(quiet)],
+                            tensorboard=tensorboard)
     except RunFinished as done:
         click.echo(str(done))
         return
-    except ValueError as exc:  # DataError, RunError and bad options all derive from ValueError
+    except (ValueError, ImportError) as exc:  # DataError, RunError, bad options; a missing extra
         raise BadInput(str(exc)) from None
     except OSError as exc:
         raise _os_error(exc, f"training into {out}") from None
@@ -865,6 +872,38 @@ def lesion(path, draws, seed, reorder, batch_size, recompute, data_root, device,
                    "--recompute evaluates again)", err=True)
     for name, why in skipped.items():
         click.echo(f"gradlab: warning: skipped {name}: {why}", err=True)
+
+
+TENSORBOARD_SAMPLES = 1000  # steps per scalar tag that TensorBoard shows by default
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--tensorboard", "logdir", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Folder for the TensorBoard runs: DIR/<run name> per gradlab run (needs gradlab[tensorboard]).")
+def export(path: str, logdir: str) -> None:
+    """Export a run or a sweep to TensorBoard: every record, loss and accuracy as a scalar.
+
+    One TensorBoard run per gradlab run, so a whole sweep can be compared in
+    `tensorboard --logdir DIR`. TensorBoard shows at most 1,000 steps per tag unless started with
+    `--samples_per_plugin scalars=N`; the command to view the export says N when it matters.
+    Exporting again replaces an earlier export of the same run.
+    """
+    from .integrations.tensorboard import export as export_runs
+
+    problem = _unwritable(logdir, folder=True)
+    if problem:
+        raise BadInput(f"--tensorboard {logdir}: {problem}; choose another DIR")
+    try:
+        written = export_runs(path, logdir)
+    except (ValueError, ImportError) as exc:
+        raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise _os_error(exc, f"exporting to {logdir}") from None
+    steps = max(run.steps for run in written.values())
+    click.echo(f"wrote {sum(run.scalars for run in written.values()):,} scalars of {len(written)} run(s) to {logdir}")
+    every_step = f" --samples_per_plugin scalars={steps}" if steps > TENSORBOARD_SAMPLES else ""
+    click.echo(f"view them with: tensorboard --logdir {logdir}{every_step}")
 
 
 if __name__ == "__main__":
