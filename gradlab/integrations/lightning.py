@@ -47,7 +47,6 @@ One process and one optimizer; an existing run directory is refused, not resumed
 """
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import time
@@ -68,8 +67,6 @@ except ImportError as exc:  # the extra is optional; say how to get it
 from gradlab import __version__, analysis, runs, schema, specs
 from gradlab.models import count_parameters
 from gradlab.recorder import Recorder, RecordConfig
-
-log = logging.getLogger("gradlab")
 
 HISTORY_METRICS = {  # gradlab's history column -> the logged names it is read from, first found wins
     "train_loss": ("train_loss", "train_loss_epoch", "train/loss"),
