@@ -126,6 +126,7 @@ def metric_label(name: str) -> str:
 
 RUN_KEYS = ("run", "model", "block", "depth", "width", "norm", "seed")  # what identifies a run in a sweep
 DEFAULT_MODEL = "deepcnn"
+HEADLINE_RATIO = "gradlab/first_to_last"  # the per-step first-to-last gradient ratio in other tools (TensorBoard, loggers)
 UNKNOWN = "n/a"  # a run key the run does not define (the norm of a model gradlab did not build)
 POOL_IMAGES = 50_000  # the training pool of CIFAR-10 and of the synthetic set, split into train and validation
 PHASES = ("init", "epoch1", "end")

@@ -365,6 +365,110 @@ def test_setting_the_step_during_a_step_renumbers_or_drops_it():
     assert list(rec.frame().step.unique()) == [6]
 
 
+
+# ---------------------------------------------------------------------------------------
+# manual steps: the caller marks the step (optimizer.step(closure), gradient accumulation)
+
+
+def closure_steps(rec, model, opt, batches, manual: bool) -> None:
+    """Lightning's automatic optimisation in miniature: forward and backward run inside
+    ``opt.step(closure)``; with ``manual`` the closure ends with ``rec.before_update()`` (where
+    Lightning calls on_before_optimizer_step) and ``rec.after_update()`` follows the step."""
+    for batch in batches:
+        def closure():
+            opt.zero_grad()
+            loss = 0.0
+            for x, y in batch:  # several (x, y): gradient accumulation over micro-batches
+                part = F.cross_entropy(model(x), y) / len(batch)
+                part.backward()
+                loss = loss + part.detach()
+            rec.record_loss(loss)
+            if manual:
+                rec.before_update()
+            return loss
+
+        opt.step(closure)
+        if manual:
+            rec.after_update()
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_manual_steps_around_a_closure_record_what_the_optimizer_hooks_record_in_a_plain_loop(opt_name, backend):
+    x, y = make_batch(n=8, dtype=torch.float32)
+    make_opt = (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)) if opt_name == "sgd" else \
+        (lambda ps: torch.optim.Adam(ps, lr=1e-2))
+
+    def run(manual: bool):
+        model = make_model("res", depth=3, dtype=torch.float32)
+        opt = make_opt(model.parameters())
+        torch.manual_seed(7)  # dropout masks
+        with Recorder(model, optimizer=None if manual else opt, manual_steps=manual) as rec:
+            if manual:
+                closure_steps(rec, model, opt, [[(x, y)]] * 3, manual=True)
+            else:
+                run_steps(rec, model, x, y, 3, opt)
+        assert all_hooks_removed(model, opt)
+        return rec.frame(), model
+
+    (plain, plain_model), (manual, manual_model) = run(False), run(True)
+    pd.testing.assert_frame_equal(manual, plain)  # the same records, bit for bit
+    assert sorted(plain.step.unique()) == [0, 1, 2] and plain.metric.isin(["param_grad_norm", "update_ratio"]).any()
+    for a, b in zip(plain_model.parameters(), manual_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_optimizer_hooks_cannot_see_the_gradients_of_a_closure_step():
+    """The trap manual_steps exists for: a step pre-hook fires before the closure's backward."""
+    x, y = make_batch(n=8, dtype=torch.float32)
+    model = make_model("conv", dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Recorder(model, optimizer=opt) as rec:
+        closure_steps(rec, model, opt, [[(x, y)]], manual=False)
+    got = values(rec.frame())
+    grads = math.sqrt(sum(sq(p.grad) for p in model.parameters()))
+    assert grads > 0 and ("model", "param_grad_norm") not in got  # no gradient existed when it measured
+
+
+def test_manual_steps_with_accumulation_measure_the_summed_gradient_once_per_step(backend):
+    x, y = make_batch(n=8, dtype=torch.float64)
+    model = make_model("res", depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+    before = [p.detach().clone() for p in model.parameters()]
+    with Recorder(model, manual_steps=True) as rec:
+        for m in model.modules():  # no dropout or batch statistics: the halves sum to the full batch
+            if isinstance(m, (torch.nn.Dropout, torch.nn.BatchNorm2d)):
+                m.eval()
+        closure_steps(rec, model, opt, [halves, halves], manual=True)
+        assert rec.step == 2
+    df = rec.frame()
+    assert sorted(df.step.unique()) == [0, 1]
+    twin = make_model("res", depth=2).eval()
+    for p, b in zip(twin.parameters(), before):
+        assert torch.equal(p, b)
+    F.cross_entropy(twin(x), y).backward()  # the full batch: the gradient the two halves summed to
+    expected = math.sqrt(sum(sq(p.grad) for p in twin.parameters()))
+    assert_close(values(df)["model", "param_grad_norm"], expected, "accumulated param_grad_norm", rtol=1e-9)
+    with torch.no_grad():
+        out = twin(x[4:])  # activation statistics: those of the step's last micro-batch
+    assert_close(values(df)["linear1", "act_mean"], out.mean().item(), "last micro-batch act_mean", rtol=1e-9)
+
+
+def test_manual_steps_are_checked():
+    model = make_model("conv", dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="pass no optimizer"):
+        Recorder(model, optimizer=opt, manual_steps=True)
+    with Recorder(model, optimizer=opt) as rec:
+        with pytest.raises(RuntimeError, match="manual_steps=True"):
+            rec.before_update()
+        with pytest.raises(RuntimeError, match="manual_steps=True"):
+            rec.after_update()
+    rec = Recorder(model, manual_steps=True)
+    rec.before_update()  # not entered: nothing happens
+    rec.after_update()
+    assert rec.step == 0 and rec.frame().empty
+
 def test_schedules():
     assert [s for s in range(10) if every(3)(s)] == [0, 3, 6, 9]
     assert not any(every(0)(s) for s in range(10))

@@ -129,7 +129,7 @@ def _record_rows(records: pd.DataFrame | Mapping[str, np.ndarray], width: int | 
     row_tags = tags(frame["metric"].to_numpy(), frame["layer"].to_numpy(), frame["position"].to_numpy(), width)
     ratio = analysis.first_to_last_by_step(frame)
     steps = np.r_[frame["step"].to_numpy(np.int64), ratio["step"].to_numpy(np.int64)]
-    all_tags = np.r_[row_tags, np.full(len(ratio), f"{HEADLINE}/first_to_last", dtype=object)]
+    all_tags = np.r_[row_tags, np.full(len(ratio), schema.HEADLINE_RATIO, dtype=object)]
     values = np.r_[frame["value"].to_numpy(np.float64), ratio["first_to_last"].to_numpy(np.float64)]
     return steps, all_tags, values
 

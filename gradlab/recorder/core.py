@@ -63,6 +63,13 @@ class Recorder:
     model's declared points, else the automatic rule). Residual blocks are split into branch
     and skip by their declared decomposition (``probes.Residual``), never by guessing.
 
+    ``manual_steps``: the caller ends each step instead of an optimizer's hooks or the backward
+    pass: ``before_update()`` once the step's gradients are complete, ``after_update()`` once
+    the parameters are updated. For loops that run forward and backward inside
+    ``optimizer.step(closure)`` (Lightning's automatic optimisation), where an optimizer's step
+    pre-hook fires before the gradients exist; and for gradient accumulation, where several
+    backward passes make one step.
+
     A forward pass in training mode with gradients enabled belongs to step ``step``;
     evaluation passes (``no_grad``, ``inference_mode``, ``model.eval()``) are not recorded.
     If one step runs several forward passes, the last one's statistics are kept.
@@ -81,7 +88,12 @@ class Recorder:
         flush_every: int = 64,
         start_step: int = 0,
         probes: probe_specs.Selection = None,
+        manual_steps: bool = False,
     ) -> None:
+        if manual_steps and optimizer is not None:
+            raise ValueError("manual_steps=True: the caller's before_update() and after_update() end each step, "
+                             "so pass no optimizer (its step hooks would end the steps too)")
+        self.manual_steps = bool(manual_steps)
         self.schedule: Schedule = every if callable(every) else every_n_steps(every)
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
@@ -148,7 +160,9 @@ class Recorder:
                     for path, name in (("branch", residual.entry), ("skip", residual.skip)):
                         self._handles.append(sub(name).register_forward_pre_hook(
                             functools.partial(self._on_path_input, row, path)))
-            if self.optimizer is None:
+            if self.manual_steps:
+                pass  # before_update() and after_update() mark the step
+            elif self.optimizer is None:
                 self._hook(self.model, self._on_model_forward)
             else:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_pre_step))
@@ -355,7 +369,7 @@ class Recorder:
         state = self._state
         if state is not None:
             state.forget_backward()
-        if self.optimizer is None:
+        if self.optimizer is None and not self.manual_steps:
             if self._on:
                 self._measure_params(self._begin(), keep_before=False)
             self._end_step()
@@ -363,10 +377,35 @@ class Recorder:
     # -- parameters and the optimizer ---------------------------------------------------
 
     def _on_optimizer_pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._before_update()
+
+    def _on_optimizer_post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._after_update()
+
+    def before_update(self) -> None:
+        """``manual_steps``: the step's gradients are complete and the parameters not yet updated.
+        Measures the parameter and gradient norms and keeps the parameters for the update norm."""
+        self._check_manual("before_update")
+        if self._active:
+            self._before_update()
+
+    def after_update(self) -> None:
+        """``manual_steps``: the parameters are updated. Measures the update norm, keeps the step's
+        records and advances ``step``."""
+        self._check_manual("after_update")
+        if self._active:
+            self._after_update()
+
+    def _check_manual(self, name: str) -> None:
+        if not self.manual_steps:
+            raise RuntimeError(f"{name}() is for a Recorder made with manual_steps=True; this one ends its steps "
+                               "with the optimizer's step hooks or the backward pass")
+
+    def _before_update(self) -> None:
         if self._on:
             self._measure_params(self._begin(), keep_before=True)
 
-    def _on_optimizer_post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _after_update(self) -> None:
         state = self._state
         if self._measure is not None:
             if self._on and state is not None:
