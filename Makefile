@@ -59,13 +59,14 @@ test-fast: $(VENV)/.dev $(DATA_STAMP)
 	$(PY) -m pytest -m "not slow"
 
 # The performance table of README.md: every benchmark, side by side against the notebook's pipeline.
-bench: $(VENV)/.base $(DATA_STAMP)
+bench: $(VENV)/.dev $(DATA_STAMP)  # .dev: the TensorBoard sink's row needs the tensorboard extra
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/allocator.py
 	$(PY) benchmarks/recorder_overhead.py --reps 20 --depths 6 32 --blocks conv res
 	$(PY) benchmarks/recorder_overhead.py --reps 20 --depths 6 32 --blocks conv res --precision bf16
 	$(PY) benchmarks/recorder_overhead.py --reps 10 --model torchvision:resnet18
+	$(PY) benchmarks/recorder_overhead.py --reps 12 --depths 6 32 --blocks conv res --tensorboard --flush-every 8 --threads 1
 	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/epoch.py
 	$(PY) benchmarks/precision.py
