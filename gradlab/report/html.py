@@ -200,15 +200,6 @@ def _phase_records(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, 
             pd.concat(evidence, ignore_index=True) if evidence else empty, unreadable)
 
 
-def _curves(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(steps, history) of ``runs`` with the run keys (``Run.identity``) in front."""
-    steps = [r.steps.assign(**r.identity()) for r in runs if not r.steps.empty]
-    history = [r.history.assign(**r.identity()) for r in runs if not r.history.empty]
-    empty = pd.DataFrame(columns=list(RUN_KEYS))
-    return (pd.concat(steps, ignore_index=True) if steps else empty,
-            pd.concat(history, ignore_index=True) if history else empty)
-
-
 def _samples(runs: list[Run]) -> tuple[np.ndarray, list[str]] | None:
     for run in runs:
         path = run.path / SAMPLES
@@ -583,7 +574,8 @@ def _training(sweep: Sweep, runs: pd.DataFrame, diverged: pd.DataFrame, dpi: int
                     "colours are deeper nets.")
     chosen, note = _curve_selection(runs)
     by_name = {r.name: r for r in sweep.runs}
-    steps, history = _curves([by_name[name] for name in chosen["run"]])
+    shown = replace(sweep, runs=[by_name[name] for name in chosen["run"]])
+    steps, history = shown.steps(), shown.history()
     if steps.empty and history.empty:
         section.notes.append("No finished epochs yet.")
         return section
