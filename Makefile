@@ -20,7 +20,7 @@ endif
 # The HTML report tests drive Debian's chromium through playwright (never a downloaded browser).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test test-fast bench data install browser clean
+.PHONY: demo test test-fast bench data install browser clean strip-notebooks
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench: $(VENV)/.dev $(DATA_STAMP)  # .dev: the TensorBoard sink's row needs the 
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/demo_time.py
 	$(PY) benchmarks/lessons_time.py
+
+# The lesson notebook is committed without outputs (tests/test_notebook.py checks): run this after editing it in Jupyter.
+strip-notebooks: $(VENV)/.dev
+	$(PY) examples/strip_outputs.py examples/*.ipynb
 
 clean:
 	rm -rf $(VENV) .data runs .pytest_cache

@@ -463,6 +463,24 @@ class Sweep:
         combined = pd.concat(frames, ignore_index=True)
         return combined[[*RUN_KEYS, *RECORD_COLUMNS]]
 
+    def steps(self) -> pd.DataFrame:
+        """Every run's loss per optimizer step (``Run.steps``) with the run keys in front: what
+        ``report.figures.training_curves`` draws in its upper panels."""
+        return self._per_run("steps")
+
+    def history(self) -> pd.DataFrame:
+        """Every run's row per epoch (``Run.history``) with the run keys in front: the lower
+        panels of ``report.figures.training_curves``."""
+        return self._per_run("history")
+
+    def _per_run(self, frame: str) -> pd.DataFrame:
+        frames = [getattr(run, frame) for run in self.runs]
+        keyed = [f.assign(**run.identity()) for run, f in zip(self.runs, frames) if not f.empty]
+        if not keyed:
+            return pd.DataFrame(columns=list(RUN_KEYS))
+        combined = pd.concat(keyed, ignore_index=True)
+        return combined[[*RUN_KEYS, *(c for c in combined.columns if c not in RUN_KEYS)]]
+
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Read a sweep directory (or one run directory). A corrupt cell is named, not fatal."""

@@ -71,6 +71,14 @@ def test_gradient_flow_title_states_the_verdicts():
     assert "conv explodes toward the input" in text
 
 
+def test_gradient_flow_states_the_verdicts_from_shallow_to_deep():
+    verdicts = pd.DataFrame({"block": "conv", "norm": "batch", "depth": [2, 32, 8],  # flow_summary's order: by run name
+                             "first_to_last": [1.3, 4355.0, 6.2], "verdict": ["stable", "exploding", "stable"]})
+    fig = figures.gradient_flow(profile(blocks=("conv",), depths=(2, 8, 32), phases=("init",)), verdicts=verdicts)
+    title = _panels(fig)[0].get_title(loc="left")
+    assert [title.index(f"depth {d}:") for d in (2, 8, 32)] == sorted(title.index(f"depth {d}:") for d in (2, 8, 32))
+
+
 def test_gradient_flow_colours_are_shades_of_the_block_type():
     fig = figures.gradient_flow(profile(blocks=("res",), depths=(4,), phases=("init",)))
     (line,) = _data_lines(_panels(fig)[0])

@@ -178,7 +178,16 @@ def test_the_headline_figure_states_the_verdicts(report):
     assert len(flow.images) == 1
     assert "At initialisation (depth 3):" in flow.images[0].alt
     assert any(word in flow.images[0].alt for word in ("stays within", "stay within", "explode", "vanish"))
-    assert report.to_html() == report._repr_html_()
+
+
+def test_a_notebook_shows_the_page_in_a_frame_that_keeps_its_stylesheet_inside(report):
+    import html
+
+    inline = report._repr_html_()
+    assert inline.startswith("<iframe srcdoc=") and inline.endswith("</iframe>")
+    assert "<style>" not in inline and "<body" not in inline  # nothing that could restyle the notebook
+    (page,) = re.findall(r'srcdoc="([^"]*)"', inline)
+    assert html.unescape(page) == report.to_html()
 
 
 def test_the_depth_scaling_table_is_an_html_table(page):

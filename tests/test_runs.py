@@ -177,3 +177,24 @@ def test_the_runs_table_holds_each_runs_training_budget(tmp_path):
     runs.write_json(tmp_path / "run" / runs.SUMMARY, {"status": "complete", "epochs_done": 2, "steps_done": 80})
     row = runs.load_sweep(tmp_path / "run").table().iloc[0]
     assert (row["epochs_done"], row["steps"], row["train_images"], row["batch_size"]) == (2, 80, 10_000, 256)
+
+
+def test_a_sweeps_steps_and_history_carry_each_runs_keys_in_front(tmp_path):
+    root = tmp_path / "sweep"
+    for name, depth, losses in (("conv-d2-s0", 2, [2.3, 2.1]), ("conv-d8-s0", 8, [2.3, 2.2, 2.0])):
+        run_dir = make_run_dir(root / runs.RUNS_FOLDER / name,
+                               {"block": "conv", "depth": depth, "width": 8, "norm": "batch", "seed": 0})
+        runs.write_parquet(run_dir / runs.STEPS, pd.DataFrame({"step": range(len(losses)), "epoch": 0, "loss": losses}))
+        runs.write_parquet(run_dir / runs.HISTORY, pd.DataFrame({"epoch": [0], "train_acc": [0.2], "val_acc": [0.1]}))
+    make_run_dir(root / runs.RUNS_FOLDER / "res-d2-s0", {"block": "res", "depth": 2, "width": 8, "norm": "batch",
+                                                         "seed": 0})  # no step finished yet: no rows
+    runs.write_json(root / runs.SWEEP, {"cells": ["conv-d2-s0", "conv-d8-s0", "res-d2-s0"]})
+    sweep = runs.load_sweep(root)
+    steps, history = sweep.steps(), sweep.history()
+    assert steps.columns.tolist() == [*schema.RUN_KEYS, "step", "epoch", "loss"]
+    assert steps.groupby("run")["loss"].apply(list).to_dict() == {"conv-d2-s0": [2.3, 2.1],
+                                                                  "conv-d8-s0": [2.3, 2.2, 2.0]}
+    assert history.columns.tolist() == [*schema.RUN_KEYS, "epoch", "train_acc", "val_acc"]
+    assert history[["run", "depth"]].values.tolist() == [["conv-d2-s0", 2], ["conv-d8-s0", 8]]
+    empty = runs.Sweep(path=root, config={}, runs=[], unreadable={})
+    assert empty.steps().empty and empty.steps().columns.tolist() == list(schema.RUN_KEYS)

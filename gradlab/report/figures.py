@@ -270,6 +270,8 @@ def _verdict_lines(verdicts: pd.DataFrame | None, phase, network: str, several_n
     rows = verdicts.loc[verdicts["network"] == network]
     if phase is not None and "phase" in rows:
         rows = rows.loc[rows["phase"] == phase]
+    if "depth" in rows:  # shallow to deep, as the legend: flow_summary's rows come sorted by run name (d2, d32, d8)
+        rows = rows.iloc[np.argsort(_numeric(rows["depth"]).to_numpy(), kind="stable")]
     lines = []
     for row in rows.to_dict("records"):
         depth = row.get("depth")

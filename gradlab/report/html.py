@@ -49,6 +49,7 @@ import io
 import math
 import time
 from dataclasses import dataclass, field, replace
+from html import escape
 from pathlib import Path
 
 import jinja2
@@ -65,6 +66,7 @@ from gradlab.schema import DIVERGED, EVIDENCE, PHASE_WORDS, RECORD_COLUMNS, RUN_
 
 FIGURE_DPI = 192  # 2 × 96: PNGs shown at half their pixel width
 SCREEN_DPI = 96
+INLINE_HEIGHT = 800  # CSS pixels of the frame a notebook shows the page in; the page scrolls inside it
 MAX_HEATMAP_RUNS = 8  # more runs than this: the deepest of each (network, norm)
 MAX_DEPTHS = 6  # depths per network in the gradient-flow and branch/skip panels
 MAX_SEED_LINES = 12  # more lines than this per panel: only the lowest seed is drawn
@@ -146,7 +148,10 @@ class Report:
         return _TEMPLATE.render(report=self, version=__version__)
 
     def _repr_html_(self) -> str:
-        return self.to_html()
+        """The page in a frame: its stylesheet (body, h2, table, ...) would otherwise restyle the
+        whole notebook around it."""
+        return (f'<iframe srcdoc="{escape(self.to_html(), quote=True)}" title="{escape(self.title, quote=True)}" '
+                f'style="width: 100%; height: {INLINE_HEIGHT}px; border: 1px solid #d9dee2;"></iframe>')
 
     def section(self, id: str) -> Section:
         return next(s for s in self.sections if s.id == id)
@@ -198,15 +203,6 @@ def _phase_records(sweep: Sweep) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, 
     frames, evidence = [f for f in frames if not f.empty], [f for f in evidence if not f.empty]
     return (pd.concat(frames, ignore_index=True) if frames else empty,
             pd.concat(evidence, ignore_index=True) if evidence else empty, unreadable)
-
-
-def _curves(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(steps, history) of ``runs`` with the run keys (``Run.identity``) in front."""
-    steps = [r.steps.assign(**r.identity()) for r in runs if not r.steps.empty]
-    history = [r.history.assign(**r.identity()) for r in runs if not r.history.empty]
-    empty = pd.DataFrame(columns=list(RUN_KEYS))
-    return (pd.concat(steps, ignore_index=True) if steps else empty,
-            pd.concat(history, ignore_index=True) if history else empty)
 
 
 def _samples(runs: list[Run]) -> tuple[np.ndarray, list[str]] | None:
@@ -583,7 +579,8 @@ def _training(sweep: Sweep, runs: pd.DataFrame, diverged: pd.DataFrame, dpi: int
                     "colours are deeper nets.")
     chosen, note = _curve_selection(runs)
     by_name = {r.name: r for r in sweep.runs}
-    steps, history = _curves([by_name[name] for name in chosen["run"]])
+    shown = replace(sweep, runs=[by_name[name] for name in chosen["run"]])
+    steps, history = shown.steps(), shown.history()
     if steps.empty and history.empty:
         section.notes.append("No finished epochs yet.")
         return section
