@@ -212,7 +212,8 @@ def test_report_csv_sections_parse(report_inputs):
     for block in text.strip().split("\n\n")[1:]:
         name, _, body = block.partition("\n")
         sections[name.removeprefix("# ")] = pd.read_csv(io.StringIO(body), comment="#")
-    assert list(sections) == ["depth_scaling", "layers", "flow", "diverged", "unreadable", "budget"]
+    assert list(sections) == ["depth_scaling", "layers", "flow", "diverged", "unreadable", "budget", "width_depth",
+                              "spread"]
     assert sections["diverged"].empty and sections["unreadable"].columns.tolist() == ["cell", "reason"]
     scaling = sections["depth_scaling"]
     expected = pd.concat([analysis.depth_scaling(records, runs, p) for p in ("init", "end")])
@@ -226,8 +227,10 @@ def test_report_csv_sections_parse(report_inputs):
 
 def test_report_json_is_one_object(report_inputs):
     report = json.loads(report_text(*report_inputs, fmt="json"))
-    assert list(report) == ["header", "depth_scaling", "layers", "flow", "diverged", "unreadable", "budget"]
+    assert list(report) == ["header", "depth_scaling", "layers", "flow", "diverged", "unreadable", "budget",
+                            "width_depth", "spread"]
     assert report["diverged"] == [] and report["unreadable"] == []
+    assert report["width_depth"] == [] and report["spread"] == []  # one width, one seed: nothing to compare
     assert report["header"]["runs"] == 3 and report["header"]["dataset"] == ["cifar10"]
     assert report["header"]["depths"] == [4, 16] and report["header"]["status"] == {"complete": 3}
     end_conv = [r for r in report["depth_scaling"]
@@ -249,7 +252,8 @@ def test_report_of_nothing(fmt):
     text = report_text(pd.DataFrame(), None, fmt=fmt)
     if fmt == "json":
         report = json.loads(text)
-        assert report["header"] == {"runs": 0, "models": [], "blocks": [], "depths": [], "norms": [], "seeds": []}
+        assert report["header"] == {"runs": 0, "models": [], "blocks": [], "depths": [], "widths": [], "norms": [],
+                                    "seeds": []}
         assert report["flow"] == [] and report["depth_scaling"] == []
     else:
         assert "gradlab report: 0 runs · blocks: –" in text

@@ -117,7 +117,7 @@ def test_a_local_sweep_writes_a_run_directory_per_cell(local_sweep):
     stored = runs.read_json(out / SWEEP)
     assert stored["cells"] == names
     assert stored["grid"] == {"blocks": ["conv", "res"], "depths": [1], "seeds": [3], "norms": ["batch"],
-                              "models": ["deepcnn"]}
+                              "models": ["deepcnn"], "widths": [], "shape": "product"}
     assert stored["base"] == json.loads(json.dumps(asdict(BASE))) and stored["record"] == asdict(RecordConfig())
     assert stored["versions"]["gradlab"] == gradlab.__version__
     for result, name in zip(results, names):
