@@ -123,6 +123,48 @@ tell how well a network can learn (the notebook's experiment takes 30 epochs
 of 176 steps). A net at chance after a short budget has barely trained; its
 accuracy says "not yet", never "cannot".
 
+Width against depth (``width_depth``, ``width_effect``)
+------------------------------------------------------
+A network grows wider (more channels per layer) or deeper (more blocks). For
+each (model, block, norm) with at least two widths, ``width_depth`` picks two
+lines through one base network: the base width is the width with the most
+depths (ties: the notebook's ``NOTEBOOK_WIDTH``, 32, when it is among them,
+else the narrowest), the base depth the depth with the most widths (ties: the
+shallowest). "wider" is every width at the base depth, "deeper" every depth at
+the base width; the base network is on both lines. Each point is a (depth,
+width) with its parameter count (``n_params``), Hanin's ``beta`` and its test
+accuracy (mean and sample std over seeds), so accuracy can be compared against
+the parameters each direction spends. A sweep with ``--shape wider-deeper``
+holds exactly these two lines; a product grid holds them and more.
+``width_effect`` takes ``depth_scaling`` rows and, per (phase, model, block,
+norm, depth) with at least two widths, gives the ratio at the narrowest and
+the widest width (NaN where no seed has a ratio) and ``n_zero_widths``, the
+widths whose ratio is exactly 0 (the gradient underflowed at the first block).
+
+Spread across seeds and Hanin's β (``seed_spread``, ``spread_trend``)
+-------------------------------------------------------------------
+Hanin (2018) shows for fully connected ReLU nets that the fluctuation of the
+gradient across initialisations grows with β = Σ 1/n over the hidden layers
+(n: a layer's width): wider nets fluctuate less, while the mean trend is set
+by depth and architecture. gradlab applies it to CNNs as an approximation:
+a layer's width is its channel count (every Conv2d's out_channels and every
+Linear's out_features but the output layer's; ``gradlab.models.hanin_beta``,
+measured on the built model by the torch side and stored as the run's
+``beta``). The theorem does not cover convolutions, BatchNorm or skips; the
+report shows the data against β and claims nothing the data does not show.
+``seed_spread`` takes ``flow_summary`` rows at init and, per (model, block,
+norm, depth, width), gives the standard deviation over seeds (ddof 1) of
+ln ``first_to_last`` (``log_ratio_std``, NaN with fewer than
+``MIN_SPREAD_SEEDS`` (2) usable seeds) and its mean; seeds whose ratio is
+exactly 0 (``n_zero``) or not finite (``n_nonfinite``: 0/0, inf, diverged,
+n/a) are left out of both and counted, never passed to a log. ``spread_trend``
+gives, per (model, block, norm), the Spearman rank correlation between
+``beta`` and ``log_ratio_std`` over its networks with a spread (``rho``, NaN
+with fewer than ``MIN_TREND_POINTS`` (3) networks or no variation): positive
+means the networks with larger β (narrower, or deeper) fluctuate more; the
+report calls |rho| >= ``CLEAR_RHO`` (0.5) a clear rise or fall and anything
+less no clear relation.
+
 No direction is assumed: BatchNorm nets without skips typically explode
 toward the input at init (Yang et al. 2019); nets without normalisation
 vanish (Glorot & Bengio 2010). The verdict says what the numbers say.
@@ -143,6 +185,7 @@ from gradlab.schema import (
     PHASES,
     PHASE_WORDS,
     first_nonfinite,
+    NOTEBOOK_WIDTH,
     norm_words,
     stack_block,
 )
@@ -158,7 +201,12 @@ STACK = "stack"  # the role of the blocks whose gradient flow is compared
 RUN_KEYS = list(schema.RUN_KEYS)
 LAYER_KEYS = list(schema.LAYER_KEYS)
 VALUE_COLUMNS = [*RUN_KEYS, *LAYER_KEYS, "metric", "value"]
-GROUP_KEYS = ["model", "block", "norm", "depth"]  # a depth-scaling cell: its runs differ by seed only
+GROUP_KEYS = ["model", "block", "norm", "depth", "width"]  # a depth-scaling cell: its runs differ by seed only
+NETWORK_KEYS = ["model", "block", "norm"]  # what a line of a depth or width figure is drawn for
+MIN_SPREAD_SEEDS = 2  # usable seeds a standard deviation needs
+MIN_TREND_POINTS = 3  # networks with a spread a rank correlation needs
+DIRECTIONS = ("wider", "deeper")
+CLEAR_RHO = 0.5  # |Spearman rho| from here on: the spread clearly rises or falls with beta
 
 PROFILE_COLUMNS = [*RUN_KEYS, *LAYER_KEYS, "value", "relative"]
 FLOW_COLUMNS = [
@@ -166,7 +214,7 @@ FLOW_COLUMNS = [
     "first_grad", "last_grad", "first_to_last", "gain_geomean", "log_slope", "verdict",
 ]
 SCALING_COLUMNS = [
-    "phase", *GROUP_KEYS, "n_seeds", "n_failed", "n_diverged", "n_ratios",
+    "phase", *GROUP_KEYS, "n_params", "beta", "n_seeds", "n_failed", "n_diverged", "n_ratios",
     "test_acc_mean", "test_acc_std", "best_val_acc_mean", "best_val_acc_std",
     "final_train_acc_mean", "final_train_acc_std",
     "first_to_last", "first_to_last_gstd", "gain_geomean", "gain_geomean_gstd",
@@ -188,6 +236,13 @@ ACCURACIES = ["test_acc", "best_val_acc", "final_train_acc"]
 CHANCE = 0.1  # accuracy of a guess among ten classes (CIFAR-10, and the synthetic set)
 CHANCE_MARGIN = 0.03  # an accuracy within 3 points of chance is "at chance"
 SHORT_BUDGET_STEPS = 500  # fewer optimizer steps: too short a budget to tell whether a network can learn
+WIDTH_DEPTH_COLUMNS = [*NETWORK_KEYS, "direction", "depth", "width", "n_params", "beta", "n_seeds",
+                       "test_acc_mean", "test_acc_std"]
+WIDTH_EFFECT_COLUMNS = ["phase", *NETWORK_KEYS, "depth", "n_widths", "narrow", "wide", "ratio_narrow", "ratio_wide",
+                        "n_zero_widths"]
+SPREAD_COLUMNS = [*GROUP_KEYS, "n_params", "beta", "n_seeds", "n_zero", "n_nonfinite", "n_used",
+                  "log_ratio_mean", "log_ratio_std"]
+TREND_COLUMNS = [*NETWORK_KEYS, "n_networks", "rho"]
 BUDGET_COLUMNS = [*RUN_KEYS, "status", "epochs_done", "steps", "train_images", "test_acc", "final_train_acc",
                   "at_chance", "short_budget"]
 
@@ -761,7 +816,7 @@ def depth_scaling(
         records = records.loc[records["metric"].isin(["grad_out_norm", "grad_gain"])]
     flow = _flow_phase(records, phase, diverged)
     flow = flow[["run", "first_to_last", "gain_geomean", "log_slope", "verdict"]]
-    table = _with_columns(runs, [*GROUP_KEYS, "status", *ACCURACIES])
+    table = _with_columns(runs, [*GROUP_KEYS, "status", *ACCURACIES, "n_params", "beta"])
     table = table.assign(run=table["run"].astype(str)).merge(flow, on="run", how="left")
     status = table["status"].astype(object)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -772,6 +827,8 @@ def depth_scaling(
             _diverged=((status == DIVERGED) | table["run"].isin(diverged["run"])).astype(int),
             _diverged_step=table["run"].map(diverged.drop_duplicates("run").set_index("run")["step"]),
             log_slope=pd.to_numeric(table["log_slope"]),
+            n_params=pd.to_numeric(table["n_params"], errors="coerce"),
+            beta=pd.to_numeric(table["beta"], errors="coerce"),
             **{a: pd.to_numeric(table[a], errors="coerce") for a in ACCURACIES},
         )
     keys = GROUP_KEYS
@@ -780,6 +837,8 @@ def depth_scaling(
         "n_failed": ("_failed", "sum"),
         "n_diverged": ("_diverged", "sum"),
         "n_ratios": ("_log_ratio", "count"),
+        "n_params": ("n_params", "median"),
+        "beta": ("beta", "median"),
         "_log_ratio_mean": ("_log_ratio", "mean"),
         "_log_ratio_std": ("_log_ratio", "std"),
         "_log_gain_mean": ("_log_gain", "mean"),
@@ -855,3 +914,132 @@ def training_budget(runs: pd.DataFrame, chance: float | None = None) -> pd.DataF
     steps = pd.to_numeric(table["steps"], errors="coerce")
     return table.assign(at_chance=(accuracy - chance).abs() <= CHANCE_MARGIN,
                         short_budget=steps < SHORT_BUDGET_STEPS)[BUDGET_COLUMNS].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- width against depth
+
+
+def _base_value(counts: pd.Series, prefer=None):
+    """The index value with the highest count; ties: ``prefer`` when tied, else the smallest."""
+    top = counts.loc[counts == counts.max()].index
+    return prefer if prefer is not None and prefer in set(top) else min(top)
+
+
+def base_network(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, block, norm) of ``runs`` with a known width: ``base_depth`` and
+    ``base_width`` (the module docstring's rule) and ``n_widths``, the distinct widths."""
+    table = _with_columns(runs, [*NETWORK_KEYS, "depth", "width"])
+    table = table.assign(depth=pd.to_numeric(table["depth"], errors="coerce"),
+                         width=pd.to_numeric(table["width"], errors="coerce")).dropna(subset=["depth", "width"])
+    rows = []
+    for keys, group in table.groupby(NETWORK_KEYS, sort=False, dropna=False):
+        pairs = group.drop_duplicates(["depth", "width"])
+        width = _base_value(pairs.groupby("width").size(), NOTEBOOK_WIDTH)
+        depth = _base_value(pairs.groupby("depth").size())
+        rows.append(dict(zip(NETWORK_KEYS, keys), base_depth=int(depth), base_width=int(width),
+                         n_widths=int(pairs["width"].nunique())))
+    return pd.DataFrame(rows, columns=[*NETWORK_KEYS, "base_depth", "base_width", "n_widths"])
+
+
+def at_base_width(runs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``runs`` (any frame with the run keys) at their network's base width, and every
+    row without a width (another model): what depth-only views draw when a sweep has several widths."""
+    bases = base_network(runs)
+    if bases.empty:
+        return runs
+    keyed = runs.merge(bases[[*NETWORK_KEYS, "base_width"]], on=NETWORK_KEYS, how="left")
+    width = pd.to_numeric(keyed["width"], errors="coerce")
+    keep = (width == keyed["base_width"]) | width.isna() | keyed["base_width"].isna()
+    return runs.loc[keep.to_numpy()]
+
+
+def width_depth(runs: pd.DataFrame) -> pd.DataFrame:
+    """The "wider" and "deeper" lines of each (model, block, norm) with at least two widths:
+    ``WIDTH_DEPTH_COLUMNS``, one row per (direction, depth, width), seeds averaged (module docstring)."""
+    table = _with_columns(runs, [*GROUP_KEYS, "n_params", "beta", "test_acc"])
+    table = table.assign(**{c: pd.to_numeric(table[c], errors="coerce")
+                            for c in ("depth", "width", "n_params", "beta", "test_acc")})
+    bases = base_network(table)
+    bases = bases.loc[bases["n_widths"] >= 2]
+    if bases.empty:
+        return _empty(WIDTH_DEPTH_COLUMNS)
+    table = table.merge(bases, on=NETWORK_KEYS, how="inner")
+    lines = [table.loc[table["depth"] == table["base_depth"]].assign(direction="wider"),
+             table.loc[table["width"] == table["base_width"]].assign(direction="deeper")]
+    both = pd.concat(lines, ignore_index=True)
+    out = both.groupby([*NETWORK_KEYS, "direction", "depth", "width"], sort=False, dropna=False).agg(
+        n_params=("n_params", "median"), beta=("beta", "median"), n_seeds=("run", "count"),
+        test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std")).reset_index()
+    out = out.assign(_direction=out["direction"].map({d: i for i, d in enumerate(DIRECTIONS)}))
+    out = sort_by_block(out, [*NETWORK_KEYS, "_direction", "depth", "width"])  # drops the "_" key
+    out[["depth", "width"]] = out[["depth", "width"]].astype(int)
+    return out[WIDTH_DEPTH_COLUMNS].reset_index(drop=True)
+
+
+def width_effect(scaling: pd.DataFrame) -> pd.DataFrame:
+    """Per (phase, model, block, norm, depth) of ``depth_scaling`` rows with at least two widths:
+    ``WIDTH_EFFECT_COLUMNS`` (module docstring)."""
+    table = _with_columns(scaling, ["phase", *GROUP_KEYS, "first_to_last"])
+    table = table.assign(width=pd.to_numeric(table["width"], errors="coerce"),
+                         first_to_last=pd.to_numeric(table["first_to_last"], errors="coerce")).dropna(subset=["width"])
+    rows = []
+    for keys, group in table.groupby(["phase", *NETWORK_KEYS, "depth"], sort=False, dropna=False):
+        if group["width"].nunique() < 2:
+            continue
+        group = group.sort_values("width")
+        narrow, wide = group.iloc[0], group.iloc[-1]
+        rows.append(dict(zip(["phase", *NETWORK_KEYS, "depth"], keys), n_widths=int(group["width"].nunique()),
+                         narrow=int(narrow["width"]), wide=int(wide["width"]), ratio_narrow=narrow["first_to_last"],
+                         ratio_wide=wide["first_to_last"], n_zero_widths=int((group["first_to_last"] == 0).sum())))
+    if not rows:
+        return _empty(WIDTH_EFFECT_COLUMNS)
+    out = pd.DataFrame(rows)
+    return sort_by_block(out, ["phase", *NETWORK_KEYS, "depth"])[WIDTH_EFFECT_COLUMNS].reset_index(drop=True)
+
+
+def seed_spread(flow: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (model, block, norm, depth, width): the spread over seeds of ln first_to_last at
+    init, ``SPREAD_COLUMNS`` (module docstring). ``flow`` is ``flow_summary`` output (its
+    ``init`` rows are used; ``n_params`` and ``beta`` from its columns, else from ``runs``)."""
+    rows = flow.loc[flow["phase"] == "init"] if "phase" in flow.columns else flow
+    if rows.empty:
+        return _empty(SPREAD_COLUMNS)
+    if runs is not None and not runs.empty:
+        extra = [c for c in ("n_params", "beta") if c in runs.columns and c not in rows.columns]
+        if extra:
+            rows = rows.merge(runs[["run", *extra]].assign(run=runs["run"].astype(str)), on="run", how="left")
+    rows = _with_columns(rows, [*GROUP_KEYS, "n_params", "beta", "first_to_last"])
+    ratio = pd.to_numeric(rows["first_to_last"], errors="coerce").to_numpy(float)
+    usable = np.isfinite(ratio) & (ratio > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(usable, np.log(np.where(usable, ratio, 1.0)), np.nan)  # no log of 0, inf or NaN
+    table = rows.assign(_log=logs, _zero=(ratio == 0).astype(int), _bad=(~np.isfinite(ratio)).astype(int),
+                        n_params=pd.to_numeric(rows["n_params"], errors="coerce"),
+                        beta=pd.to_numeric(rows["beta"], errors="coerce"))
+    out = table.groupby(GROUP_KEYS, sort=False, dropna=False).agg(
+        n_params=("n_params", "median"), beta=("beta", "median"), n_seeds=("run", "count"), n_zero=("_zero", "sum"),
+        n_nonfinite=("_bad", "sum"), n_used=("_log", "count"), log_ratio_mean=("_log", "mean"),
+        log_ratio_std=("_log", "std")).reset_index()
+    out["log_ratio_std"] = out["log_ratio_std"].where(out["n_used"] >= MIN_SPREAD_SEEDS)
+    return sort_by_block(out, GROUP_KEYS)[SPREAD_COLUMNS].reset_index(drop=True)
+
+
+def _ranks(values: pd.Series) -> pd.Series:
+    return values.rank(method="average")
+
+
+def spread_trend(spread: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, block, norm): the Spearman rank correlation of ``beta`` and ``log_ratio_std``
+    over its networks with both finite (``TREND_COLUMNS``; module docstring)."""
+    table = _with_columns(spread, [*NETWORK_KEYS, "beta", "log_ratio_std"])
+    table = table.assign(beta=pd.to_numeric(table["beta"], errors="coerce"),
+                         log_ratio_std=pd.to_numeric(table["log_ratio_std"], errors="coerce"))
+    table = table.loc[np.isfinite(table["beta"]) & np.isfinite(table["log_ratio_std"])]
+    rows = []
+    for keys, group in table.groupby(NETWORK_KEYS, sort=False, dropna=False):
+        rho = np.nan
+        x, y = _ranks(group["beta"]), _ranks(group["log_ratio_std"])
+        if len(group) >= MIN_TREND_POINTS and x.std() > 0 and y.std() > 0:
+            rho = float(np.corrcoef(x, y)[0, 1])  # Pearson's r of the ranks: Spearman's rho
+        rows.append(dict(zip(NETWORK_KEYS, keys), n_networks=len(group), rho=rho))
+    return pd.DataFrame(rows, columns=TREND_COLUMNS)

@@ -324,6 +324,17 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _check_width_options(ctx, widths: str | None, shape: str = "product") -> None:
+    """--width is one width, --widths several: both at once only with --shape wider-deeper, where
+    --width is the width the deeper line grows at."""
+    given = ctx.get_parameter_source("width") == click.core.ParameterSource.COMMANDLINE
+    if widths is not None and given and shape == "product":
+        raise BadInput("give --width (one width) or --widths (several), not both; with --shape wider-deeper, "
+                       "--width is the width the deeper line grows at")
+    if widths is not None and not widths.strip():
+        raise BadInput("--widths must not be empty; leave it out for --width alone")
+
+
 def _name_list(text: str) -> tuple[str, ...]:
     """Comma-separated names; an empty text is an empty list (which the library refuses by name)."""
     return tuple(v.strip() for v in text.split(",")) if text.strip() else ()
@@ -338,6 +349,14 @@ def _name_list(text: str) -> tuple[str, ...]:
               help="Block types to sweep, comma separated (deepcnn only).")
 @click.option("--depths", default="2,4,8,16,32", show_default=True,
               help="Depths (blocks per network), comma separated (deepcnn only).")
+@click.option("--widths", default=None,
+              help="Widths (channels) to sweep, comma separated, each even and at least 2 (deepcnn only). A cell's "
+                   "name shows a width other than 32 (conv-d2-w64-s0). Default: --width alone (names as before).")
+@click.option("--shape", type=click.Choice(["product", "wider-deeper"]), default="product", show_default=True,
+              help="Which depth x width cells to train. product: every depth at every width. wider-deeper: two "
+                   "lines from the shallowest depth at --width: every --widths at the shallowest depth (grown wider) "
+                   "and every --depths at --width (grown deeper); --widths must include --width. "
+                   "--depths 2,8,16,32 --widths 16,32,64,128 --shape wider-deeper trains 7 cells per block, not 16.")
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma separated: each seed is one more run per cell.")
 @click.option("--norms", default="batch", show_default=True,
               help="Normalisations, comma separated: batch, none (deepcnn only).")
@@ -349,9 +368,10 @@ def _name_list(text: str) -> tuple[str, ...]:
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cells trained at once; the CPU threads are divided among them.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (ray executor); default: start a local Ray instance.")
-def sweep(models: str, blocks: str, depths: str, seeds: str, norms: str, out: str, executor: str, jobs: int,
-          ray_address: str | None, **options) -> None:
-    """Train a grid of networks (models x blocks x norms x depths x seeds), one run directory per cell.
+@click.pass_context
+def sweep(ctx, models: str, blocks: str, depths: str, widths: str | None, shape: str, seeds: str, norms: str, out: str,
+          executor: str, jobs: int, ray_address: str | None, **options) -> None:
+    """Train a grid of networks (models x blocks x norms x depths x widths x seeds), one run directory per cell.
 
     Running the same command again skips complete cells, resumes partial ones and reruns failed ones.
     """
@@ -359,10 +379,11 @@ def sweep(models: str, blocks: str, depths: str, seeds: str, norms: str, out: st
 
     from .sweep import SweepGrid, expand, run_sweep
 
+    _check_width_options(ctx, widths, shape)
     try:
         base, record = _split_options(options)
         grid = SweepGrid(blocks=_name_list(blocks), depths=_int_list(depths), seeds=_int_list(seeds), norms=_name_list(norms),
-                         models=_name_list(models))
+                         models=_name_list(models), widths=_int_list(widths or ""), shape=shape)
         n_cells = len(expand(grid, base))
         # delay: a sweep refused before its first cell (bad folder, corrupt sweep.json) prints one line, no bar
         bar = tqdm(total=n_cells, unit="cell", desc="sweep", dynamic_ncols=True, delay=1.0)
@@ -429,6 +450,34 @@ def report(path: str, fmt: str, html_file: str | None) -> None:
         click.echo(f"gradlab: warning: skipped {name}: {why}", err=True)
 
 
+def _print_grid(records, runs_table, flow, fmt: str, budget: str) -> None:
+    """``gradlab probe`` over several widths or seeds: the ratio per depth and width (geometric mean
+    over seeds), what width changed, and the spread over seeds against Hanin's β."""
+    from . import analysis
+    from .report.text import ratio_table, render, spread_sentences, spread_table, width_sentences
+
+    scaling = analysis.depth_scaling(records, runs_table, "init")
+    seeds = int(flow["seed"].nunique())
+    over = f"; geometric mean over {seeds} seeds" if seeds > 1 else ""
+    click.echo(f"First-to-last gradient ratio at initialisation by depth and width (first block / last block; above "
+               f"10: exploding, below 0.1: vanishing{over})")
+    click.echo(render(ratio_table(scaling), fmt))
+    words = {"init": f"at initialisation ({budget}{', ' + str(seeds) + ' seeds' if seeds > 1 else ''})"}
+    effect = analysis.width_effect(scaling)
+    if len(effect):
+        click.echo("")
+        for sentence in width_sentences(effect, words):
+            click.echo(sentence)
+    spread = analysis.seed_spread(flow)
+    if seeds > 1 and len(spread):
+        click.echo(f"\nSpread over {seeds} seeds at initialisation (same batches, only the initialisation changes) "
+                   "against Hanin's β = Σ 1/width over the hidden layers (channels as widths):")
+        click.echo(render(spread_table(spread), fmt))
+        for sentence in spread_sentences(spread, analysis.spread_trend(spread)):
+            click.echo(sentence)
+    click.echo("")
+
+
 def _print_profiles(flow, profile, fmt: str = "table") -> None:
     """The ratio table, then the deepest networks' profiles side by side, one panel per norm."""
     from . import analysis
@@ -437,6 +486,14 @@ def _print_profiles(flow, profile, fmt: str = "table") -> None:
     click.echo("First-to-last gradient ratio at initialisation (first block / last block; above 10: exploding, "
                "below 0.1: vanishing)")
     click.echo(render(ratio_table(flow), fmt))
+    _print_bars(flow, profile)
+
+
+def _print_bars(flow, profile) -> None:
+    """The deepest networks' gradient profiles side by side, one panel per norm."""
+    from . import analysis
+    from .report.text import profile_bars
+
     several_models = flow["model"].nunique() > 1
     for (model, norm), group in flow.groupby(["model", "norm"], sort=False):
         deepest = analysis.sort_by_block(group.loc[group["depth"] == group["depth"].max()], ["block"])
@@ -446,10 +503,13 @@ def _print_profiles(flow, profile, fmt: str = "table") -> None:
         click.echo(profile_bars(profile, deepest["run"].tolist()))
 
 
-def _print_flow(records, runs_table, fmt: str, shatter_summary=None) -> None:
+def _print_flow(records, runs_table, fmt: str, shatter_summary=None, budget: str = "") -> None:
     """The probe's terminal report: ratio table, profiles with bars, signal propagation, sentences;
     with ``shatter_summary`` (``gradlab probe --shatter``) each network's neighbouring-gradient
-    similarity (``similarity``, ``similarity_std``: mean and spread over image pairs) beside its ratio."""
+    similarity (``similarity``, ``similarity_std``: mean and spread over image pairs) beside its ratio.
+    Over several widths or seeds: the ratio table has a row per depth and width (geometric means
+    over seeds), the profiles and sentences are of the base width's lowest seed, and the width and
+    spread-over-seeds findings follow. ``budget``: the probe's batches, named in the sentences."""
     from . import analysis, lessons
     from .report.text import render
 
@@ -461,7 +521,17 @@ def _print_flow(records, runs_table, fmt: str, shatter_summary=None) -> None:
     if fmt in ("csv", "json"):
         click.echo(render(flow, fmt))
         return
-    _print_profiles(flow, analysis.gradient_profile(records, "init"), fmt)
+    several = flow["width"].nunique() > 1 or flow["seed"].nunique() > 1
+    if not several:
+        _print_profiles(flow, analysis.gradient_profile(records, "init"), fmt)
+    else:
+        _print_grid(records, runs_table, flow, fmt, budget)
+        lowest = analysis.at_base_width(flow)
+        flow = lowest.loc[lowest["seed"] == lowest.groupby(["model", "block", "norm", "depth"])["seed"].transform("min")]
+        records = records.loc[records["run"].isin(set(flow["run"]))]
+        widths = ", ".join(str(int(w)) for w in sorted(flow["width"].dropna().unique()))
+        click.echo(f"The profiles and sentences below: width {widths}, lowest seed.")
+        _print_bars(flow, analysis.gradient_profile(records, "init"))
     if shatter_summary is not None:
         click.echo("\nNeighbouring-gradient similarity at initialisation (Balduzzi et al. 2017): mean cosine "
                    "similarity of input gradients at neighbouring points on a line between two test images "
@@ -492,10 +562,17 @@ def _print_flow(records, runs_table, fmt: str, shatter_summary=None) -> None:
 @click.option("--norm", "norms", default="batch", show_default=True,
               help="Normalisations, comma separated: batch, none (none shows the classic vanishing gradient; deepcnn only).")
 @click.option("--width", type=click.IntRange(min=2), default=32, show_default=True, help="Channels, even (deepcnn only).")
+@click.option("--widths", default=None,
+              help="Several widths, comma separated, each even and at least 2: one network per width, the ratio "
+                   "against width in the table (deepcnn only). Default: --width alone.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
-@click.option("--batches", type=click.IntRange(min=1), default=3, show_default=True, help="Batches averaged per network.")
+@click.option("--batches", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Batches averaged per network (every network sees the same ones).")
 @click.option("--seed", type=click.IntRange(min=0, max=2 ** 63 - 1), default=0, show_default=True,
-              help="Seeds initialisation and the choice of batches.")
+              help="Seeds the choice of batches, and initialisation when --seeds is not given.")
+@click.option("--seeds", default=None,
+              help="Initialisations, comma separated: one network per seed, all on the same batches; adds the spread "
+                   "of the log ratio over seeds against Hanin's β. Default: --seed alone.")
 @click.option("--dataset", type=click.Choice(["cifar10", "synthetic"]), default="cifar10", show_default=True,
               help="cifar10, or synthetic noise with learnable labels.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
@@ -514,8 +591,9 @@ def _print_flow(records, runs_table, fmt: str, shatter_summary=None) -> None:
               help="Also measure shattered gradients (as gradlab shatter does, on the same data, BatchNorm statistics "
                    "from --batches batches): adds the neighbouring-gradient similarity to the table, and to --out "
                    "(OUT/shatter) and the --html report (deepcnn only).")
-def probe(models, model_args, blocks, depths, norms, width, batch_size, batches, seed, dataset, data_root, device, out,
-          html_file, fmt, probes, list_probes, with_shatter) -> None:
+@click.pass_context
+def probe(ctx, models, model_args, blocks, depths, norms, width, widths, batch_size, batches, seed, seeds, dataset,
+          data_root, device, out, html_file, fmt, probes, list_probes, with_shatter) -> None:
     """Gradient flow at initialisation, without training: seconds, even at depth 64.
 
     Builds each network, runs forward and backward on real CIFAR-10 batches (averaged) and prints
@@ -525,12 +603,16 @@ def probe(models, model_args, blocks, depths, norms, width, batch_size, batches,
 
     from .probe import ProbeConfig, probe as run_probe
 
+    _check_width_options(ctx, widths)
+    if seeds is not None and not seeds.strip():
+        raise BadInput("--seeds must not be empty; leave it out for --seed alone")
     for path, option, folder in ((out, "--out", True), (html_file, "--html", False)):
         problem = _unwritable(path, folder) if path else None
         if problem:
             raise BadInput(f"{option} {path}: {problem}; choose another {option}")
     try:
         config = ProbeConfig(blocks=_name_list(blocks), depths=_int_list(depths), norms=_name_list(norms), width=width,
+                             widths=_int_list(widths or ""), seeds=_int_list(seeds or ""),
                              batch_size=batch_size, batches=batches, seed=seed, dataset=dataset,
                              data_root=data_root, device=device, models=_name_list(models), model_args=model_args,
                              probes=_probe_patterns(probes))
@@ -542,6 +624,8 @@ def probe(models, model_args, blocks, depths, norms, width, batch_size, batches,
         if with_shatter and "deepcnn" not in config.models:
             raise ValueError("--shatter measures the deepcnn networks of --blocks, --depths and --norm; "
                              "add deepcnn to --model")
+        if with_shatter and (len(config.width_list()) > 1 or len(config.seed_list()) > 1):
+            raise ValueError("--shatter measures one width and one seed; leave out --widths and --seeds")
         with tempfile.TemporaryDirectory(prefix="gradlab-probe-") as scratch:
             store = out or (scratch if html_file else None)
             splits = _probe_splits(config) if with_shatter else None  # one copy of the data for both measurements
@@ -549,7 +633,8 @@ def probe(models, model_args, blocks, depths, norms, width, batch_size, batches,
             similarity = _probe_shatter(config, splits, store) if with_shatter else None
             if synthetic and fmt in ("table", "markdown"):
                 click.echo("note: synthetic data (seeded noise with learnable labels), not CIFAR-10")
-            _print_flow(records, runs_table, fmt, similarity)
+            _print_flow(records, runs_table, fmt, similarity, budget=f"{config.batches} batch"
+                        f"{'es' if config.batches != 1 else ''} of {config.batch_size} images")
             if html_file:
                 from .report.html import write_report
 

@@ -188,6 +188,19 @@ def build_model(block: str = "conv", depth: int = 6, width: int = 32, norm: str 
     return DeepCNN(channels_in=3, num_blocks=depth, ch_width=width, layer_type=block, norm=norm)
 
 
+def hanin_beta(model: nn.Module) -> float:
+    """Hanin's β = Σ 1/n over the hidden layers (Hanin 2018: gradient fluctuations grow with it).
+
+    The theorem is for fully connected ReLU nets, n the layer's width; for a CNN the width of a
+    layer is taken as its channel count: every Conv2d's ``out_channels`` and every Linear's
+    ``out_features``, except the network's output layer (the last Conv2d or Linear in module
+    order, the DeepCNN's ``linear1``). 0.0 for a model with no hidden layer.
+    """
+    widths = [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return float(sum(1.0 / n for n in widths[:-1]))
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters, as the notebook prints it."""
     return sum(p.numel() for p in model.parameters())

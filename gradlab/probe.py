@@ -9,9 +9,18 @@ all at step 0), so every analysis, text and HTML report function reads it. A net
 records are not finite (``analysis.divergence``) has status ``diverged`` and, like a diverged
 training run, a ``diverged`` object (step, epoch, layer, position, cause) in its summary.
 
-The grid is models x blocks x norms x depths: blocks, norms and depths shape the DeepCNN only,
-and every other model (``torchvision:NAME``, a factory; see ``gradlab.specs``) is one network,
-named by its tag (``tv-resnet18``), side by side with the DeepCNNs in the same tables.
+The grid is models x blocks x norms x depths x widths x seeds: blocks, norms, depths and widths
+shape the DeepCNN only, and every other model (``torchvision:NAME``, a factory; see
+``gradlab.specs``) is one network per seed, named by its tag (``tv-resnet18``), side by side with
+the DeepCNNs in the same tables. Every network is measured on the same batches, loaded once and
+drawn with ``seed``, whatever its own seed: across ``seeds`` only the initialisation changes, so
+their spread is the spread over initialisations (Hanin 2018), not over data. Names show the width
+(``-w<width>``) in a probe over several widths when it is not the notebook's 32, and the seed
+(``-s<seed>``) in a probe over several seeds: ``conv-d8``, ``conv-d8-w128-s2-none``.
+
+Each network's Hanin β (``models.hanin_beta``: Σ 1/width over its hidden layers, channels as
+widths) is measured on the built model and stored with its parameter count (runs table columns
+``beta`` and ``n_params``; config.json and summary.json), so the report side never builds one.
 """
 from __future__ import annotations
 
@@ -27,7 +36,8 @@ import torch.nn.functional as F
 
 from . import __version__, analysis, resources, runs, schema, specs
 from .data import DeviceLoader, Splits, make_splits
-from .models import check_architecture, check_axes, count_parameters
+from .models import check_architecture, check_axes, count_parameters, hanin_beta
+from .schema import NOTEBOOK_WIDTH
 from .recorder import Recorder
 from .train import SAMPLES, TrainConfig, _write_samples, model_shape, resolve_device
 
@@ -39,10 +49,12 @@ class ProbeConfig:
     blocks: tuple[str, ...] = ("conv", "res", "skip")  # block types, one network per depth each
     depths: tuple[int, ...] = (2, 8, 32, 64)  # blocks per network
     norms: tuple[str, ...] = ("batch",)  # batch | none (no normalisation: the classic vanishing case)
-    width: int = 32  # channels, as in the notebook
+    width: int = NOTEBOOK_WIDTH  # channels, as in the notebook; the one width when widths is empty
+    widths: tuple[int, ...] = ()  # channels, each even and >= 2: one network per width; empty: width alone
     batch_size: int = 256  # images per batch, the notebook's
     batches: int = 3  # batches averaged per network
-    seed: int = 0  # initialisation and the choice of batches
+    seed: int = 0  # the choice of batches, and initialisation when seeds is empty
+    seeds: tuple[int, ...] = ()  # initialisations: one network per seed, all on seed's batches; empty: seed alone
     dataset: str = "cifar10"  # cifar10 | synthetic
     data_root: str | None = None  # as in TrainConfig
     device: str = "auto"  # auto | cpu | cuda
@@ -51,17 +63,32 @@ class ProbeConfig:
     probes: tuple[str, ...] | None = None  # module names or globs to record; None: the default probe points
 
     def __post_init__(self) -> None:
-        for name in ("blocks", "depths", "norms", "models"):
+        for name in ("blocks", "depths", "norms", "models", "widths", "seeds"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "model_args", tuple(tuple(pair) for pair in self.model_args))
         if self.probes is not None:
             object.__setattr__(self, "probes", (self.probes,) if isinstance(self.probes, str) else tuple(self.probes))
 
+    def width_list(self) -> tuple[int, ...]:
+        """The widths probed: ``widths``, else ``width`` alone."""
+        return self.widths or (self.width,)
+
+    def seed_list(self) -> tuple[int, ...]:
+        """The initialisations probed: ``seeds``, else ``seed`` alone."""
+        return self.seeds or (self.seed,)
+
     def validate(self) -> None:
         check_axes(**{name: getattr(self, name) for name in ("blocks", "depths", "norms", "models")})
+        check_axes(**{name: getattr(self, name) for name in ("widths", "seeds") if getattr(self, name)})
+        for width in self.widths:
+            if isinstance(width, bool) or not isinstance(width, int) or width < 2 or width % 2:
+                raise ValueError(f"widths: each must be an even integer >= 2, got {width!r}")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"seeds: each must be an integer >= 0, got {seed!r}")
         parsed = [specs.parse(model) for model in self.models]
-        for block, depth, norm in itertools.product(self.blocks, self.depths, self.norms):
-            check_architecture(depth, self.width, block, norm)
+        for block, depth, norm, width in itertools.product(self.blocks, self.depths, self.norms, self.width_list()):
+            check_architecture(depth, width, block, norm)
         specs.parse_model_args(self.model_args)
         if self.model_args and all(spec.kind == "deepcnn" for spec in parsed):
             raise ValueError(f"--model-arg {self.model_args[0][0]}: model options are for torchvision and factory "
@@ -72,8 +99,11 @@ class ProbeConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def network_name(block: str, depth: int, norm: str) -> str:
-    return f"{block}-d{depth}" + ("" if norm == "batch" else f"-{norm}")
+def network_name(block: str, depth: int, norm: str, width: int | None = None, seed: int | None = None) -> str:
+    """``conv-d8``; ``-w<width>`` when ``width`` is given and not the notebook's, ``-s<seed>`` when
+    ``seed`` is given (the caller gives them in a probe over several widths or seeds)."""
+    shown = "" if width is None or width == NOTEBOOK_WIDTH else f"-w{width}"
+    return f"{block}-d{depth}{shown}" + ("" if seed is None else f"-s{seed}") + ("" if norm == "batch" else f"-{norm}")
 
 
 @dataclass(frozen=True)
@@ -92,17 +122,25 @@ class Network:
 
 
 def networks(config: ProbeConfig) -> list[Network]:
-    """The grid in order: per model, deepcnn as blocks x norms x depths, any other model once."""
+    """The grid in order: per model, deepcnn as blocks x norms x depths x widths x seeds, any
+    other model once per seed."""
     found = []
     base = TrainConfig(width=config.width, epochs=1, batch_size=config.batch_size, seed=config.seed,
                        dataset=config.dataset, data_root=config.data_root, device=config.device)
+    widths, seeds = config.width_list(), config.seed_list()
+    several_widths, several_seeds = len(widths) > 1, len(seeds) > 1
     for model in config.models:
         spec = specs.parse(model)
         if spec.kind != "deepcnn":
-            found.append(Network(spec.tag, replace(base, model=model, model_args=config.model_args)))
+            for seed in seeds:
+                name = f"{spec.tag}-s{seed}" if several_seeds else spec.tag
+                found.append(Network(name, replace(base, model=model, model_args=config.model_args, seed=seed)))
             continue
-        for block, norm, depth in itertools.product(config.blocks, config.norms, config.depths):
-            found.append(Network(network_name(block, depth, norm), replace(base, block=block, depth=depth, norm=norm)))
+        for block, norm, depth, width, seed in itertools.product(config.blocks, config.norms, config.depths, widths,
+                                                                 seeds):
+            name = network_name(block, depth, norm, width if several_widths else None,
+                                seed if several_seeds else None)
+            found.append(Network(name, replace(base, block=block, depth=depth, norm=norm, width=width, seed=seed)))
     names = [n.name for n in found]
     for name in names:
         if names.count(name) > 1:
@@ -137,8 +175,9 @@ def largest_memory(config: ProbeConfig, device: torch.device) -> tuple[str, reso
     if specs.DEEPCNN in config.models:  # closed form; resdown keeps the most per block
         block = max(config.blocks, key=lambda b: b == "resdown")
         depth, norm = max(config.depths), "batch" if "batch" in config.norms else config.norms[0]
-        shape = model_shape(TrainConfig(block=block, depth=depth, width=config.width, norm=norm), config.probes)
-        found.append((f"probing a {block} network of depth {depth} and width {config.width}", shape))
+        width = max(config.width_list())
+        shape = model_shape(TrainConfig(block=block, depth=depth, width=width, norm=norm), config.probes)
+        found.append((f"probing a {block} network of depth {depth} and width {width}", shape))
     for model in config.models:
         if model != specs.DEEPCNN:
             spec = specs.parse(model)
@@ -161,23 +200,26 @@ def probe(config: ProbeConfig, splits: Splits | None = None, out: str | os.PathL
     device = resolve_device(config.device)
     if splits is None:
         splits = make_splits(config.dataset, config.data_root, seed=config.seed, device=device)
-    loader = DeviceLoader(*splits.train, batch_size=config.batch_size, shuffle=True, seed=config.seed, drop_last=True)
-    batches = list(itertools.islice(loader, config.batches))
+    # channels-last, as the trainer: oneDNN's fast CPU convolutions; the same arithmetic up to rounding
+    loader = DeviceLoader(*splits.train, batch_size=config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
+                          channels_last=True)
+    batches = list(itertools.islice(loader, config.batches))  # loaded once: every network sees these
     if len(batches) < config.batches:
         raise ValueError(f"the training split holds {len(splits.train[1])} images: fewer than "
                          f"{config.batches} batches of {config.batch_size}")
     records, rows = [], []
     for network in networks(config):
         name, train = network.name, network.config
-        torch.manual_seed(config.seed)  # every network starts from the same seed
-        model = network.build()
+        torch.manual_seed(train.seed)  # the network's initialisation; the batches are the same for every seed
+        model = network.build().to(memory_format=torch.channels_last)
+        beta = hanin_beta(model)
         frame, n_params = probe_network(model, batches, config.probes)
         identity = _identity(network, model, frame)
-        records.append(frame.assign(**identity, seed=config.seed))
+        records.append(frame.assign(**identity, seed=train.seed))
         found = analysis.divergence(records[-1])  # non-finite at initialisation: an overflow in the forward pass
         diverged = {f: _plain(found[f].iloc[0]) for f in schema.DIVERGED_FIELDS} if len(found) else None
-        rows.append({**identity, "seed": config.seed, "status": "diverged" if diverged else "probe", "epochs": 0,
-                     "dataset": splits.dataset, "synthetic": splits.synthetic, "n_params": n_params,
+        rows.append({**identity, "seed": train.seed, "status": "diverged" if diverged else "probe", "epochs": 0,
+                     "dataset": splits.dataset, "synthetic": splits.synthetic, "n_params": n_params, "beta": beta,
                      **{f"diverged_{f}": (diverged or {}).get(f) for f in schema.DIVERGED_FIELDS}})
         if out is not None:
             _write_network(Path(out) / runs.RUNS_FOLDER / name, config, train, rows[-1], frame, splits, device,
@@ -221,9 +263,9 @@ def _write_network(run_dir: Path, config: ProbeConfig, train: TrainConfig, row: 
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_json(run_dir / runs.CONFIG, {
         "train": asdict(train), "model": {**train.spec().describe(), "norm": row["norm"]}, "probe": asdict(config), "dataset": splits.dataset,
-        "synthetic": splits.synthetic, "device": str(device), "n_params": row["n_params"],
+        "synthetic": splits.synthetic, "device": str(device), "n_params": row["n_params"], "beta": row["beta"],
         "versions": {"gradlab": __version__, "torch": torch.__version__}, "classes": list(splits.classes)})
-    summary = {"status": row["status"], "n_params": row["n_params"], "epochs_done": 0}
+    summary = {"status": row["status"], "n_params": row["n_params"], "beta": row["beta"], "epochs_done": 0}
     runs.write_json(run_dir / runs.SUMMARY, summary | ({"diverged": diverged} if diverged else {}))
     writer = runs.RecordsWriter(run_dir)
     writer.truncate(0)

@@ -407,7 +407,7 @@ RUNS_FOLDER = "runs"
 SWEEP_HINT = ("delete it and rerun the same gradlab sweep command to write it again "
               "(finished cells are kept; each cell checks its own options)")
 RUN_COLUMNS = [*RUN_KEYS, "status", "epochs", "epochs_done", "steps", "train_images", "batch_size",
-               "final_train_acc", "best_val_acc", "test_acc", "n_params", "wall_seconds", "dataset", "synthetic",
+               "final_train_acc", "best_val_acc", "test_acc", "n_params", "beta", "wall_seconds", "dataset", "synthetic",
                "error"]
 
 
@@ -424,6 +424,13 @@ def train_images(config: dict) -> int | None:
     return None if fraction is None else POOL_IMAGES - round(POOL_IMAGES * fraction)
 
 
+def _beta(run: Run) -> float:
+    """Hanin's β of the run's network as the torch side stored it (summary, else config); NaN for
+    runs written before gradlab stored it."""
+    value = run.summary.get("beta", run.config.get("beta"))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+
+
 def _run_row(run: Run) -> dict:
     train, summary = run.train, run.summary
     steps = summary.get("steps_done", len(run.steps) if len(run.steps) else None)  # older runs: their loss rows
@@ -432,6 +439,7 @@ def _run_row(run: Run) -> dict:
             "steps": steps, "train_images": train_images(run.config), "batch_size": train.get("batch_size"),
             "final_train_acc": summary.get("final_train_acc", np.nan), "best_val_acc": summary.get("best_val_acc", np.nan),
             "test_acc": summary.get("test_acc", np.nan), "n_params": summary.get("n_params"),
+            "beta": _beta(run),
             "wall_seconds": summary.get("wall_seconds", np.nan), "dataset": run.config.get("dataset"),
             "synthetic": run.config.get("synthetic"), "error": summary.get("error")}
 

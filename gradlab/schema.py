@@ -128,6 +128,7 @@ RUN_KEYS = ("run", "model", "block", "depth", "width", "norm", "seed")  # what i
 DEFAULT_MODEL = "deepcnn"
 HEADLINE_RATIO = "gradlab/first_to_last"  # the per-step first-to-last gradient ratio in other tools (TensorBoard, loggers)
 UNKNOWN = "n/a"  # a run key the run does not define (the norm of a model gradlab did not build)
+NOTEBOOK_WIDTH = 32  # the notebook's channels: a run name shows its width only when it differs (conv-d2-w64-s0)
 POOL_IMAGES = 50_000  # the training pool of CIFAR-10 and of the synthetic set, split into train and validation
 PHASES = ("init", "epoch1", "end")
 PHASE_WORDS = {"init": "at initialisation", "epoch1": "over the first epoch", "end": "at the end of training"}

@@ -2,12 +2,27 @@
 
     SWEEP_DIR/
       sweep.json                              the grid, the base TrainConfig, the RecordConfig, cells, versions
-      runs/<block>-d<depth>-s<seed>[-<norm>]/ one run directory per DeepCNN cell: every single-run tool works on it
+      runs/<block>-d<depth>[-w<width>]-s<seed>[-<norm>]/  one run directory per DeepCNN cell: every single-run tool works on it
       runs/<model tag>-s<seed>/               one per cell of another model (tv-resnet18-s0, net-make_mlp-s0)
 
-The grid is models x blocks x norms x depths x seeds, where blocks, norms and depths shape the
-DeepCNN only: every other model (a torchvision name or a factory) is one cell per seed, with the
-base's --model-arg options (which DeepCNN cells do not take).
+The grid is models x blocks x norms x depths x widths x seeds, where blocks, norms, depths and
+widths shape the DeepCNN only: every other model (a torchvision name or a factory) is one cell per
+seed, with the base's --model-arg options (which DeepCNN cells do not take). Without widths the
+cells have the base's width (``--width``).
+
+Shapes of the depth x width plane (``SweepGrid.shape``):
+
+    product       every depth at every width
+    wider-deeper  two lines through one base network (the shallowest depth at the base's width):
+                  every width at the shallowest depth ("wider") and every depth at the base's
+                  width ("deeper"); the cells of the product that lie on them, nothing else. So
+                  ``--depths 2,8,16,32 --widths 16,32,64,128 --shape wider-deeper`` trains 7 cells
+                  per block and norm, not 16. The widths must include the base's width.
+
+A cell's name shows its width (``-w<width>`` after the depth) only in a sweep over several widths
+and only when it differs from the notebook's 32 (``schema.NOTEBOOK_WIDTH``): ``conv-d2-w64-s0``
+beside ``conv-d2-s0``. A sweep over one width names its cells as before, so sweeps made before
+widths existed, at any width, keep their names and resume.
 
 Running the same sweep again skips finished cells (complete or diverged), resumes partial ones
 from their ``last.pt`` and reruns failed ones. A cell that fails (an exception, a worker process
@@ -51,11 +66,13 @@ import torch
 from . import __version__, resources, runs, specs
 from .lock import RunLock
 from .models import BLOCKS, NORMS, check_axes
+from .schema import NOTEBOOK_WIDTH
 from .train import RunFinished, TrainConfig, disk_estimate, finished, memory_estimate, resolve_device, train_run
 
 SWEEP, RUNS = runs.SWEEP, runs.RUNS_FOLDER  # the layout is defined once, in runs.py
 EXECUTORS = ("local", "ray")
 DEFAULT_NORM = "batch"  # the notebook's; any other norm is part of the cell name
+SHAPES = ("product", "wider-deeper")  # how depths and widths combine (module docstring)
 
 
 @dataclass(frozen=True)
@@ -67,9 +84,13 @@ class SweepGrid:
     seeds: tuple[int, ...] = (0,)  # each >= 0; seeds initialisation, the split and shuffling
     norms: tuple[str, ...] = (DEFAULT_NORM,)  # batch | none
     models: tuple[str, ...] = (specs.DEEPCNN,)  # model specs (gradlab.specs); blocks, depths, norms shape deepcnn
+    widths: tuple[int, ...] = ()  # channels, each even and >= 2 (deepcnn); empty: the base's width alone
+    shape: str = "product"  # product | wider-deeper: which depth x width cells are trained (SHAPES)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # accept any sequence, store a tuple (hashable, and JSON writes it as a list)
+            if f.name == "shape":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, str):
                 raise ValueError(f"{f.name} must be a sequence of values, got the string {value!r}")
@@ -80,7 +101,16 @@ class SweepGrid:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad list and value."""
-        check_axes(**{f.name: getattr(self, f.name) for f in fields(self)})
+        check_axes(**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("widths", "shape")})
+        if self.widths:
+            check_axes(widths=self.widths)
+        for width in self.widths:
+            if isinstance(width, bool) or not isinstance(width, int) or width < 2 or width % 2:
+                raise ValueError(f"widths: each must be an even integer >= 2, got {width!r}")
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; known: {list(SHAPES)}")
+        if self.shape == "wider-deeper" and not self.widths:
+            raise ValueError("shape wider-deeper grows the networks wider over the widths: give the widths")
         for model in self.models:
             try:
                 specs.parse(model)
@@ -102,22 +132,40 @@ class SweepGrid:
 class Cell:
     """One point of the grid: the run directory's name and its full training configuration."""
 
-    name: str  # deepcnn: <block>-d<depth>-s<seed>, plus -<norm> when the norm is not the default; else <tag>-s<seed>
+    name: str  # deepcnn: <block>-d<depth>[-w<width>]-s<seed>[-<norm>] (cell_name); else <tag>-s<seed>
     config: TrainConfig
 
 
-def cell_name(config: TrainConfig) -> str:
+def cell_name(config: TrainConfig, width_axis: bool = False) -> str:
+    """The run directory's name: ``-w<width>`` when the sweep is over several widths
+    (``width_axis``) and the width is not the notebook's, ``-<norm>`` when the norm is not the default."""
     spec = config.spec()
     if spec.kind != "deepcnn":
         return f"{spec.tag}-s{config.seed}"
-    name = f"{config.block}-d{config.depth}-s{config.seed}"
+    width = f"-w{config.width}" if width_axis and config.width != NOTEBOOK_WIDTH else ""
+    name = f"{config.block}-d{config.depth}{width}-s{config.seed}"
     return name if config.norm == DEFAULT_NORM else f"{name}-{config.norm}"
 
 
+def plane(grid: SweepGrid, base_width: int) -> list[tuple[int, int]]:
+    """The (depth, width) pairs of the grid's shape in depth x width order; ``base_width``: the
+    base's width, the only width without ``grid.widths`` and the deeper line's width."""
+    widths = grid.widths or (base_width,)
+    pairs = list(itertools.product(grid.depths, widths))
+    if grid.shape == "product":
+        return pairs
+    if base_width not in widths:
+        raise ValueError(f"shape wider-deeper: the widths {list(widths)} must include the width the deeper line "
+                         f"grows at, --width {base_width}, so that both lines start from the same network")
+    shallowest = min(grid.depths)
+    return [(depth, width) for depth, width in pairs if depth == shallowest or width == base_width]
+
+
 def expand(grid: SweepGrid, base: TrainConfig) -> list[Cell]:
-    """The cells in the order models x blocks x norms x depths x seeds (blocks, norms and depths for
-    deepcnn only; other models get the base's model_args); every configuration is validated here,
-    so a bad option (an odd width, say) surfaces before any cell trains."""
+    """The cells in the order models x blocks x norms x depths x widths x seeds (blocks, norms,
+    depths and widths for deepcnn only, the depth x width pairs by ``grid.shape``; other models get
+    the base's model_args); every configuration is validated here, so a bad option (an odd width,
+    say) surfaces before any cell trains."""
     grid.validate()
     if base.model_args and all(specs.parse(m).kind == "deepcnn" for m in grid.models):
         raise ValueError(f"--model-arg {base.model_args[0][0]}: model options are for torchvision and factory "
@@ -125,14 +173,16 @@ def expand(grid: SweepGrid, base: TrainConfig) -> list[Cell]:
     configs = []
     for model in grid.models:
         if specs.parse(model).kind == "deepcnn":
-            configs += [replace(base, model=model, model_args=(), block=block, depth=depth, seed=seed, norm=norm)
-                        for block, norm, depth, seed in itertools.product(grid.blocks, grid.norms, grid.depths,
-                                                                          grid.seeds)]
+            configs += [replace(base, model=model, model_args=(), block=block, depth=depth, width=width, seed=seed,
+                                norm=norm)
+                        for block, norm, (depth, width), seed in itertools.product(
+                            grid.blocks, grid.norms, plane(grid, base.width), grid.seeds)]
         else:
             configs += [replace(base, model=model, seed=seed) for seed in grid.seeds]
+    width_axis = len(grid.widths) > 1
     cells, models = [], {}
     for config in configs:
-        name = cell_name(config)
+        name = cell_name(config, width_axis)
         if models.setdefault(name, config.model) != config.model:
             raise ValueError(f"models {models[name]!r} and {config.model!r} would share the run name {name}; "
                              "rename a file or a factory")

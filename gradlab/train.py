@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import __version__, native, resources, runs, runtime, specs
 from .data import DeviceLoader, Splits, make_splits, sample_grid_images
 from .lock import RunLock
-from .models import check_architecture, count_parameters
+from .models import check_architecture, count_parameters, hanin_beta
 
 DATASETS = ("cifar10", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
@@ -426,6 +426,7 @@ def _run_config(config: TrainConfig, record, trainer: Trainer) -> dict:
                      "cuda": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else None},
         "versions": {"gradlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "n_params": trainer.n_params,
+        "beta": hanin_beta(trainer.model),  # Hanin's β = Σ 1/width over hidden layers (gradlab.models)
         "classes": list(trainer.splits.classes),
         "train_images": len(trainer.splits.train[1]),  # the training budget's images (reports name it)
     }
@@ -752,7 +753,8 @@ def _train(run_dir: Path, trainer: Trainer, record, callbacks: list[Callback], r
     from .recorder import RecorderCallback
 
     config = trainer.config
-    summary = {"status": "running", "n_params": trainer.n_params, "epochs": config.epochs,
+    summary = {"status": "running", "n_params": trainer.n_params, "beta": hanin_beta(trainer.model),
+               "epochs": config.epochs,
                "epochs_done": trainer.epoch, "steps_done": trainer.step,
                "best_val_acc": trainer.best_val_acc, "best_epoch": trainer.best_epoch,
                "wall_seconds": previous.get("wall_seconds", 0.0) if resumed else 0.0,

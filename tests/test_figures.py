@@ -121,6 +121,9 @@ def test_raw_values_can_be_drawn_instead_of_relative_ones():
     (figures.signal_propagation, pd.DataFrame({"run": ["a"]})),
     (figures.branch_skip, pd.DataFrame({"block": ["res"], "depth": [2]})),
     (figures.run_heatmaps, pd.DataFrame({"run": ["a"], "step": [0]})),
+    (figures.accuracy_vs_params, pd.DataFrame({"block": ["conv"], "depth": [2]})),
+    (figures.ratio_vs_width, pd.DataFrame({"block": ["conv"], "depth": [2]})),
+    (figures.spread_vs_beta, pd.DataFrame({"block": ["conv"], "beta": [1.0]})),
 ])
 def test_a_missing_column_warns_and_leaves_the_panel_empty(draw, frame):
     with pytest.warns(UserWarning, match="missing column"):
@@ -565,3 +568,51 @@ def test_a_run_of_one_epoch_beside_runs_of_several_is_a_marker_beside_lines():
     assert len([line for line in accuracy.get_lines() if len(line.get_xdata()) > 1]) == 2  # conv-d2's two splits
     assert sorted(len(c.get_offsets()) for c in accuracy.collections) == [1, 1]  # conv-d8: a marker per split
     assert _tick_labels(accuracy) == ["1", "2", "3"]
+
+
+def width_scaling() -> pd.DataFrame:
+    rows = []
+    for block, base in (("conv", 2700.0), ("res", 8.0)):
+        for norm in ("batch", "none"):
+            for depth in (8, 32):
+                for width in (8, 32, 128):
+                    ratio = 0.0 if (block, norm, depth) == ("conv", "none", 32) else base / (1 + width / 1000)
+                    rows.append({"phase": "init", "model": "deepcnn", "block": block, "norm": norm, "depth": depth,
+                                 "width": width, "first_to_last": ratio})
+    return pd.DataFrame(rows)
+
+
+def test_ratio_vs_width_has_a_log_panel_per_block_type_a_line_per_depth_and_norm_and_marks_zeros():
+    frame = width_scaling()
+    frame.loc[0, "first_to_last"] = np.nan  # 0/0: left out, counted
+    fig = figures.ratio_vs_width(frame)
+    fig.canvas.draw()
+    panels = _panels(fig)
+    assert len(panels) == 2 and all(ax.get_yscale() == "log" and ax.get_xscale() == "log" for ax in panels)
+    assert [len([l for l in ax.get_lines() if len(l.get_xdata()) == 3]) for ax in panels] == [4, 4]
+    text = _texts(fig)
+    assert "exactly 0" in text and "1 point without a ratio" in text
+
+
+def test_accuracy_vs_params_draws_a_wider_and_a_deeper_line_per_block_type():
+    lines = pd.DataFrame({"model": "deepcnn", "block": ["conv"] * 4 + ["res"] * 4, "norm": "batch",
+                          "direction": ["wider", "wider", "deeper", "deeper"] * 2, "depth": [2, 2, 2, 8] * 2,
+                          "width": [32, 64, 32, 32] * 2, "n_params": [1e4, 4e4, 1e4, 3e4] * 2,
+                          "test_acc_mean": [0.4, 0.5, 0.4, 0.45, 0.42, 0.52, 0.42, 0.5]})
+    fig = figures.accuracy_vs_params(lines, chance=0.1)
+    ax = _panels(fig)[0]
+    styles = sorted((l.get_linestyle(), l.get_color()) for l in ax.get_lines()
+                    if len(l.get_xdata()) == 2 and l.get_linestyle() != ":")  # ":" is the chance line
+    assert styles == sorted([("-", figures.block_color("conv")), ("--", figures.block_color("conv")),
+                             ("-", figures.block_color("res")), ("--", figures.block_color("res"))])
+    assert ax.get_xscale() == "log" and ax.get_ylim()[0] == 0
+
+
+def test_spread_vs_beta_has_a_marker_per_network_and_counts_what_it_leaves_out():
+    spread = pd.DataFrame({"model": "deepcnn", "block": ["conv", "conv", "res", "res"], "norm": "batch",
+                           "beta": [3.0, 0.75, 3.0, np.nan], "log_ratio_std": [0.4, 0.1, np.nan, 0.1]})
+    fig = figures.spread_vs_beta(spread)
+    fig.canvas.draw()
+    ax = _panels(fig)[0]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 2 and ax.get_xscale() == "log"
+    assert "2 networks without a spread" in _texts(fig)

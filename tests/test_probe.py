@@ -4,6 +4,7 @@ import re
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +196,86 @@ def test_a_probe_that_overflows_is_marked_diverged(small_splits, tmp_path, monke
     assert (f"conv-d4-none (conv, depth 4, no normalisation) diverged at step 0, epoch 0: the first non-finite "
             f"activation appeared at {first['layer']} (from its summary.json)") in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+
+
+def test_hanin_beta_by_hand():
+    from gradlab.models import hanin_beta
+
+    for width in (4, 8, 32):
+        for depth in (0, 2, 5):
+            # stem: 3 convs of width w; conv/res blocks: w/2 then w; skip blocks: w/2 and w/2; the head is the output
+            assert hanin_beta(build_model("conv", depth, width)) == pytest.approx(3 / width + depth * (2 / width + 1 / width))
+            assert hanin_beta(build_model("res", depth, width)) == pytest.approx(3 * (depth + 1) / width)
+            assert hanin_beta(build_model("skip", depth, width)) == pytest.approx(3 / width + depth * 4 / width)
+    assert hanin_beta(torch.nn.Linear(3, 4)) == 0.0  # the output layer alone: no hidden layer
+
+
+def test_a_probe_over_widths_and_seeds_names_its_networks_and_shares_its_batches(small_splits, tmp_path):
+    config = _config(blocks=("conv", "res"), depths=(3,), widths=(4, 8), seeds=(0, 1, 2), norms=("batch", "none"),
+                     batch_size=16, batches=1)
+    records, table, _ = probe(config, splits=small_splits, out=tmp_path / "probe")
+    assert list(table["run"][:6]) == ["conv-d3-w4-s0", "conv-d3-w4-s1", "conv-d3-w4-s2",
+                                      "conv-d3-w8-s0", "conv-d3-w8-s1", "conv-d3-w8-s2"]
+    assert len(table) == 24 and set(table["width"]) == {4, 8} and set(table["seed"]) == {0, 1, 2}
+    assert (table["beta"] == 3 * 4 / table["width"]).all()  # conv and res, depth 3
+    stored = runs.load_sweep(tmp_path / "probe").table().set_index("run")
+    assert stored.loc["res-d3-w8-s2-none", "beta"] == pytest.approx(1.5)
+    assert stored.loc["res-d3-w8-s2-none", "n_params"] == table.set_index("run").loc["res-d3-w8-s2-none", "n_params"]
+    # seed 0 of the grid is the single-seed probe's network: same initialisation, same batches, same numbers
+    single, _, _ = probe(_config(blocks=("conv",), depths=(3,), width=8, batch_size=16, batches=1), splits=small_splits)
+    grid = records.query("run == 'conv-d3-w8-s0' and metric == 'grad_out_norm'").set_index("layer")["value"]
+    alone = single.query("metric == 'grad_out_norm'").set_index("layer")["value"]
+    pd.testing.assert_series_equal(grid.sort_index(), alone.sort_index(), check_names=False)
+    # the spread over seeds, recomputed with numpy from the flow rows
+    flow = analysis.flow_summary(records, table, phases=("init",))
+    spread = analysis.seed_spread(flow).set_index(["block", "norm", "depth", "width"])
+    for (block, norm, width), rows in flow.groupby(["block", "norm", "width"]):
+        ratios = rows["first_to_last"].to_numpy(float)
+        usable = ratios[np.isfinite(ratios) & (ratios > 0)]
+        row = spread.loc[(block, norm, 3, width)]
+        assert row["n_seeds"] == 3 and row["n_used"] == len(usable)
+        assert row["n_zero"] == (ratios == 0).sum() and row["n_nonfinite"] == (~np.isfinite(ratios)).sum()
+        if len(usable) >= 2:
+            assert row["log_ratio_std"] == pytest.approx(np.std(np.log(usable), ddof=1))
+        else:
+            assert np.isnan(row["log_ratio_std"])
+        assert row["beta"] == pytest.approx(12 / width)
+
+
+def test_spread_counts_zero_and_non_finite_ratios_and_never_takes_their_log():
+    flow = pd.DataFrame({"run": list("abcdef"), "phase": "init", "model": "deepcnn", "block": "conv", "norm": "none",
+                         "depth": 32, "width": 8, "seed": range(6), "beta": 12.375, "n_params": 100,
+                         "first_to_last": [0.0, 0.0, np.nan, np.inf, 1e-3, 1e-2]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = analysis.seed_spread(flow).iloc[0]
+    assert (row["n_seeds"], row["n_zero"], row["n_nonfinite"], row["n_used"]) == (6, 2, 2, 2)
+    assert row["log_ratio_std"] == pytest.approx(np.std(np.log([1e-3, 1e-2]), ddof=1))
+    alone = analysis.seed_spread(flow.assign(first_to_last=[0.0] * 5 + [1e-3])).iloc[0]
+    assert alone["n_used"] == 1 and np.isnan(alone["log_ratio_std"])  # one usable seed: no spread
+
+
+def test_spread_trend_is_spearman_rho():
+    spread = pd.DataFrame({"model": "deepcnn", "block": "res", "norm": "batch", "depth": [8] * 4,
+                           "width": [8, 16, 32, 64], "beta": [3.4, 1.7, 0.8, 0.4], "log_ratio_std": [0.5, 0.3, 0.31, 0.1]})
+    rho = analysis.spread_trend(spread)["rho"].iloc[0]
+    x, y = pd.Series([3.4, 1.7, 0.8, 0.4]).rank(), pd.Series([0.5, 0.3, 0.31, 0.1]).rank()
+    assert rho == pytest.approx(np.corrcoef(x, y)[0, 1]) and rho == pytest.approx(0.8)
+
+
+def test_probe_cli_over_widths_and_seeds_shows_the_ratio_against_width(tmp_path):
+    args = ["probe", "--blocks", "conv,res", "--depths", "2,4", "--widths", "4,8", "--seeds", "0,1",
+            "--norm", "batch,none", "--batch-size", "16", "--batches", "1", "--dataset", "synthetic", "--device", "cpu",
+            "--html", str(tmp_path / "p.html")]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "by depth and width" in out and "geometric mean over 2 seeds" in out
+    header = next(line for line in out.splitlines() if line.startswith("depth"))
+    assert header.split()[:2] == ["depth", "width"]
+    assert out.count("at initialisation (1 batch of 16 images, 2 seeds): first-to-last gradient ratio") == 8
+    assert "Spread over 2 seeds at initialisation" in out and "Spearman" in out
+    html = (tmp_path / "p.html").read_text()
+    section = html[html.index('id="width-depth"'):]
+    section = section[:section.index("</section>")]
+    assert section.count("<img") == 2 and "Hanin" in section and "first-to-last gradient ratio" in section

@@ -565,3 +565,10 @@ def test_stored_shatter_and_lesion_frames_get_their_sections_in_a_real_browser(l
     assert "the mean cosine similarity of input gradients at neighbouring points was" in shown["shatter"]
     assert "conv-d3-s0: " in shown["lesion"] and "test accuracy with all 3 blocks" in shown["lesion"]
     assert not re.search(r"\bnan\b", shown["shatter"] + shown["lesion"], re.IGNORECASE)
+
+
+def test_a_report_of_one_width_says_what_a_width_sweep_would_add(report):
+    section = report.section("width-depth")
+    assert not section.images and "--shape wider-deeper" in section.notes[0] and "one width (4)" in section.notes[0]
+    listing = report.section("run").tables[0]
+    assert {"width", "n_params", "beta"} <= set(listing.columns)

@@ -212,7 +212,8 @@ def test_report_csv_sections_parse(report_inputs):
     for block in text.strip().split("\n\n")[1:]:
         name, _, body = block.partition("\n")
         sections[name.removeprefix("# ")] = pd.read_csv(io.StringIO(body), comment="#")
-    assert list(sections) == ["depth_scaling", "layers", "flow", "diverged", "unreadable", "budget"]
+    assert list(sections) == ["depth_scaling", "layers", "flow", "diverged", "unreadable", "budget", "width_depth",
+                              "spread"]
     assert sections["diverged"].empty and sections["unreadable"].columns.tolist() == ["cell", "reason"]
     scaling = sections["depth_scaling"]
     expected = pd.concat([analysis.depth_scaling(records, runs, p) for p in ("init", "end")])
@@ -226,8 +227,10 @@ def test_report_csv_sections_parse(report_inputs):
 
 def test_report_json_is_one_object(report_inputs):
     report = json.loads(report_text(*report_inputs, fmt="json"))
-    assert list(report) == ["header", "depth_scaling", "layers", "flow", "diverged", "unreadable", "budget"]
+    assert list(report) == ["header", "depth_scaling", "layers", "flow", "diverged", "unreadable", "budget",
+                            "width_depth", "spread"]
     assert report["diverged"] == [] and report["unreadable"] == []
+    assert report["width_depth"] == [] and report["spread"] == []  # one width, one seed: nothing to compare
     assert report["header"]["runs"] == 3 and report["header"]["dataset"] == ["cifar10"]
     assert report["header"]["depths"] == [4, 16] and report["header"]["status"] == {"complete": 3}
     end_conv = [r for r in report["depth_scaling"]
@@ -249,7 +252,8 @@ def test_report_of_nothing(fmt):
     text = report_text(pd.DataFrame(), None, fmt=fmt)
     if fmt == "json":
         report = json.loads(text)
-        assert report["header"] == {"runs": 0, "models": [], "blocks": [], "depths": [], "norms": [], "seeds": []}
+        assert report["header"] == {"runs": 0, "models": [], "blocks": [], "depths": [], "widths": [], "norms": [],
+                                    "seeds": []}
         assert report["flow"] == [] and report["depth_scaling"] == []
     else:
         assert "gradlab report: 0 runs · blocks: –" in text
@@ -571,3 +575,45 @@ def test_real_runs_report_the_budget_they_trained_for(broken):
     assert budget == [8, 400, 100, 2]  # 2 epochs of 4 steps of 100 on the 400 images of small_splits
     text = report_text(records, runs, unreadable=unreadable)
     assert "8 optimizer steps on 400 training images (2 epochs)" in text
+
+
+def test_width_sentences_state_the_measured_ratios_and_exact_zeros():
+    from gradlab.report.text import width_sentences
+
+    rows = []
+    for block, norm, ratios in (("conv", "batch", [2700.0, 2650.0, 2200.0]), ("conv", "none", [0.0, 0.0, 0.0]),
+                                ("res", "batch", [8.1, 8.0, 7.9])):
+        for width, ratio in zip((8, 32, 128), ratios):
+            rows.append({"phase": "init", "model": "deepcnn", "block": block, "norm": norm, "depth": 32,
+                         "width": width, "first_to_last": ratio})
+    effect = analysis.width_effect(pd.DataFrame(rows))
+    conv = effect.loc[(effect["block"] == "conv") & (effect["norm"] == "batch")].iloc[0]
+    assert (conv["narrow"], conv["wide"], conv["ratio_narrow"], conv["ratio_wide"]) == (8, 128, 2700.0, 2200.0)
+    sentences = width_sentences(effect, {"init": "at initialisation (3 batches of 256 images, 3 seeds)"})
+    assert sentences[0] == ("conv (batch norm), depth 32, at initialisation (3 batches of 256 images, 3 seeds): "
+                            "first-to-last gradient ratio 2700 at width 8 and 2200 at width 128 (3 widths, geometric "
+                            "mean over seeds), ×0.815 from the narrowest to the widest.")
+    assert "exactly 0 at every width from 8 to 128" in sentences[1]
+    contrast = [s for s in sentences if s.startswith("At initialisation")]
+    assert contrast == [f"At initialisation (3 batches of 256 images, 3 seeds), depth 32, batch norm: going from width "
+                        f"8 to 128 moved a block type's ratio by at most ×1.23; at the same width the block types' "
+                        f"ratios differed by up to ×{format_number(2700 / 8.1)} (conv and res)."]
+
+
+def test_width_depth_picks_the_wider_and_the_deeper_line_and_averages_seeds():
+    rows = []
+    for seed, acc in ((0, 0.4), (1, 0.5)):
+        for depth, width in ((2, 16), (2, 32), (2, 64), (8, 32), (16, 32)):
+            rows.append({"run": f"conv-d{depth}-w{width}-s{seed}", "model": "deepcnn", "block": "conv",
+                         "norm": "batch", "depth": depth, "width": width, "seed": seed,
+                         "n_params": depth * 1000 + width, "beta": 3 * (depth + 1) / width, "test_acc": acc})
+    lines = analysis.width_depth(pd.DataFrame(rows))
+    assert list(zip(lines["direction"], lines["depth"], lines["width"])) == [
+        ("wider", 2, 16), ("wider", 2, 32), ("wider", 2, 64), ("deeper", 2, 32), ("deeper", 8, 32), ("deeper", 16, 32)]
+    assert (lines["test_acc_mean"] == 0.45).all() and (lines["n_seeds"] == 2).all()
+    assert lines["test_acc_std"].iloc[0] == pytest.approx(np.std([0.4, 0.5], ddof=1))
+    runs = pd.DataFrame(rows).assign(steps=40, train_images=2048, epochs_done=2, status="complete")
+    text = report_text(pd.DataFrame(), runs)
+    assert "Width against depth" in text and "grown wider at depth 2, test accuracy went from 45.0 % at width 16" in text
+    assert "after 40 optimizer steps on 2,048 training images (2 epochs)" in text
+    assert len(analysis.width_depth(pd.DataFrame(rows).query("width == 32"))) == 0  # one width: no wider line

@@ -54,6 +54,48 @@ def test_expand_orders_cells_blocks_norms_depths_seeds():
     assert replace(config, block="conv", depth=BASE.depth, seed=0, norm="batch") == BASE  # the rest is the base
 
 
+def test_widths_are_an_axis_and_names_show_a_width_other_than_the_notebooks():
+    grid = SweepGrid(blocks=["conv"], depths=[2, 8], widths=[16, 32], seeds=[0])
+    cells = expand(grid, BASE)
+    assert [c.name for c in cells] == ["conv-d2-w16-s0", "conv-d2-s0", "conv-d8-w16-s0", "conv-d8-s0"]
+    assert [(c.config.depth, c.config.width) for c in cells] == [(2, 16), (2, 32), (8, 16), (8, 32)]
+    # one width, as --width or as --widths: the names of before, so older sweeps resume
+    assert [c.name for c in expand(SweepGrid(["conv"], [2]), replace(BASE, width=64))] == ["conv-d2-s0"]
+    assert [c.name for c in expand(SweepGrid(["conv"], [2], widths=[64]), BASE)] == ["conv-d2-s0"]
+    assert expand(SweepGrid(["conv"], [2], widths=[64]), BASE)[0].config.width == 64
+
+
+def test_wider_deeper_trains_the_two_lines_not_the_product():
+    grid = SweepGrid(blocks=["conv", "res"], depths=[2, 8, 16, 32], widths=[16, 32, 64, 128], shape="wider-deeper")
+    cells = expand(grid, replace(BASE, width=32))
+    assert len(cells) == 14 and len(expand(replace(grid, shape="product"), replace(BASE, width=32))) == 32
+    assert [c.name for c in cells[:7]] == ["conv-d2-w16-s0", "conv-d2-s0", "conv-d2-w64-s0", "conv-d2-w128-s0",
+                                           "conv-d8-s0", "conv-d16-s0", "conv-d32-s0"]
+    pairs = {(c.config.depth, c.config.width) for c in cells if c.config.block == "res"}
+    assert pairs == {(2, w) for w in (16, 32, 64, 128)} | {(d, 32) for d in (2, 8, 16, 32)}
+    with pytest.raises(ValueError, match="must include the width the deeper line grows at, --width 4"):
+        expand(grid, BASE)
+    with pytest.raises(ValueError, match="give the widths"):
+        expand(SweepGrid(["conv"], [2, 8], shape="wider-deeper"), BASE)
+
+
+def test_a_width_sweep_resumes_and_loads_with_its_widths(tmp_path):
+    grid = SweepGrid(blocks=("conv",), depths=(1,), widths=(4, 8))
+    first = run_sweep(grid, BASE, tmp_path / "sweep")
+    assert [r["name"] for r in first] == ["conv-d1-w4-s0", "conv-d1-w8-s0"]
+    assert all(r["status"] == "complete" for r in first)
+    again = run_sweep(grid, BASE, tmp_path / "sweep")
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+    table = runs.load_sweep(tmp_path / "sweep").table().set_index("run")
+    assert table.loc["conv-d1-w8-s0", "width"] == 8 and table.loc["conv-d1-w4-s0", "width"] == 4
+    for width in (4, 8):  # beta = 3 (depth + 1) / width for a conv network: stem 3 convs, 2 per block (one of half width)
+        row = table.loc[f"conv-d1-w{width}-s0"]
+        assert row["beta"] == pytest.approx(3 * 2 / width)
+        assert row["n_params"] == gradlab.count_parameters(gradlab.build_model("conv", 1, width))
+    with pytest.raises(runs.RunError, match="grid.widths: stored"):
+        run_sweep(replace(grid, widths=(4, 8, 16)), BASE, tmp_path / "sweep")
+
+
 @pytest.mark.parametrize("grid, message", [
     (dict(blocks=(), depths=(2,)), "blocks must not be empty"),
     (dict(blocks=("conv",), depths=(2, 4, 2)), "depths lists 2 more than once"),
@@ -61,6 +103,10 @@ def test_expand_orders_cells_blocks_norms_depths_seeds():
     (dict(blocks=("conv",), depths=(2,), norms=("layer",)), "unknown norm 'layer'"),
     (dict(blocks=("conv",), depths=(-1,)), "depths: each must be an integer >= 0, got -1"),
     (dict(blocks=("conv",), depths=(2,), seeds=(1.5,)), "seeds: each must be an integer >= 0, got 1.5"),
+    (dict(blocks=("conv",), depths=(2,), widths=(8, 5)), "widths: each must be an even integer >= 2, got 5"),
+    (dict(blocks=("conv",), depths=(2,), widths=(0,)), "widths: each must be an even integer >= 2, got 0"),
+    (dict(blocks=("conv",), depths=(2,), widths=(8, 8)), "widths lists 8 more than once"),
+    (dict(blocks=("conv",), depths=(2,), shape="grid"), "unknown shape 'grid'"),
 ])
 def test_a_bad_grid_names_the_list_and_the_value(grid, message):
     with pytest.raises(ValueError, match=message):
@@ -117,7 +163,7 @@ def test_a_local_sweep_writes_a_run_directory_per_cell(local_sweep):
     stored = runs.read_json(out / SWEEP)
     assert stored["cells"] == names
     assert stored["grid"] == {"blocks": ["conv", "res"], "depths": [1], "seeds": [3], "norms": ["batch"],
-                              "models": ["deepcnn"]}
+                              "models": ["deepcnn"], "widths": [], "shape": "product"}
     assert stored["base"] == json.loads(json.dumps(asdict(BASE))) and stored["record"] == asdict(RecordConfig())
     assert stored["versions"]["gradlab"] == gradlab.__version__
     for result, name in zip(results, names):

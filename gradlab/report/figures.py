@@ -526,6 +526,162 @@ def accuracy_vs_depth(runs: pd.DataFrame, chance: float | None = None, title: st
     return fig
 
 
+# ---------------------------------------------------------------- 2b. width against depth
+
+DIRECTION_STYLES = {"wider": "-", "deeper": "--"}  # accuracy against parameters: line style per direction
+
+
+def _log2_axis(ax, values: pd.Series, label: str) -> None:
+    """A log-2 x axis with a tick at every value run (widths)."""
+    ticks = sorted(set(_numeric(values).dropna().astype(int)))
+    if ticks and ticks[0] > 0:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda x, _: format_number(int(round(x)))))
+    ax.xaxis.set_minor_locator(mpl.ticker.NullLocator())
+    ax.set_xlabel(label)
+
+
+@_themed
+def accuracy_vs_params(lines: pd.DataFrame, chance: float | None = None, title: str | None = None) -> Figure:
+    """Test accuracy against parameter count: per network a solid line grown wider and a dashed
+    line grown deeper (``analysis.width_depth``: ``block, direction, depth, width, n_params,
+    test_acc_mean``; optional ``model``, ``norm``: one panel per norm). Log x; the accuracy axis
+    starts at 0; each point is labelled with its width (wider) or depth (deeper)."""
+    need = ["block", "direction", "depth", "width", "n_params", "test_acc_mean"]
+    if _missing(lines, need, "accuracy_vs_params") or lines.empty:
+        fig, axes = _figure(1, 1, (6, 3.5))
+        _say(axes[0, 0], "no runs at two or more widths")
+        return fig
+    df = _with_network(lines).assign(n_params=_numeric(lines["n_params"]),
+                                     acc=_numeric(lines["test_acc_mean"]).where(lambda v: np.isfinite(v)))
+    norms = list(dict.fromkeys(df["norm"])) if "norm" in df else [None]
+    fig, axes = _figure(1, len(norms), (5.2, 3.8), sharey=True)
+    top = chance or 0.0
+    for j, norm in enumerate(norms):
+        ax = axes[0, j]
+        data = df if norm is None else df.loc[df["norm"] == norm]
+        data = data.dropna(subset=["acc", "n_params"])
+        if data.empty:
+            _say(ax, "no finished runs")
+            continue
+        for (network, direction), line in data.groupby(["network", "direction"], sort=False):
+            line = line.sort_values("n_params")
+            ax.plot(line["n_params"], line["acc"], DIRECTION_STYLES.get(direction, ":"), marker="o",
+                    color=block_color(network), linewidth=2, markersize=5, label=f"{network}, {direction}")
+            key = "width" if direction == "wider" else "depth"
+            for x, y, value in zip(line["n_params"], line["acc"], line[key]):
+                ax.annotate(f"{key[0]}{int(value)}", (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7,
+                            color="0.3")
+        if chance is not None:
+            ax.axhline(chance, color="0.4", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (log)")
+        ax.set_ylabel("test accuracy" if j == 0 else "")
+        top = max(top, float(data["acc"].max()))
+        ax.set_title(norm_words(norm) if norm is not None and len(norms) > 1 else "")
+        ax.legend(fontsize=7, loc="best")
+    for ax in axes.flat:
+        ax.set_ylim(0, min(1.0, math.ceil((top + 0.05) * 10) / 10))
+        _percent(ax)
+    fig.supxlabel("solid: grown wider (labels w = width) · dashed: grown deeper (labels d = depth)", fontsize=8)
+    _suptitle(fig, title or "Test accuracy against parameters: wider or deeper?")
+    return fig
+
+
+@_themed
+def ratio_vs_width(scaling: pd.DataFrame, title: str | None = None) -> Figure:
+    """First-to-last gradient ratio against width: one panel per network, a line per depth (darker:
+    deeper), solid with BatchNorm and dashed without (``norm``), a column of panels per
+    ``phase``. ``scaling`` is ``analysis.depth_scaling`` output (``block, depth, width,
+    first_to_last``). Log y with the verdict bands; a ratio of exactly 0 is drawn ▼ at the floor;
+    NaN (0/0, diverged) is left out and counted in a note."""
+    need = ["block", "depth", "width", "first_to_last"]
+    if _missing(scaling, need, "ratio_vs_width") or scaling.empty:
+        fig, axes = _figure(1, 1, (6, 3.5))
+        _say(axes[0, 0], "no ratios at two or more widths")
+        return fig
+    df = _with_network(scaling).assign(depth=_depth_ints(scaling["depth"]), width=_numeric(scaling["width"]),
+                                       ratio=_numeric(scaling["first_to_last"]))
+    df = df.dropna(subset=["width", "depth"])
+    df = df if "norm" in df else df.assign(norm=None)
+    phases = [p for p in analysis.PHASES if "phase" in df and p in set(df["phase"])] or [None]
+    networks = block_order(df["network"])
+    floor, ceiling = _log_limits(df["ratio"])
+    low, high = _log_view(df["ratio"], floor, ceiling, (analysis.VANISHING_RATIO, analysis.EXPLODING_RATIO))
+    fig, axes = _figure(len(phases), len(networks), (4.2, 3.3), sharex=True, sharey=True)
+    notes, missing = [], int(df["ratio"].isna().sum())
+    for i, phase in enumerate(phases):
+        for j, network in enumerate(networks):
+            ax = axes[i, j]
+            ax.set_yscale("log")
+            ax.set_ylim(low, high)
+            _verdict_bands(ax, low, high)
+            data = df.loc[df["network"] == network]
+            if phase is not None:
+                data = data.loc[data["phase"] == phase]
+            shades = depth_shades(network, data["depth"].tolist() or [0])
+            for (depth, norm), line in data.groupby(["depth", "norm"], sort=True, dropna=False):
+                line = line.sort_values("width")
+                shown = _for_log(line["ratio"], floor, ceiling)
+                ax.plot(line["width"], shown, "--" if norm == "none" else "-", marker="o", color=shades[depth],
+                        linewidth=2, markersize=4,
+                        label=f"depth {depth}" + (f", {norm_words(norm)}" if isinstance(norm, str) else ""))
+                notes += _mark_clipped(ax, line["width"], line["ratio"], floor, ceiling, [shades[depth]])
+            _log2_axis(ax, df["width"], "width (channels)" if i == len(phases) - 1 else "")
+            heading = network if phase is None else f"{network} — {PHASE_WORDS.get(phase, phase)}"
+            _panel_title(ax, heading, block_color(network))
+            ax.set_ylabel("gradient ratio first / last block" if j == 0 else "")
+            if len(data):
+                ax.legend(fontsize=7, loc="best")
+    for ax in axes.flat:
+        _log_ticks(ax)
+    if missing:
+        notes.append(f"{missing} point{'s' if missing != 1 else ''} without a ratio (0/0 or diverged) left out")
+    if notes:
+        fig.supxlabel("\n".join(_unique_notes(notes)), fontsize=8, parse_math=False)
+    _suptitle(fig, title or "First-to-last gradient ratio against width, at fixed depth")
+    return fig
+
+
+@_themed
+def spread_vs_beta(spread: pd.DataFrame, title: str | None = None) -> Figure:
+    """The standard deviation over seeds of ln first_to_last against Hanin's β, one marker per
+    network (``analysis.seed_spread``: ``block, beta, log_ratio_std``; optional ``model``;
+    ``norm``: ○ batch norm, △ none). Log x. Networks without a spread (fewer than two usable
+    seeds) or without β are left out and counted."""
+    need = ["block", "beta", "log_ratio_std"]
+    if _missing(spread, need, "spread_vs_beta") or spread.empty:
+        fig, axes = _figure(1, 1, (6, 3.5))
+        _say(axes[0, 0], "no spread over seeds")
+        return fig
+    df = _with_network(spread).assign(beta=_numeric(spread["beta"]), std=_numeric(spread["log_ratio_std"]))
+    shown = df.loc[np.isfinite(df["beta"]) & (df["beta"] > 0) & np.isfinite(df["std"])]
+    fig, axes = _figure(1, 1, (6.2, 4.0))
+    ax = axes[0, 0]
+    if shown.empty:
+        _say(ax, "no network has a spread over seeds and a β")
+        return fig
+    markers = {"batch": "o", "none": "^"}
+    shown = shown if "norm" in shown else shown.assign(norm=None)
+    for (network, norm), group in shown.groupby(["network", "norm"], sort=False, dropna=False):
+        ax.scatter(group["beta"], group["std"], s=36, marker=markers.get(norm, "s"), color=block_color(network),
+                   edgecolors="black", linewidths=0.4, label=network + (f", {norm_words(norm)}" if isinstance(norm, str) else ""))
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: format_number(v)))
+    ax.set_xlabel("Hanin's β = Σ 1/width over hidden layers (channels as widths; log)")
+    ax.set_ylabel("std over seeds of ln(first / last)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="best")
+    left = len(df) - len(shown)
+    if left:
+        fig.supxlabel(f"{left} network{'s' if left != 1 else ''} without a spread (fewer than "
+                      f"{analysis.MIN_SPREAD_SEEDS} seeds with a finite, non-zero ratio) or without β left out",
+                      fontsize=8)
+    _suptitle(fig, title or "Do wider nets fluctuate less? Spread over seeds at initialisation against β")
+    return fig
+
+
 # ---------------------------------------------------------------- 3. per-run heatmaps
 
 

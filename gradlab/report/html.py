@@ -59,8 +59,9 @@ import pandas as pd
 from gradlab import __version__, analysis, lessons, schema
 from gradlab.report import figures, lesson_figures
 from gradlab.report.text import (MISSING, accuracy_sentences, budget_line, depth_scaling_table, diverged_line,
-                                 diverged_table, format_number, layer_table_for_people, runs_table, shared_budget,
-                                 short_budget_note)
+                                 diverged_table, format_number, layer_table_for_people, phase_words, ratio_table,
+                                 runs_table, shared_budget, short_budget_note, spread_sentences, spread_table,
+                                 width_depth_sentences, width_depth_table, width_sentences)
 from gradlab.runs import Run, RunError, Sweep, load_sweep
 from gradlab.schema import DIVERGED, EVIDENCE, PHASE_WORDS, RECORD_COLUMNS, RUN_KEYS, first_nonfinite, norm_words
 
@@ -84,12 +85,13 @@ SECTIONS = {  # id -> heading; every page has all of them, in this order
     "run": "1 · What was run",
     "gradient-flow": "2 · Gradient flow",
     "depth-scaling": "3 · Depth scaling",
-    "heatmaps": "4 · Per-run heatmaps",
-    "signal-propagation": "5 · Signal propagation",
-    "branch-skip": "6 · Residual branch versus skip path",
-    "training-curves": "7 · Training curves",
-    "samples": "8 · Sample inputs",
-    "depth-table": "9 · Depth-scaling table",
+    "width-depth": "4 · Width against depth",
+    "heatmaps": "5 · Per-run heatmaps",
+    "signal-propagation": "6 · Signal propagation",
+    "branch-skip": "7 · Residual branch versus skip path",
+    "training-curves": "8 · Training curves",
+    "samples": "9 · Sample inputs",
+    "depth-table": "10 · Depth-scaling table",
 }
 LESSON_SECTIONS = {  # id -> heading; only on pages whose directory holds the measurement, after SECTIONS, numbered on
     "shatter": "Shattered gradients",  # gradlab shatter PATH (or gradlab probe --out PATH --shatter): PATH/shatter/
@@ -290,6 +292,15 @@ def _join(values) -> str:
     return ", ".join(format_number(v) if not isinstance(v, str) else v for v in distinct) or MISSING
 
 
+def _span(values: pd.Series) -> str:
+    """"12,410" or "1,382 to 21,786": the range of a count over the runs."""
+    known = pd.to_numeric(values, errors="coerce").dropna().astype(int)
+    if known.empty:
+        return MISSING
+    low, high = int(known.min()), int(known.max())
+    return f"{low:,}" if low == high else f"{low:,} to {high:,}"
+
+
 def _ratio(x) -> str:
     return f"×{format_number(x)}" if pd.notna(x) else "no ratio"
 
@@ -385,6 +396,7 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
         ("Models", _join(runs["model"])),
         ("Blocks", _join(runs["block"])),
         ("Depths", _join(runs["depth"])),
+        ("Parameters", _span(runs["n_params"]) if len(runs) else MISSING),
         ("Norms", _join([norm_words(n) for n in runs["norm"]])),
         ("Seeds", _join(runs["seed"])),
         ("Epochs", each("train", "epochs")),
@@ -418,8 +430,9 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
     if sweep.unreadable:
         banners.append(f"{len(sweep.unreadable)} cell(s) could not be read and are left out: "
                        f"{', '.join(sweep.unreadable)}. See Unreadable cells.")
-    columns = ["run", "model", "block", "depth", "norm", "seed", "status", "diverged", "epochs_done", "steps",
-               "train_images", "final_train_acc", "best_val_acc", "test_acc", "wall_seconds", "error"]
+    columns = ["run", "model", "block", "depth", "width", "norm", "seed", "n_params", "beta", "status", "diverged",
+               "epochs_done", "steps", "train_images", "final_train_acc", "best_val_acc", "test_acc", "wall_seconds",
+               "error"]
     where = {row["run"]: analysis.diverged_verdict(row).removeprefix(DIVERGED).strip() or "yes"
              for row in diverged.to_dict("records")}
     listing = runs.assign(diverged=[where.get(r, "") for r in runs["run"]]).reindex(columns=columns)
@@ -604,6 +617,87 @@ def _samples_section(sweep: Sweep, synthetic: bool, dpi: int) -> Section:
     return section
 
 
+def _base_width_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The runs at each network's base width (``analysis.at_base_width``) and, when that leaves
+    runs out, a note saying so."""
+    chosen = analysis.at_base_width(runs)
+    if len(chosen) == len(runs):
+        return runs, ""
+    widths = _join(pd.to_numeric(chosen["width"], errors="coerce").dropna().astype(int).tolist())
+    return chosen, (f"Width {widths} only ({len(chosen)} of {len(runs)} runs): the other widths are in "
+                    f"{SECTIONS['width-depth']}.")
+
+
+def _noted(section: Section, note: str) -> Section:
+    if note:
+        section.notes.insert(0, note)
+    return section
+
+
+def _probe_budget(sweep: Sweep) -> str | None:
+    """"3 batches of 256 images" for a stored probe (its sweep.json), else None."""
+    probe = sweep.config.get("probe") if isinstance(sweep.config, dict) else None
+    if not isinstance(probe, dict) or not isinstance(probe.get("batches"), int):
+        return None
+    batches = probe["batches"]
+    return f"{batches} batch{'es' if batches != 1 else ''} of {probe.get('batch_size')} images"
+
+
+def _width_depth(scaling: pd.DataFrame, flow: pd.DataFrame, runs: pd.DataFrame, chance, probe_budget: str | None,
+                 dpi: int) -> Section:
+    section = Section("width-depth", SECTIONS["width-depth"])
+    widths = pd.to_numeric(runs["width"], errors="coerce").dropna().unique() if len(runs) else []
+    if len(widths) < 2:
+        section.notes.append(
+            f"This report covers one width ({_join(list(widths))}). A sweep over widths — for example `gradlab sweep "
+            "--blocks conv,res --depths 2,8,16,32 --widths 16,32,64,128 --shape wider-deeper` — adds test accuracy "
+            "against parameters for networks grown wider and grown deeper, and the gradient ratio against width; "
+            "`gradlab probe --widths 8,32,128 --seeds 0,1,2` adds the spread over seeds against Hanin's β.")
+        return section
+    words = phase_words(runs)
+    seeds = int(runs["seed"].nunique())
+    if probe_budget:
+        words["init"] = f"at initialisation ({probe_budget}" + (f", {seeds} seeds)" if seeds > 1 else ")")
+    section.lead = ("A network can grow wider (more channels per layer) or deeper (more blocks). Here both, measured: "
+                    "the first-to-last gradient ratio against width at fixed depth, and where the runs trained, test "
+                    "accuracy against the parameters spent growing each way.")
+    lines = analysis.width_depth(runs)
+    if len(lines) and pd.to_numeric(lines["test_acc_mean"], errors="coerce").notna().any():
+        budget = shared_budget(runs)
+        after = f"after {budget}" if budget else "at each run's training budget"
+        section.images.append(_png(figures.accuracy_vs_params(lines, chance=chance,
+                                                              title=f"Test accuracy against parameters, {after}"),
+                                   f"Test accuracy against parameter count, grown wider and grown deeper, {after}.",
+                                   dpi))
+        section.notes += width_depth_sentences(lines, budget)
+        section.tables.append(_table(width_depth_table(lines), "Grown wider (at the base depth) and grown deeper (at "
+                                     "the base width): parameters, β and test accuracy (mean ± std over seeds)"))
+    trained = (pd.to_numeric(runs["epochs_done"], errors="coerce").fillna(0) > 0).any()
+    phases = [p for p in PHASES if p in set(flow["phase"]) and (p == "init" or trained)]  # a probe has no end
+    shown = scaling.loc[scaling["phase"].isin(phases)]
+    if shown["first_to_last"].notna().any() or (shown["first_to_last"] == 0).any():
+        section.images.append(_png(figures.ratio_vs_width(shown), "First-to-last gradient ratio against width, a "
+                                   "panel per block type, a line per depth.", dpi))
+        effect = analysis.width_effect(shown)
+        section.notes += width_sentences(effect, words)
+        for phase in phases:
+            rows = shown.loc[shown["phase"] == phase]
+            if len(rows):
+                section.tables.append(_table(ratio_table(rows), f"First-to-last gradient ratio {words[phase]} "
+                                             "(geometric mean over seeds · verdict)", collapsed=True))
+    spread = analysis.seed_spread(flow, runs)
+    if seeds > 1 and len(spread):
+        section.images.append(_png(figures.spread_vs_beta(spread), "Standard deviation over seeds of the log "
+                                   "gradient ratio at initialisation against Hanin's β, one marker per network.", dpi))
+        section.notes.append("Hanin (2018): for fully connected ReLU nets the fluctuation of gradients grows with β = "
+                             "Σ 1/width over the hidden layers. Here a layer's width is its channel count, an "
+                             "approximation: the theorem does not cover convolutions, BatchNorm or skips.")
+        section.notes += spread_sentences(spread, analysis.spread_trend(spread))
+        section.tables.append(_table(spread_table(spread), "Spread over seeds of ln(first-to-last ratio) at "
+                                     "initialisation, per network, with what was left out"))
+    return section
+
+
 def _diverged_section(diverged: pd.DataFrame, runs: pd.DataFrame) -> Section | None:
     if diverged.empty:
         return None
@@ -755,18 +849,22 @@ def build_report(path, dpi: int = FIGURE_DPI) -> Report:
     del records, evidence
 
     facts, banners, listing = _header(sweep, runs, path, diverged)
+    # depth-only views draw the base width; the width section draws the rest
+    depth_runs, width_note = _base_width_runs(runs)
     header = Section("run", SECTIONS["run"], tables=[listing])
     synthetic = any(bool(r.config.get("synthetic")) for r in sweep.runs)
     problems = [_diverged_section(diverged, plain_runs), _unreadable_section(sweep.unreadable)]
     sections = [
         header,
         *[s for s in problems if s is not None],
-        _gradient_flow(profile, scaling, runs, flow, diverged, layers, dpi),
-        _depth_scaling(scaling, flow, runs, _chance(sweep), dpi),
+        _noted(_gradient_flow(profile, scaling, depth_runs, flow, diverged, layers, dpi), width_note),
+        _noted(_depth_scaling(analysis.at_base_width(scaling), flow.loc[flow["run"].isin(set(depth_runs["run"]))],
+                              depth_runs, _chance(sweep), dpi), width_note),
+        _width_depth(scaling, flow, plain_runs, _chance(sweep), _probe_budget(sweep), dpi),
         _heatmaps(sweep, runs, diverged, dpi),
         _signal(activation, runs, dpi),
-        _branch_skip(share, runs, dpi),
-        _training(sweep, runs, diverged, dpi),
+        _noted(_branch_skip(share, depth_runs, dpi), width_note),
+        _noted(_training(sweep, depth_runs, diverged, dpi), width_note),
         _samples_section(sweep, synthetic, dpi),
         _depth_table(scaling, plain_runs),
         *_lesson_sections(sweep, path, dpi),

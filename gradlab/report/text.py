@@ -293,10 +293,17 @@ def depth_scaling_table(scaling: pd.DataFrame) -> pd.DataFrame:
     frame["cell"] = [_scaling_cell(row) for row in frame.to_dict("records")]
     ordered = analysis.sort_by_block(frame, ["model", "block", "norm", "depth"])
     columns = list(dict.fromkeys(ordered["column"]))
-    table = frame.pivot(index="depth", columns="column", values="cell")
+    index = _row_keys(frame)
+    table = frame.pivot(index=index, columns="column", values="cell")
     table = table.reindex(columns=columns).sort_index().fillna(MISSING)
     table.columns.name = None
     return table
+
+
+def _row_keys(frame: pd.DataFrame) -> list[str] | str:
+    """The rows of a pivoted depth table: depth, and width when the frame holds several widths."""
+    several = "width" in frame and pd.to_numeric(frame["width"], errors="coerce").nunique() > 1
+    return ["depth", "width"] if several else "depth"
 
 
 # ---------------------------------------------------------------- the training budget
@@ -497,7 +504,8 @@ def _header(records: pd.DataFrame, runs: pd.DataFrame, diverged: pd.DataFrame, u
         header["diverged"] = [str(r) for r in diverged["run"]]
     if unreadable:
         header["unreadable"] = sorted(map(str, unreadable))
-    axes = {"models": "model", "blocks": "block", "depths": "depth", "norms": "norm", "seeds": "seed"}
+    axes = {"models": "model", "blocks": "block", "depths": "depth", "widths": "width", "norms": "norm",
+            "seeds": "seed"}
     for key, column in axes.items():
         if column in runs:
             header[key] = _axis_values(runs[column])
@@ -518,6 +526,8 @@ def _header_line(header: dict) -> str:
     if found > 0:  # non-finite records in runs whose status does not say so (a probe, say)
         runs += f" ({found} diverged by their records)"
     axes = ("blocks", "depths", "norms", "seeds", "dataset")
+    if len(header.get("widths", [])) > 1:  # one width is the run's option, not an axis
+        axes = ("blocks", "depths", "widths", "norms", "seeds", "dataset")
     if any(m != schema.DEFAULT_MODEL for m in header.get("models", [])):  # a DeepCNN sweep needs no word
         axes = ("models", *axes)
     parts = [f"gradlab report: {runs}"]
@@ -583,12 +593,19 @@ def _sections(records: pd.DataFrame, runs: pd.DataFrame | None, unreadable: dict
     ]
     flow = deepest[["run"]].merge(analysis.flow_summary(focus, phases=["init"], diverged=diverged), on="run")
     flow["sentence"] = [analysis.describe_flow(row) for row in flow.to_dict("records")]
+    scaling = pd.concat([analysis.depth_scaling(records, runs, phase, diverged) for phase in ("init", "end")],
+                        ignore_index=True)
+    init_flow = analysis.flow_summary(records, runs, phases=["init"], diverged=diverged)
+    spread = analysis.seed_spread(init_flow)
+    spread = spread if len(spread) and spread["n_seeds"].max() > 1 else spread.iloc[:0]
     return {
         "header": _header(records, runs, diverged, unreadable),
-        "depth_scaling": pd.concat(
-            [analysis.depth_scaling(records, runs, phase, diverged) for phase in ("init", "end")],
-            ignore_index=True,
-        ),
+        "depth_scaling": scaling,
+        "width_depth": analysis.width_depth(runs),
+        "width_effect": analysis.width_effect(scaling),
+        "spread": spread,
+        "spread_trend": analysis.spread_trend(spread),
+        "phase_words": phase_words(runs),
         "deepest": deepest,
         "layers": pd.concat(layers, ignore_index=True)
         if layers
@@ -597,7 +614,7 @@ def _sections(records: pd.DataFrame, runs: pd.DataFrame | None, unreadable: dict
         "diverged": diverged_table(diverged, runs),
         "unreadable": pd.DataFrame(sorted(unreadable.items()), columns=UNREADABLE_COLUMNS),
         "budget": analysis.training_budget(runs),
-        "accuracy": accuracy_sentences(runs),
+        "accuracy": accuracy_sentences(analysis.at_base_width(runs)),
         "budget_line": budget_line(runs),
         "short_budget": short_budget_note(runs),
     }
@@ -611,6 +628,8 @@ def _machine_report(sections: dict, fmt: str) -> str:
         "diverged": sections["diverged"],
         "unreadable": sections["unreadable"],
         "budget": sections["budget"],
+        "width_depth": sections["width_depth"],
+        "spread": sections["spread"],
     }
     if fmt == "json":
         report = {"header": sections["header"]} | {n: json_records(t) for n, t in tables.items()}
@@ -651,6 +670,7 @@ def _human_report(sections: dict, fmt: str) -> str:
     if sections["accuracy"]:
         sentences = "\n".join(bullet + s for s in sections["accuracy"])
         blocks.append(f"{title('Test accuracy against depth, at the training budget')}\n\n{sentences}")
+    blocks += _width_blocks(sections, fmt, title, bullet)
     layers = sections["layers"]
     verdicts = dict(zip(diverged["run"], (analysis.diverged_verdict(r) for r in diverged.to_dict("records"))))
     for run in sections["deepest"].to_dict("records"):
@@ -663,6 +683,38 @@ def _human_report(sections: dict, fmt: str) -> str:
         sentences = "\n".join(bullet + s for s in sections["flow"]["sentence"])
         blocks.append(f"{title('Verdicts at initialisation')}\n\n{sentences}")
     return "\n\n".join(blocks) + "\n"
+
+
+def phase_words(runs: pd.DataFrame) -> dict[str, str]:
+    """Each phase in words with the budget it was measured at: "at initialisation", "at the end of
+    training (after 40 optimizer steps on 2,048 training images (2 epochs))"."""
+    budget = shared_budget(runs)
+    end = f"{schema.PHASE_WORDS['end']} (after {budget})" if budget else f"{schema.PHASE_WORDS['end']} (each run's budget)"
+    return {**schema.PHASE_WORDS, "end": end}
+
+
+def _width_blocks(sections: dict, fmt: str, title, bullet: str) -> list[str]:
+    """The human report's "Width against depth" blocks; none for a report of one width and one seed."""
+    blocks = []
+    lines, effect, spread = sections["width_depth"], sections["width_effect"], sections["spread"]
+    if len(lines) and pd.to_numeric(lines["test_acc_mean"], errors="coerce").notna().any():
+        budget = shared_budget_from(sections)
+        text = "\n".join(bullet + s for s in width_depth_sentences(lines, budget))
+        blocks.append(f"{title('Width against depth: test accuracy and parameters, grown wider and grown deeper')}"
+                      f"\n\n{render(width_depth_table(lines), fmt)}\n\n{text}")
+    if len(effect):
+        text = "\n".join(bullet + s for s in width_sentences(effect, sections["phase_words"]))
+        blocks.append(f"{title('First-to-last gradient ratio against width')}\n\n{text}")
+    if len(spread):
+        text = "\n".join(bullet + s for s in spread_sentences(spread, sections["spread_trend"]))
+        blocks.append(f"{title('Spread over seeds at initialisation against Hanin β (Σ 1/width over hidden layers)')}"
+                      f"\n\n{render(spread_table(spread), fmt)}\n\n{text}")
+    return blocks
+
+
+def shared_budget_from(sections: dict) -> str | None:
+    """The budget every run of the report trained for (its budget table), or None."""
+    return shared_budget(sections["budget"])
 
 
 def diverged_line(row: dict) -> str:
@@ -803,13 +855,187 @@ def _ratio_cell(ratio, verdict) -> str:
 
 
 def ratio_table(flow: pd.DataFrame) -> pd.DataFrame:
-    """Rows depth, columns network (and norm): "ratio · verdict" of ``analysis.flow_summary`` rows."""
+    """Rows depth (and width, when there are several), columns network (and norm): "ratio ·
+    verdict" of ``analysis.flow_summary`` rows, or of ``analysis.depth_scaling`` rows (one per
+    cell: the geometric mean over seeds and their verdict) when there are several seeds."""
     frame = flow.copy()
     frame["column"] = analysis.network_labels(frame)
     if frame["norm"].nunique() > 1:
         frame["column"] = frame["column"] + " / " + frame["norm"].astype(str)
     frame["cell"] = [_ratio_cell(r, v) for r, v in zip(frame["first_to_last"], frame["verdict"])]
     order = list(dict.fromkeys(analysis.sort_by_block(frame, ["model", "block", "norm", "depth"])["column"]))
-    table = frame.pivot(index="depth", columns="column", values="cell").reindex(columns=order).sort_index()
+    table = frame.pivot(index=_row_keys(frame), columns="column", values="cell").reindex(columns=order).sort_index()
     table.columns.name = None
     return table.fillna(MISSING).reset_index()
+
+
+# ---------------------------------------------------------------- width against depth
+
+
+def _network_words(row: dict, several_norms: bool = True) -> str:
+    """"conv (batch norm)": the network, and its norm when the frame holds several."""
+    return analysis.network_label(row) + (f" ({norm_words(row['norm'])})" if several_norms else "")
+
+
+def _ratio_words(x) -> str:
+    """A ratio in a sentence: "2.7e3", "exactly 0", "no ratio" (0/0, diverged, n/a)."""
+    if x is None or pd.isna(x):
+        return "no ratio"
+    return "exactly 0" if x == 0 else format_number(x)
+
+
+def width_sentences(effect: pd.DataFrame, phase_words: dict | None = None) -> list[str]:
+    """One sentence per ``analysis.width_effect`` row, what was measured and where:
+
+        conv (batch norm), depth 32, at initialisation: first-to-last gradient ratio 2.7e3 at
+        width 8 and 2.2e3 at width 128 (5 widths, geometric mean over seeds).
+
+    and, per (phase, norm, depth) with several block types, what width and what the block type
+    changed (``width_contrast``). ``phase_words`` names each phase with its budget (default
+    ``schema.PHASE_WORDS``)."""
+    words = {**schema.PHASE_WORDS, **(phase_words or {})}
+    sentences = []
+    several_norms = effect["norm"].nunique() > 1 if len(effect) else False
+    for row in effect.to_dict("records"):
+        subject = f"{_network_words(row, several_norms)}, depth {int(row['depth'])}, {words.get(row['phase'], row['phase'])}"
+        if row["n_zero_widths"] == row["n_widths"]:
+            sentences.append(f"{subject}: first-to-last gradient ratio exactly 0 at every width from {row['narrow']} "
+                             f"to {row['wide']} ({row['n_widths']} widths): the gradient underflowed to 0 before "
+                             "the first block.")
+            continue
+        change = ""
+        narrow, wide = row["ratio_narrow"], row["ratio_wide"]
+        if pd.notna(narrow) and pd.notna(wide) and narrow > 0 and wide > 0:
+            change = f", ×{format_number(wide / narrow)} from the narrowest to the widest"
+        zeros = f"; exactly 0 at {row['n_zero_widths']} of them" if row["n_zero_widths"] else ""
+        sentences.append(f"{subject}: first-to-last gradient ratio {_ratio_words(narrow)} at width {row['narrow']} "
+                         f"and {_ratio_words(wide)} at width {row['wide']} ({row['n_widths']} widths, geometric mean "
+                         f"over seeds{zeros}){change}.")
+    return sentences + width_contrast(effect, words)
+
+
+def width_contrast(effect: pd.DataFrame, phase_words: dict | None = None) -> list[str]:
+    """Per (phase, norm, depth) with two or more block types whose ratios are finite and positive:
+    how far the width moved any block type's ratio (narrowest to widest) against how far the
+    block type moved it at the same width (the largest over the smallest block ratio)."""
+    words = {**schema.PHASE_WORDS, **(phase_words or {})}
+    sentences = []
+    if effect.empty:
+        return sentences
+    for (phase, norm, depth), group in effect.groupby(["phase", "norm", "depth"], sort=False, dropna=False):
+        ok = group.loc[(group["ratio_narrow"] > 0) & (group["ratio_wide"] > 0)
+                       & np.isfinite(group["ratio_narrow"]) & np.isfinite(group["ratio_wide"])]
+        if ok["block"].nunique() < 2:
+            continue
+        by_width = np.maximum(ok["ratio_wide"] / ok["ratio_narrow"], ok["ratio_narrow"] / ok["ratio_wide"]).max()
+        by_block = max(ok["ratio_narrow"].max() / ok["ratio_narrow"].min(), ok["ratio_wide"].max() / ok["ratio_wide"].min())
+        widths = f"{int(ok['narrow'].min())} to {int(ok['wide'].max())}"
+        sentences.append(f"{words.get(phase, phase).capitalize()}, depth {int(depth)}, {norm_words(norm)}: going from "
+                         f"width {widths} moved a block type's ratio by at most ×{format_number(by_width)}; at the "
+                         f"same width the block types' ratios differed by up to ×{format_number(by_block)} "
+                         f"({_and([analysis.network_label(r) for r in ok.to_dict('records')])}).")
+    return sentences
+
+
+WIDTH_DEPTH_NAMES = {"direction": "grown", "n_params": "parameters", "beta": "β", "test_acc_mean": "test acc",
+                     "n_seeds": "seeds"}
+
+
+def width_depth_table(lines: pd.DataFrame) -> pd.DataFrame:
+    """``analysis.width_depth`` for reading: network, norm, wider/deeper, depth, width,
+    parameters, β and "41.2±0.8%" test accuracy (mean ± std over seeds)."""
+    if lines.empty:
+        return pd.DataFrame(columns=["network", "norm", *WIDTH_DEPTH_NAMES.values()])
+    accuracy = [MISSING if pd.isna(m) else f"{format_number(100 * m)}" + ("" if pd.isna(s) else f"±{format_number(100 * s)}")
+                + "%" for m, s in zip(lines["test_acc_mean"], lines["test_acc_std"])]
+    table = lines.assign(network=analysis.network_labels(lines), test_acc_mean=accuracy,
+                         n_params=pd.to_numeric(lines["n_params"], errors="coerce").astype("Int64"))
+    table = table[["network", "norm", "direction", "depth", "width", "n_params", "beta", "n_seeds", "test_acc_mean"]]
+    return table.rename(columns=WIDTH_DEPTH_NAMES)
+
+
+def width_depth_sentences(lines: pd.DataFrame, budget: str | None = None) -> list[str]:
+    """Per (network, norm): the test accuracy and parameters at the ends of the wider and the deeper
+    line, measured "after <budget>" (each run's own budget when ``budget`` is None)."""
+    sentences = []
+    after = f"after {budget}" if budget else "at each run's training budget"
+    several_norms = lines["norm"].nunique() > 1 if len(lines) else False
+    for _, group in lines.groupby([*analysis.NETWORK_KEYS], sort=False, dropna=False):
+        first = group.iloc[0]
+        parts = []
+        for direction in analysis.DIRECTIONS:
+            line = group.loc[group["direction"] == direction]
+            if len(line) < 2:
+                continue
+            start, end = line.iloc[0], line.iloc[-1]
+            axis = "width" if direction == "wider" else "depth"
+            fixed = f"depth {start['depth']}" if direction == "wider" else f"width {start['width']}"
+
+            def point(row) -> str:
+                accuracy = MISSING if pd.isna(row["test_acc_mean"]) else _percent(row["test_acc_mean"])
+                return f"{accuracy} at {axis} {row[axis]} ({format_number(int(row['n_params']))} parameters)" \
+                    if pd.notna(row["n_params"]) else f"{accuracy} at {axis} {row[axis]}"
+            parts.append(f"grown {direction} at {fixed}, test accuracy went from {point(start)} to {point(end)}")
+        if parts:
+            sentences.append(f"{_network_words(first, several_norms)}: " + "; ".join(parts) + f", {after}.")
+    return sentences
+
+
+SPREAD_NAMES = {"n_params": "parameters", "beta": "β", "log_ratio_std": "std of ln ratio",
+                "log_ratio_mean": "mean of ln ratio"}
+
+
+def spread_table(spread: pd.DataFrame) -> pd.DataFrame:
+    """``analysis.seed_spread`` for reading: network, norm, depth, width, parameters, β, seeds used
+    ("3 of 3"), what was left out ("1 exactly 0", "2 non-finite"), mean and std of ln ratio."""
+    if spread.empty:
+        return pd.DataFrame(columns=["network", "norm", "depth", "width", "parameters", "β", "seeds", "left out",
+                                     "mean of ln ratio", "std of ln ratio"])
+    left_out = []
+    for zero, bad in zip(spread["n_zero"], spread["n_nonfinite"]):
+        parts = ([f"{int(zero)} exactly 0"] if zero else []) + ([f"{int(bad)} non-finite"] if bad else [])
+        left_out.append(", ".join(parts) or "none")
+    table = spread.assign(network=analysis.network_labels(spread),
+                          seeds=[f"{int(u)} of {int(n)}" for u, n in zip(spread["n_used"], spread["n_seeds"])],
+                          **{"left out": left_out},
+                          n_params=pd.to_numeric(spread["n_params"], errors="coerce").astype("Int64"))
+    table = table[["network", "norm", "depth", "width", "n_params", "beta", "seeds", "left out", "log_ratio_mean",
+                   "log_ratio_std"]]
+    return table.rename(columns=SPREAD_NAMES)
+
+
+def spread_sentences(spread: pd.DataFrame, trend: pd.DataFrame) -> list[str]:
+    """What the spread over seeds shows: per (network, norm, depth) with several widths, the std
+    of ln ratio at the narrowest and the widest width with their β; per (network, norm), the rank
+    correlation with β (``analysis.spread_trend``) in words; and how many seeds were left out."""
+    sentences = []
+    if spread.empty:
+        return sentences
+    several_norms = spread["norm"].nunique() > 1
+    seeds = int(spread["n_seeds"].max())
+    for _, group in spread.groupby([*analysis.NETWORK_KEYS, "depth"], sort=False, dropna=False):
+        group = group.loc[group["log_ratio_std"].notna()].sort_values("width")
+        if group["width"].nunique() < 2:
+            continue
+        narrow, wide = group.iloc[0], group.iloc[-1]
+        sentences.append(f"{_network_words(narrow, several_norms)}, depth {int(narrow['depth'])}: the standard "
+                         f"deviation of ln(first-to-last ratio) over seeds was {format_number(narrow['log_ratio_std'])} "
+                         f"at width {int(narrow['width'])} (β = {format_number(narrow['beta'])}) and "
+                         f"{format_number(wide['log_ratio_std'])} at width {int(wide['width'])} "
+                         f"(β = {format_number(wide['beta'])}).")
+    for row in trend.to_dict("records"):
+        rho = row["rho"]
+        if pd.isna(rho):
+            how = "too few networks with a spread to tell how it depends on β"
+        elif rho >= analysis.CLEAR_RHO:
+            how = f"the spread rises with β: wider nets fluctuate less (Spearman ρ = {rho:.2f})"
+        elif rho <= -analysis.CLEAR_RHO:
+            how = f"the spread falls as β grows, against Hanin's prediction (Spearman ρ = {rho:.2f})"
+        else:
+            how = f"no clear relation between the spread and β (Spearman ρ = {rho:.2f})"
+        sentences.append(f"{_network_words(row, several_norms)}: over {row['n_networks']} networks, {how}.")
+    zero, bad, total = int(spread["n_zero"].sum()), int(spread["n_nonfinite"].sum()), int(spread["n_seeds"].sum())
+    if zero or bad:
+        sentences.append(f"Left out of every spread: {zero} of the {total} networks with a ratio of exactly 0 and "
+                         f"{bad} without a finite ratio (0/0, diverged or too shallow); ln 0 is not a number.")
+    return sentences if seeds > 1 else []
