@@ -340,7 +340,20 @@ def _name_list(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",")) if text.strip() else ()
 
 
-@main.command()
+class CellsFailed(BadInput):
+    """One line on stderr, exit status 3: the sweep finished every cell it could, and some failed."""
+
+    exit_code = 3
+
+
+_SWEEP_EPILOG = """\b
+Exit status: 0 every cell is done (complete, diverged or already finished);
+1 the system failed (a full disk, the Ray head went away: rerun to resume);
+2 bad input, or the Ray cluster cannot be joined (address, token);
+3 the sweep ran every cell it could and some failed (reasons above and in runs/*/summary.json)."""
+
+
+@main.command(epilog=_SWEEP_EPILOG)
 @click.option("--models", "--model", "models", default="deepcnn", show_default=True,
               help="Models to sweep, comma separated: deepcnn, torchvision:NAME, path/to/file.py:factory, "
                    "package.module:factory. deepcnn is expanded over --blocks x --norms x --depths; every other "
@@ -374,10 +387,12 @@ def sweep(ctx, models: str, blocks: str, depths: str, widths: str | None, shape:
     """Train a grid of networks (models x blocks x norms x depths x widths x seeds), one run directory per cell.
 
     Running the same command again skips complete cells, resumes partial ones and reruns failed ones.
+    On a Ray cluster every cell uses the data root and settings this shell resolves; each progress
+    line names the node the cell ran on.
     """
     from tqdm.auto import tqdm
 
-    from .sweep import SweepGrid, expand, run_sweep
+    from .sweep import ClusterLost, SweepGrid, describe_node, expand, run_sweep
 
     _check_width_options(ctx, widths, shape)
     try:
@@ -390,12 +405,15 @@ def sweep(ctx, models: str, blocks: str, depths: str, widths: str | None, shape:
 
         def cell_done(result: dict) -> None:
             status = result["status"]
+            name = result["name"] + (f" on {describe_node(result['node'])}" if result.get("node") else "")
+            if result.get("retried"):
+                name += " (retried)"
             if status == "failed":
-                bar.write(f"{result['name']}: failed: {result['error']}")
+                bar.write(f"{name}: failed: {result['error']}")
             elif status == "complete":
-                bar.write(f"{result['name']}: test accuracy {_pct(result['test_acc'])} ({result['seconds']:.0f} s)")
+                bar.write(f"{name}: test accuracy {_pct(result['test_acc'])} ({result['seconds']:.0f} s)")
             elif status == "diverged":
-                bar.write(f"{result['name']}: {_diverged_line(result['diverged'], base.on_nonfinite)}")
+                bar.write(f"{name}: {_diverged_line(result['diverged'], base.on_nonfinite)}")
             bar.update(1)
 
         with bar:
@@ -405,9 +423,14 @@ def sweep(ctx, models: str, blocks: str, depths: str, widths: str | None, shape:
         raise BadInput(str(exc)) from None
     except OSError as exc:
         raise _os_error(exc, f"sweeping into {out}") from None
+    except ClusterLost as exc:
+        raise Failed(str(exc)) from None
     counts = {s: sum(r["status"] == s for r in results) for s in ("complete", "diverged", "skipped", "failed")}
     click.echo(f"{n_cells} cells: {counts['complete']} trained, {counts['diverged']} diverged, "
                f"{counts['skipped']} already finished, {counts['failed']} failed; sweep directory: {out}")
+    if counts["failed"]:
+        raise CellsFailed(f"{counts['failed']} of {n_cells} cells failed (reasons above, and in "
+                          f"{Path(out) / 'runs'}/<cell>/summary.json); run the same command again to retry them")
     click.echo(f"next: gradlab report {out}")
 
 

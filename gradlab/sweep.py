@@ -41,11 +41,24 @@ Executors:
            that slot uses that one GPU. With one cell at a time the cells run in this process
            instead (no start-up cost; an exception still fails only its cell).
     ray    every cell is a Ray task asking for ``node_cpus // jobs`` CPUs (``jobs``: cells at once
-           per node) and, when the cell trains on CUDA, one GPU. The sweep folder must be on
-           storage every Ray worker sees; a worker that cannot see it fails its cell and says so.
+           per node) and, when the cell trains on CUDA, one GPU. The sweep folder and the data
+           root must be on storage every node sees; a node that cannot see one fails its cell
+           with a line naming the path and the node, and the other cells go on. A cell whose
+           worker or node dies is retried once (it resumes from its last checkpoint on a live
+           node); a head that goes away ends the sweep with ClusterLost, and running the sweep
+           again once the cluster is back resumes it. Each cell's config.json names its node.
+
+What the driver was told decides what every cell computes, on every node: before any cell
+starts, the data root (--data-root, else $GRADLAB_DATA, else the cache) becomes an absolute path
+in the base configuration, and the environment settings a worker reads (``CELL_ENVIRONMENT``:
+the compiled kernels' cache folder and switch, the allocator setting) are stored in sweep.json
+and set in every Ray worker before its cell starts. A Ray worker inherits its raylet's
+environment, not the driver's, so without this a cluster would quietly train on other data, or
+with other settings.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -53,6 +66,9 @@ import multiprocessing
 import os
 import platform
 import signal
+import socket
+import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -63,7 +79,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import __version__, resources, runs, specs
+from . import __version__, native, resources, runs, specs
+from .data import resolve_data_root
 from .lock import RunLock
 from .models import BLOCKS, NORMS, check_axes
 from .schema import NOTEBOOK_WIDTH
@@ -73,6 +90,14 @@ SWEEP, RUNS = runs.SWEEP, runs.RUNS_FOLDER  # the layout is defined once, in run
 EXECUTORS = ("local", "ray")
 DEFAULT_NORM = "batch"  # the notebook's; any other norm is part of the cell name
 SHAPES = ("product", "wider-deeper")  # how depths and widths combine (module docstring)
+# Environment variables a cell's worker reads, with the value that stands for "unset": the
+# driver's values travel with every cell (gradlab.native, gradlab.runtime).
+CELL_ENVIRONMENT = {native.DISABLE_ENV: "1", "GRADLAB_KEEP_FREED_MEMORY": "1"}
+log = logging.getLogger("gradlab")
+
+
+class ClusterLost(RuntimeError):
+    """The Ray cluster's head went away mid-sweep; the message says how to resume."""
 
 
 @dataclass(frozen=True)
@@ -240,14 +265,15 @@ def _result(name: str, run_dir: Path, status: str, summary: dict | None = None, 
             seconds: float = 0.0, refused: bool = False) -> dict:
     summary = summary or {}
     return {"name": name, "status": status, "error": error, "test_acc": summary.get("test_acc"),
-            "seconds": seconds, "run_dir": str(run_dir), "diverged": summary.get("diverged"), "refused": refused}
+            "seconds": seconds, "run_dir": str(run_dir), "diverged": summary.get("diverged"), "refused": refused,
+            "node": None, "retried": None}
 
 
 LOCK_WAIT = 5.0  # seconds a cell waits for its run directory's lock: a killed sweep's worker may still be exiting
 
 
 def run_cell(cell: Cell, run_dir: str | os.PathLike, record=None, threads: int | None = None,
-             gpu: str | None = None) -> dict:
+             gpu: str | None = None, node: dict | None = None) -> dict:
     """Train one cell into ``run_dir``, resuming it; a failing cell returns status failed, never raises.
 
     Status complete, diverged (the cell is done: its loss or gradient became non-finite) or failed.
@@ -257,6 +283,7 @@ def run_cell(cell: Cell, run_dir: str | os.PathLike, record=None, threads: int |
     Top level, so that both executors can pickle it. ``threads``: torch's intra-op threads (None:
     leave them). ``gpu``: the CUDA_VISIBLE_DEVICES value this process sees (None: leave it); it
     only takes effect in a process that has not started CUDA yet, such as a fresh worker.
+    ``node``: where the cell trains (see train_run), also returned as the result's ``node``.
     """
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -265,19 +292,21 @@ def run_cell(cell: Cell, run_dir: str | os.PathLike, record=None, threads: int |
     run_dir = Path(run_dir)
     start = time.perf_counter()
     try:
-        summary = train_run(cell.config, run_dir, record=record, lock_wait=LOCK_WAIT)
+        summary = train_run(cell.config, run_dir, record=record, lock_wait=LOCK_WAIT, node=node)
     except RunFinished:
         summary = _read_summary(run_dir)
-        return _result(cell.name, run_dir, summary.get("status", "complete"), summary,
-                       seconds=time.perf_counter() - start)
+        result = _result(cell.name, run_dir, summary.get("status", "complete"), summary,
+                         seconds=time.perf_counter() - start)
     except runs.RunError as exc:  # refused before training: the cell's files stay as they are
-        return _result(cell.name, run_dir, "failed", error=str(exc), seconds=time.perf_counter() - start,
-                       refused=True)
+        result = _result(cell.name, run_dir, "failed", error=str(exc), seconds=time.perf_counter() - start,
+                         refused=True)
     except Exception as exc:  # one cell's failure must not stop the sweep
         error = f"{type(exc).__name__}: {exc}"
         mark_failed(run_dir, error)  # train_run records failures inside training; this covers the rest
-        return _result(cell.name, run_dir, "failed", error=error, seconds=time.perf_counter() - start)
-    return _result(cell.name, run_dir, summary["status"], summary, seconds=time.perf_counter() - start)
+        result = _result(cell.name, run_dir, "failed", error=error, seconds=time.perf_counter() - start)
+    else:
+        result = _result(cell.name, run_dir, summary["status"], summary, seconds=time.perf_counter() - start)
+    return {**result, "node": node}
 
 
 def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record=None, executor: str = "local",
@@ -289,10 +318,12 @@ def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record
     ``on_cell_done(result)`` is called in this process once per cell, skipped ones first, then as
     each cell finishes. Returns one result per cell in grid order: name, status (complete |
     diverged | failed | skipped), error, test_acc, seconds (spent on the cell by this call),
-    run_dir, diverged (the summary's diverged object or None) and refused (a failed cell whose
-    run directory was left untouched). Raises RunError before any cell starts when another
-    process writes the sweep folder, when it holds a sweep with other options, or when the
-    cells cannot fit in memory or on the disk.
+    run_dir, diverged (the summary's diverged object or None), refused (a failed cell whose
+    run directory was left untouched), node (where a Ray cell ran: host, ip, ray_node_id; None
+    locally) and retried (why a Ray cell's first attempt was lost, or None). Raises RunError
+    before any cell starts when another process writes the sweep folder, when it holds a sweep
+    with other options, or when the cells cannot fit in memory or on the disk; ValueError when
+    the Ray cluster cannot be joined; ClusterLost when its head goes away mid-sweep.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; known: {list(EXECUTORS)}")
@@ -304,6 +335,7 @@ def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record
 
     record = record if record is not None else RecordConfig()
     replace(base, model_args=()).validate()  # the options every cell shares; expand checks model and model_args per cell
+    base, environment = resolve_on_driver(base)
     cells = expand(grid, base)
     out = Path(out).resolve()  # absolute: workers may start in another directory, or on another node
     if out.exists() and not out.is_dir():
@@ -311,7 +343,7 @@ def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record
     if runs.is_run_dir(out):
         raise runs.RunError(f"{out}: is a run directory; a sweep needs a folder of its own")
     with RunLock(out, what="sweep folder"):
-        content = _sweep_json(out, grid, base, record, cells)  # refuses another sweep; writes nothing yet
+        content = _sweep_json(out, grid, base, record, cells, environment)  # refuses another sweep; writes nothing yet
         results: dict[str, dict] = {}
 
         def done(result: dict) -> None:
@@ -334,12 +366,25 @@ def run_sweep(grid: SweepGrid, base: TrainConfig, out: str | os.PathLike, record
             (out / RUNS).mkdir(parents=True, exist_ok=True)
             runs.write_json(out / SWEEP, content)
         if todo and executor == "ray":
-            _run_ray(todo, record, jobs, ray_address, out, base.device, done)
+            must_see = [out / SWEEP] + ([Path(base.data_root)] if base.data_root and Path(base.data_root).exists() else [])
+            _run_ray(todo, record, jobs, ray_address, base.device, environment, must_see, done)
         elif len(todo) == 1 or (todo and jobs == 1):
             _run_here(todo, record, done)
         elif todo:
             _run_local(todo, record, min(jobs, len(todo)), base.device, done)
     return [results[cell.name] for cell in cells]
+
+
+def resolve_on_driver(base: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
+    """``base`` with an absolute data root (--data-root, else $GRADLAB_DATA, else the cache, as
+    this process sees them; the synthetic dataset reads none), and the environment settings
+    every worker must use: CELL_ENVIRONMENT as set here (its defaults where unset) and the
+    compiled kernels' cache folder as an absolute GRADLAB_CACHE_DIR."""
+    if base.dataset != "synthetic":
+        base = replace(base, data_root=str(resolve_data_root(base.data_root).resolve()))
+    environment = {name: os.environ.get(name, unset) for name, unset in CELL_ENVIRONMENT.items()}
+    environment["GRADLAB_CACHE_DIR"] = str(native.cache_dir().expanduser().resolve())
+    return base, environment
 
 
 def _check_resources(todo: list[tuple[Cell, Path]], record, jobs: int, device: str, out: Path,
@@ -380,12 +425,14 @@ def _jsonable(obj) -> object:
     return json.loads(json.dumps(obj))  # tuples become lists, as they are stored
 
 
-def _sweep_json(out: Path, grid: SweepGrid, base: TrainConfig, record, cells: Sequence[Cell]) -> dict | None:
+def _sweep_json(out: Path, grid: SweepGrid, base: TrainConfig, record, cells: Sequence[Cell],
+                environment: dict[str, str]) -> dict | None:
     """The content of sweep.json to write, None when the stored one is the same; RunError for a
-    folder holding another sweep (or a corrupt sweep.json)."""
+    folder holding another sweep (or a corrupt sweep.json). ``environment`` (the settings every
+    worker uses) is stored, and may change between runs of the sweep, as the data root may."""
     content = _jsonable({
         "grid": asdict(grid), "base": asdict(base), "record": asdict(record),
-        "cells": [cell.name for cell in cells],
+        "cells": [cell.name for cell in cells], "environment": environment,
         "versions": {"gradlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
     })
     path = out / SWEEP
@@ -529,28 +576,136 @@ def _receive(receive) -> dict | None:
 # The Ray executor
 
 
-def _ray_cell(sweep_file: str, cell: Cell, run_dir: str, record, threads: int) -> dict:
-    """run_cell on a Ray worker, after checking that this node sees the sweep folder."""
-    if not Path(sweep_file).is_file():
-        error = (f"{sweep_file} is not visible on Ray node {platform.node()}: the sweep folder must be "
-                 "on storage every worker sees")
-        return _result(cell.name, Path(run_dir), "failed", error=error)
-    return run_cell(cell, run_dir, record, threads)
+HEAD_GRACE = 5.0  # seconds the head may refuse connections before the sweep calls it gone (not a blip)
+POLL_SECONDS = 1.0  # how often the driver checks on the head while cells run
 
 
-def _run_ray(todo: list[tuple[Cell, Path]], record, jobs: int, address: str | None, out: Path, device: str,
-             done: Callable[[dict], None]) -> None:
+def _ray_node() -> dict:
+    """This Ray worker's node: host name, IP address and Ray node id (two nodes may share a host)."""
+    import ray
+
+    return {"host": platform.node(), "ip": ray.util.get_node_ip_address(),
+            "ray_node_id": ray.get_runtime_context().get_node_id()}
+
+
+def describe_node(node: dict) -> str:
+    """``host (ip, Ray node 1a2b3c4d)``: how progress lines and errors name a cell's node."""
+    return f"{node['host']} ({node['ip']}, Ray node {node['ray_node_id'][:8]})"
+
+
+def _ray_cell(cell: Cell, run_dir: str, record, threads: int, environment: dict[str, str],
+              must_see: list[str]) -> dict:
+    """run_cell on a Ray worker, after checking that this node sees the sweep folder and the data
+    root, with the driver's environment settings (a worker inherits its raylet's, not the driver's)."""
+    node = _ray_node()
+    for path in must_see:
+        if not Path(path).exists():
+            error = (f"{path} is not visible on Ray node {describe_node(node)}: the sweep folder and the data "
+                     "root must be on storage every node sees")
+            return {**_result(cell.name, Path(run_dir), "failed", error=error), "node": node}
+    os.environ.update(environment)
+    return run_cell(cell, run_dir, record, threads, node=node)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]  # Ray appends a whole traceback
+
+
+def _import_ray():
     try:
         import ray
     except ImportError:
         raise ValueError("the ray executor needs the optional extra: pip install 'gradlab[ray]'") from None
-    started = not ray.is_initialized()
-    if started and address is None:  # a local instance for this sweep only
-        ray.init(num_cpus=_cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    elif started:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    pending: dict = {}
+    return ray
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 (C++ code writes there, not to sys.stderr) into a discarded temporary file."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _join(ray, address: str) -> None:
+    """ray.init on an existing cluster; ValueError with one line saying what to do when it fails."""
+    fix = "check the address (the head's `ray start --head --port`) and that the head is running"
+    host, colon, port = address.rpartition(":")
+    if colon and port.isdigit() and "://" not in address:  # HOST:PORT: refused at once, not after Ray's retries
+        try:
+            socket.create_connection((host, int(port)), timeout=HEAD_GRACE).close()
+        except OSError as exc:
+            raise ValueError(f"cannot join the Ray cluster at {address}: nothing answers there "
+                             f"({exc.strerror or exc}); {fix}") from None
+    try:
+        with _quiet_stderr():  # Ray's C++ client warns there at every failed attempt; the error says it once
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        cause, chain = exc, []
+        while cause is not None:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        # Ray reports a refused token as text inside a RuntimeError, not always as a chained exception
+        if any(isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain):
+            raise ValueError(f"the Ray cluster at {address} refused this machine's authentication token; give the "
+                             "sweep the cluster's: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<what `ray get-auth-token` "
+                             "prints on the head>") from None
+        raise ValueError(f"cannot join the Ray cluster at {address} ({_first_line(exc)}); {fix}") from None
+
+
+class _Head:
+    """Whether the cluster's head (its GCS port) still answers; ClusterLost once it has not for HEAD_GRACE."""
+
+    def __init__(self, gcs_address: str, shown: str) -> None:
+        host, _, port = gcs_address.rpartition(":")
+        self.where, self.shown, self.silent_since = (host, int(port)), shown, None
+
+    def answers(self) -> bool:
+        try:
+            socket.create_connection(self.where, timeout=POLL_SECONDS).close()
+        except OSError:
+            return False
+        return True
+
+    def check(self, left: int, wait: bool = False) -> None:
+        """Raise ClusterLost when the head has been silent HEAD_GRACE seconds (``wait``: wait that
+        long now, before calling a lost task a lost node)."""
+        while not self.answers():
+            now = time.monotonic()
+            self.silent_since = self.silent_since or now
+            if now - self.silent_since >= HEAD_GRACE:
+                raise ClusterLost(f"the Ray head at {self.shown} went away mid-sweep ({left} cells unfinished, "
+                                  "kept resumable); start the cluster again and rerun the same command to resume")
+            if not wait:
+                return
+            time.sleep(POLL_SECONDS)
+        self.silent_since = None
+
+
+def _run_ray(todo: list[tuple[Cell, Path]], record, jobs: int, address: str | None, device: str,
+             environment: dict[str, str], must_see: list[Path], done: Callable[[dict], None]) -> None:
+    if address is not None and "RAY_AUTH_MODE" not in os.environ and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_MODE"] = "token"  # a token given is a token meant; Ray reads the mode on import
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started and address is None:  # a local instance for this sweep only ("local": even where `ray start` ran)
+        ray.init(address="local", num_cpus=_cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    elif started:
+        _join(ray, address)
+    pending: dict = {}
+    head_lost = False
+    try:
+        head = _Head(ray.get_runtime_context().gcs_address, address or "of this sweep's Ray instance")
         node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
         node_cpus = [cpus for cpus in node_cpus if cpus > 0]
         if not node_cpus:
@@ -560,23 +715,46 @@ def _run_ray(todo: list[tuple[Cell, Path]], record, jobs: int, address: str | No
             raise ValueError("device 'cuda' was asked for but the Ray cluster has no GPU; use --device cpu or auto")
         wants_gpu = device == "cuda" or (device == "auto" and cluster_gpus > 0)
         threads = max(1, min(node_cpus) // jobs)  # fits on every node, so no cell waits for a bigger one
-        task = ray.remote(_ray_cell).options(num_cpus=threads, num_gpus=1 if wants_gpu else 0)
+        # No retries by Ray: a lost cell is resubmitted here, once, so that the sweep can say so.
+        task = ray.remote(_ray_cell).options(num_cpus=threads, num_gpus=1 if wants_gpu else 0, max_retries=0)
+        paths = [str(path) for path in must_see]
+
+        def submit(cell: Cell, run_dir: Path, start: float, retried: str | None = None) -> None:
+            ref = task.remote(cell, str(run_dir), record, threads, environment, paths)
+            pending[ref] = (cell, run_dir, start, retried)
+
         for cell, run_dir in todo:
-            ref = task.remote(str(out / SWEEP), cell, str(run_dir), record, threads)
-            pending[ref] = (cell, run_dir, time.perf_counter())
+            submit(cell, run_dir, time.perf_counter())
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            try:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+            except ray.exceptions.RayError:
+                head.check(len(pending), wait=True)
+                raise
+            if not ready:
+                head.check(len(pending))
             for ref in ready:
-                cell, run_dir, start = pending.pop(ref)
+                cell, run_dir, start, retried = pending.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    result = {**ray.get(ref), "retried": retried}
                 except ray.exceptions.RayError as exc:  # the worker died, or its node went away
-                    reason = (str(exc).strip().splitlines() or [""])[0]  # Ray appends a whole traceback
-                    error = f"Ray task failed: {type(exc).__name__}: {reason}"
-                    result = _result(cell.name, run_dir, "failed", error=error, seconds=time.perf_counter() - start)
+                    pending[ref] = (cell, run_dir, start, retried)
+                    head.check(len(pending), wait=True)  # a head going away loses every task: not the cells' fault
+                    del pending[ref]
+                    reason = f"Ray task failed: {type(exc).__name__}: {_first_line(exc)}"
+                    if retried is None and not isinstance(exc, ray.exceptions.RayTaskError):
+                        log.warning(f"{cell.name}: lost ({reason}); retrying it once on a live node")
+                        submit(cell, run_dir, start, retried=reason)
+                        continue
+                    result = {**_result(cell.name, run_dir, "failed", error=reason,
+                                        seconds=time.perf_counter() - start), "retried": retried}
                 done(result)
+    except ClusterLost:
+        head_lost = True
+        raise
     finally:
-        for ref in pending:  # interrupted: cancel what is left; those cells stay resumable
-            ray.cancel(ref, force=True)
+        if not head_lost:  # interrupted: cancel what is left; those cells stay resumable
+            for ref in pending:
+                ray.cancel(ref, force=True)
         if started:
             ray.shutdown()

@@ -412,7 +412,7 @@ class RunFinished(Exception):
     """The run directory holds a finished run: complete with the requested epochs, or diverged."""
 
 
-def _run_config(config: TrainConfig, record, trainer: Trainer) -> dict:
+def _run_config(config: TrainConfig, record, trainer: Trainer, node: dict | None = None) -> dict:
     return {
         "train": asdict(config),
         # a file's path and content hash (a resume checks it), and the normalisation the model uses
@@ -423,7 +423,8 @@ def _run_config(config: TrainConfig, record, trainer: Trainer) -> dict:
         "device": str(trainer.device),
         "hardware": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                      "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "cuda": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else None},
+                     "cuda": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else None,
+                     "node": node or {"host": platform.node()}},  # where this (resumed) run trains
         "versions": {"gradlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "n_params": trainer.n_params,
         "beta": hanin_beta(trainer.model),  # Hanin's β = Σ 1/width over hidden layers (gradlab.models)
@@ -698,7 +699,7 @@ def _describe(config: TrainConfig) -> str:
 
 def train_run(config: TrainConfig, out: str | os.PathLike, record=None, callbacks: Sequence[Callback] = (),
               restart: bool = False, splits: Splits | None = None, lock_wait: float = 0.0,
-              tensorboard: str | os.PathLike | None = None) -> dict:
+              tensorboard: str | os.PathLike | None = None, node: dict | None = None) -> dict:
     """Train into run directory ``out``, resuming from its ``last.pt`` unless ``restart``.
 
     ``record`` is a ``RecordConfig`` (None or every=0: no recording). ``tensorboard``: a folder
@@ -708,7 +709,8 @@ def train_run(config: TrainConfig, out: str | os.PathLike, record=None, callback
     finished run (see ``finished``), and RunError (a ValueError) before anything in ``out``
     changes when another process writes there (``lock_wait``: seconds to wait for it), when
     ``out`` holds a run with other options or a corrupt file, or when the run cannot fit in
-    memory or on the disk.
+    memory or on the disk. ``node``: where it trains (a sweep's Ray node: host, address, node id),
+    stored in config.json's ``hardware.node``; default: this host's name.
     """
     from .recorder import RecordConfig  # torch side; imported here to keep start-up light
 
@@ -745,11 +747,12 @@ def train_run(config: TrainConfig, out: str | os.PathLike, record=None, callback
         runs.remove_temporary(run_dir)  # left by atomic writes that a kill interrupted
         if resume_state is None and (restart or runs.is_run_dir(run_dir)):
             _clear_run_dir(run_dir)  # a restart, or a run killed before its first checkpoint
-        return _train(run_dir, trainer, record, list(callbacks), resume_state is not None, previous, tensorboard)
+        return _train(run_dir, trainer, record, list(callbacks), resume_state is not None, previous, node,
+                      tensorboard)
 
 
 def _train(run_dir: Path, trainer: Trainer, record, callbacks: list[Callback], resumed: bool, previous: dict,
-           tensorboard: str | os.PathLike | None = None) -> dict:
+           node: dict | None = None, tensorboard: str | os.PathLike | None = None) -> dict:
     from .recorder import RecorderCallback
 
     config = trainer.config
@@ -759,7 +762,7 @@ def _train(run_dir: Path, trainer: Trainer, record, callbacks: list[Callback], r
                "best_val_acc": trainer.best_val_acc, "best_epoch": trainer.best_epoch,
                "wall_seconds": previous.get("wall_seconds", 0.0) if resumed else 0.0,
                "resumed_from_epoch": trainer.epoch or None, "synthetic": trainer.splits.synthetic}
-    runs.write_json(run_dir / runs.CONFIG, _run_config(config, record, trainer))
+    runs.write_json(run_dir / runs.CONFIG, _run_config(config, record, trainer, node))
     runs.write_json(run_dir / runs.SUMMARY, summary)
     start = time.perf_counter()
     board = None

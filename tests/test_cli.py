@@ -144,3 +144,28 @@ def test_the_demo_closes_with_the_measured_similarity_and_lesion_numbers(tmp_pat
     assert "first 100 test images" in out and "lesion" in out.splitlines()[-1]
     html = (tmp_path / "demo.html").read_text()
     assert 'id="shatter"' in html and 'id="lesion"' in html
+
+
+SWEEP_SMALL = ["--dataset", "synthetic", "--depths", "1", "--width", "4", "--epochs", "1", "--batch-size", "64",
+               "--subset", "128", "--val-fraction", "0.02", "--device", "cpu", "--record-every", "0"]
+
+
+def test_a_sweep_with_a_failed_cell_exits_3_after_the_others_and_says_where_the_reasons_are(tmp_path):
+    out = tmp_path / "sweep"
+    (out / "runs" / "res-d1-s0" / "samples.npz" / "in-the-way").mkdir(parents=True)  # train_run cannot write there
+    result = invoke("sweep", *SWEEP_SMALL, "--blocks", "conv,res", "--out", out)
+    assert result.exit_code == 3, result.output
+    assert "res-d1-s0: failed: IsADirectoryError" in result.output
+    assert "2 cells: 1 trained, 0 diverged, 0 already finished, 1 failed" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"gradlab: error: 1 of 2 cells failed (reasons above, and in {out / 'runs'}/<cell>/summary.json); "
+        "run the same command again to retry them")
+    assert "3 the sweep ran every cell it could and some failed" in invoke("sweep", "--help").stdout
+
+
+def test_a_sweep_whose_cell_diverged_exits_0(tmp_path):
+    # Adam at 1e6: finite with BatchNorm, non-finite at step 1 without (as in test_sweep)
+    result = invoke("sweep", *SWEEP_SMALL, "--blocks", "conv", "--depths", "2", "--norms", "batch,none",
+                    "--lr", "1e6", "--subset", "256", "--out", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    assert "1 diverged" in result.stdout and "0 failed" in result.stdout
