@@ -447,8 +447,8 @@ def test_depth_scaling_aggregates_seeds_by_hand():
     runs["test_acc"] = runs["run"].map(
         {f"conv-d8-s{s}": a for s, a in enumerate(accs)} | {"res-d8-s0": 0.6}
     )
-    failed = {"run": "conv-d8-s3", "model": "deepcnn", "block": "conv", "depth": 8, "norm": "batch", "seed": 3,
-              "status": "failed", "test_acc": np.nan}
+    failed = {"run": "conv-d8-s3", "model": "deepcnn", "block": "conv", "depth": 8, "width": 64, "norm": "batch",
+              "seed": 3, "status": "failed", "test_acc": np.nan}
     runs = pd.concat([runs, pd.DataFrame([failed])], ignore_index=True)
 
     scaling = depth_scaling(records, runs, phase="init")
