@@ -139,7 +139,8 @@ holds exactly these two lines; a product grid holds them and more.
 ``width_effect`` takes ``depth_scaling`` rows and, per (phase, model, block,
 norm, depth) with at least two widths, gives the ratio at the narrowest and
 the widest width (NaN where no seed has a ratio) and ``n_zero_widths``, the
-widths whose ratio is exactly 0 (the gradient underflowed at the first block).
+widths whose ratio is exactly 0 (the gradient underflowed at the first block),
+and ``n_seeds``, the most seeds behind one width's (geometric mean) ratio.
 
 Spread across seeds and Hanin's β (``seed_spread``, ``spread_trend``)
 -------------------------------------------------------------------
@@ -239,7 +240,7 @@ SHORT_BUDGET_STEPS = 500  # fewer optimizer steps: too short a budget to tell wh
 WIDTH_DEPTH_COLUMNS = [*NETWORK_KEYS, "direction", "depth", "width", "n_params", "beta", "n_seeds",
                        "test_acc_mean", "test_acc_std"]
 WIDTH_EFFECT_COLUMNS = ["phase", *NETWORK_KEYS, "depth", "n_widths", "narrow", "wide", "ratio_narrow", "ratio_wide",
-                        "n_zero_widths"]
+                        "n_zero_widths", "n_seeds"]
 SPREAD_COLUMNS = [*GROUP_KEYS, "n_params", "beta", "n_seeds", "n_zero", "n_nonfinite", "n_used",
                   "log_ratio_mean", "log_ratio_std"]
 TREND_COLUMNS = [*NETWORK_KEYS, "n_networks", "rho"]
@@ -979,7 +980,7 @@ def width_depth(runs: pd.DataFrame) -> pd.DataFrame:
 def width_effect(scaling: pd.DataFrame) -> pd.DataFrame:
     """Per (phase, model, block, norm, depth) of ``depth_scaling`` rows with at least two widths:
     ``WIDTH_EFFECT_COLUMNS`` (module docstring)."""
-    table = _with_columns(scaling, ["phase", *GROUP_KEYS, "first_to_last"])
+    table = _with_columns(scaling, ["phase", *GROUP_KEYS, "first_to_last", "n_seeds"])
     table = table.assign(width=pd.to_numeric(table["width"], errors="coerce"),
                          first_to_last=pd.to_numeric(table["first_to_last"], errors="coerce")).dropna(subset=["width"])
     rows = []
@@ -990,7 +991,8 @@ def width_effect(scaling: pd.DataFrame) -> pd.DataFrame:
         narrow, wide = group.iloc[0], group.iloc[-1]
         rows.append(dict(zip(["phase", *NETWORK_KEYS, "depth"], keys), n_widths=int(group["width"].nunique()),
                          narrow=int(narrow["width"]), wide=int(wide["width"]), ratio_narrow=narrow["first_to_last"],
-                         ratio_wide=wide["first_to_last"], n_zero_widths=int((group["first_to_last"] == 0).sum())))
+                         ratio_wide=wide["first_to_last"], n_zero_widths=int((group["first_to_last"] == 0).sum()),
+                         n_seeds=int(pd.to_numeric(group["n_seeds"], errors="coerce").fillna(1).max())))
     if not rows:
         return _empty(WIDTH_EFFECT_COLUMNS)
     out = pd.DataFrame(rows)

@@ -585,14 +585,17 @@ def test_width_sentences_state_the_measured_ratios_and_exact_zeros():
                                 ("res", "batch", [8.1, 8.0, 7.9])):
         for width, ratio in zip((8, 32, 128), ratios):
             rows.append({"phase": "init", "model": "deepcnn", "block": block, "norm": norm, "depth": 32,
-                         "width": width, "first_to_last": ratio})
+                         "width": width, "first_to_last": ratio, "n_seeds": 3})
     effect = analysis.width_effect(pd.DataFrame(rows))
+    assert (effect["n_seeds"] == 3).all()
+    one_seed = width_sentences(analysis.width_effect(pd.DataFrame(rows).assign(n_seeds=1)))
+    assert "(3 widths)" in one_seed[0] and "seeds" not in one_seed[0]  # one seed: no mean to speak of
     conv = effect.loc[(effect["block"] == "conv") & (effect["norm"] == "batch")].iloc[0]
     assert (conv["narrow"], conv["wide"], conv["ratio_narrow"], conv["ratio_wide"]) == (8, 128, 2700.0, 2200.0)
     sentences = width_sentences(effect, {"init": "at initialisation (3 batches of 256 images, 3 seeds)"})
     assert sentences[0] == ("conv (batch norm), depth 32, at initialisation (3 batches of 256 images, 3 seeds): "
                             "first-to-last gradient ratio 2700 at width 8 and 2200 at width 128 (3 widths, geometric "
-                            "mean over seeds), ×0.815 from the narrowest to the widest.")
+                            "mean over 3 seeds), ×0.815 from the narrowest to the widest.")
     assert "exactly 0 at every width from 8 to 128" in sentences[1]
     contrast = [s for s in sentences if s.startswith("At initialisation")]
     assert contrast == [f"At initialisation (3 batches of 256 images, 3 seeds), depth 32, batch norm: going from width "

@@ -908,9 +908,10 @@ def width_sentences(effect: pd.DataFrame, phase_words: dict | None = None) -> li
         if pd.notna(narrow) and pd.notna(wide) and narrow > 0 and wide > 0:
             change = f", ×{format_number(wide / narrow)} from the narrowest to the widest"
         zeros = f"; exactly 0 at {row['n_zero_widths']} of them" if row["n_zero_widths"] else ""
+        seeds = f", geometric mean over {row['n_seeds']} seeds" if row.get("n_seeds", 1) > 1 else ""
         sentences.append(f"{subject}: first-to-last gradient ratio {_ratio_words(narrow)} at width {row['narrow']} "
-                         f"and {_ratio_words(wide)} at width {row['wide']} ({row['n_widths']} widths, geometric mean "
-                         f"over seeds{zeros}){change}.")
+                         f"and {_ratio_words(wide)} at width {row['wide']} ({row['n_widths']} widths{seeds}{zeros})"
+                         f"{change}.")
     return sentences + width_contrast(effect, words)
 
 
