@@ -444,10 +444,12 @@ def _write_tables(run_dir: Path, trainer: Trainer) -> None:
 
 
 class _Checkpointer(Callback):
-    """Writes last.pt every epoch and best.pt on a new best validation accuracy, then the tables."""
+    """Writes last.pt every epoch and best.pt on a new best validation accuracy, then the tables
+    and the summary, whose ``wall_seconds`` then counts this process's time so far (``clock``), so
+    that a run killed later and resumed still adds up the time it spent up to this checkpoint."""
 
-    def __init__(self, run_dir: Path, summary: dict) -> None:
-        self.run_dir, self.summary = run_dir, summary
+    def __init__(self, run_dir: Path, summary: dict, clock: Callable[[], float]) -> None:
+        self.run_dir, self.summary, self.clock = run_dir, summary, clock
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         if metrics["is_best"]:
@@ -456,7 +458,7 @@ class _Checkpointer(Callback):
         _write_tables(self.run_dir, trainer)
         self.summary.update(epochs_done=trainer.epoch, steps_done=trainer.step,
                             best_val_acc=trainer.best_val_acc, best_epoch=trainer.best_epoch,
-                            final_train_acc=metrics["train_acc"])
+                            final_train_acc=metrics["train_acc"], wall_seconds=self.clock())
         runs.write_json(self.run_dir / runs.SUMMARY, self.summary)
 
 
@@ -764,13 +766,17 @@ def _train(run_dir: Path, trainer: Trainer, record, callbacks: list[Callback], r
                "resumed_from_epoch": trainer.epoch or None, "synthetic": trainer.splits.synthetic}
     runs.write_json(run_dir / runs.CONFIG, _run_config(config, record, trainer, node))
     runs.write_json(run_dir / runs.SUMMARY, summary)
-    start = time.perf_counter()
+    start, before = time.perf_counter(), summary["wall_seconds"]  # before: the time of earlier processes
+
+    def wall_seconds() -> float:
+        return before + time.perf_counter() - start
+
     board = None
     try:
         _write_samples(run_dir, trainer.splits)
         if resumed:
             _write_tables(run_dir, trainer)  # the checkpoint's history: a kill may have come before the tables
-        own = [_Divergence(), _Checkpointer(run_dir, summary)]
+        own = [_Divergence(), _Checkpointer(run_dir, summary, wall_seconds)]
         if tensorboard is not None:
             from .integrations.tensorboard import TensorBoardSink
 
@@ -805,7 +811,7 @@ def _train(run_dir: Path, trainer: Trainer, record, callbacks: list[Callback], r
     finally:
         if board is not None:
             board.close()
-        summary["wall_seconds"] = summary["wall_seconds"] + time.perf_counter() - start
+        summary["wall_seconds"] = wall_seconds()
         runs.write_json(run_dir / runs.SUMMARY, summary)
     return summary
 

@@ -147,6 +147,31 @@ def test_tables_lost_after_the_last_checkpoint_are_rewritten_on_resume(tmp_path,
     assert not list(run_dir.glob(".*.tmp"))
 
 
+def test_each_checkpoint_keeps_the_time_spent_so_far_so_a_killed_run_resumes_it(tmp_path, small_config, small_splits):
+    """summary.json's wall_seconds is written with every checkpoint: a kill after it loses only the
+    time since, and the resumed run adds its own time to what the checkpoint kept."""
+    import time
+
+    run_dir, seen = tmp_path / "run", []
+
+    class Kill(Callback):
+        def on_epoch_start(self, trainer, epoch) -> None:
+            if epoch == 1:  # after the first checkpoint: what a SIGKILL here would leave on disk
+                seen.append((runs.read_json(run_dir / runs.SUMMARY)["wall_seconds"], time.perf_counter() - began))
+                raise KeyboardInterrupt
+
+    began = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config, run_dir, splits=small_splits, callbacks=[Kill()])
+    kept, elapsed = seen[0]
+    assert 0 < kept <= elapsed
+    runs.write_json(run_dir / runs.SUMMARY, {**runs.read_json(run_dir / runs.SUMMARY), "wall_seconds": kept})
+    began = time.perf_counter()
+    resumed = train(small_config, run_dir, splits=small_splits)
+    assert resumed["resumed_from_epoch"] == 1
+    assert kept < resumed["wall_seconds"] <= kept + time.perf_counter() - began
+
+
 def test_a_restart_killed_midway_is_finished_by_the_same_command(tmp_path, small_config, small_splits):
     """--restart deletes config.json last: a kill while clearing leaves a run directory it clears again."""
     run_dir = tmp_path / "run"
