@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 nbformat = pytest.importorskip("nbformat")  # the dev extra
 
@@ -160,7 +161,12 @@ def test_the_lesson_runs_top_to_bottom_in_a_kernel(cifar_root, tmp_path, monkeyp
                       r"\(verdict: (\w+)\)", printed)
     assert found, printed
     config = ProbeConfig(blocks=("conv",), depths=(32,), norms=("batch",), **measured["probe"])
-    records, networks, _ = probe(config, splits=make_splits("cifar10", cifar_root, seed=config.seed))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(kernel["threads"])  # as the kernel measured: another thread count picks other
+    try:  # convolution kernels, whose rounding a depth-32 BatchNorm stack amplifies (1.4 % at 2 threads)
+        records, networks, _ = probe(config, splits=make_splits("cifar10", cifar_root, seed=config.seed))
+    finally:
+        torch.set_num_threads(threads)
     row = analysis.flow_summary(records, networks, phases=("init",)).iloc[0]
     assert abs(int(found[1]) - row["first_to_last"]) <= 0.5 + 1e-3 * row["first_to_last"]
     assert found[2] == row["verdict"]
