@@ -16,7 +16,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -314,6 +314,8 @@ class Trainer:
         if self.device.type == "cpu":
             runtime.keep_freed_memory()  # no page faults for the stem's 32 MiB activations every step
         torch.manual_seed(config.seed)  # initialisation and dropout
+        if splits is not None and config.subset is not None and config.subset < len(splits.train[1]):
+            splits = replace(splits, train=tuple(t[:config.subset] for t in splits.train))  # as make_splits does
         self.splits = splits or make_splits(config.dataset, config.data_root, seed=config.seed,
                                             subset=config.subset, val_fraction=config.val_fraction,
                                             device=self.device)

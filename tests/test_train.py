@@ -172,6 +172,15 @@ def test_each_checkpoint_keeps_the_time_spent_so_far_so_a_killed_run_resumes_it(
     assert kept < resumed["wall_seconds"] <= kept + time.perf_counter() - began
 
 
+def test_subset_applies_to_splits_given_by_the_caller(tmp_path, small_config, small_splits):
+    """subset=N trains on the first N training images of the caller's splits too, as make_splits does."""
+    config = replace(small_config, subset=100, epochs=1)
+    summary = train(config, tmp_path / "run", splits=small_splits)
+    assert runs.read_json(tmp_path / "run" / runs.CONFIG)["train_images"] == 100 < len(small_splits.train[1])
+    assert summary["steps_done"] == -(-100 // config.batch_size)  # ceil: the last batch is partial
+    assert len(small_splits.train[1]) == 400  # the caller's splits are left as they were
+
+
 def test_a_restart_killed_midway_is_finished_by_the_same_command(tmp_path, small_config, small_splits):
     """--restart deletes config.json last: a kill while clearing leaves a run directory it clears again."""
     run_dir = tmp_path / "run"
