@@ -414,6 +414,14 @@ class RunFinished(Exception):
     """The run directory holds a finished run: complete with the requested epochs, or diverged."""
 
 
+def hardware(device: torch.device, node: dict | None = None) -> dict:
+    """config.json's ``hardware``: where a run trains (platform, CPUs, torch threads, the GPU, the node)."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "node": node or {"host": platform.node()}}  # a sweep's Ray node, else this host
+
+
 def _run_config(config: TrainConfig, record, trainer: Trainer, node: dict | None = None) -> dict:
     return {
         "train": asdict(config),
@@ -423,10 +431,7 @@ def _run_config(config: TrainConfig, record, trainer: Trainer, node: dict | None
         "dataset": config.dataset,
         "synthetic": trainer.splits.synthetic,
         "device": str(trainer.device),
-        "hardware": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "cuda": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else None,
-                     "node": node or {"host": platform.node()}},  # where this (resumed) run trains
+        "hardware": hardware(trainer.device, node),  # where this (resumed) run trains
         "versions": {"gradlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "n_params": trainer.n_params,
         "beta": hanin_beta(trainer.model),  # Hanin's β = Σ 1/width over hidden layers (gradlab.models)

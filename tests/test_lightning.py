@@ -198,6 +198,8 @@ def test_the_run_directory_reads_like_any_other(pair):
     lit, plain, trainer, _, _, module = pair
     assert lit.summary["status"] == "complete" and lit.summary["steps_done"] == STEPS
     assert lit.summary["epochs_done"] == EPOCHS and lit.summary["n_params"] == plain.summary["n_params"]
+    assert lit.summary["beta"] == plain.summary["beta"] == lit.config["beta"] > 0  # Hanin's β of the same network
+    assert lit.config["hardware"]["node"] == plain.config["hardware"]["node"]  # the trainer's hardware record
     assert lit.config["train"]["model"] == "lightning:LitClassifier"
     assert lit.config["model"]["name"] == "LitClassifier" and lit.config["model"]["network"] == "net"
     assert lit.config["train"]["batch_size"] == BATCH and lit.config["train_images"] == N_TRAIN

@@ -51,6 +51,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,9 @@ except ImportError as exc:  # the extra is optional; say how to get it
     raise ImportError("gradlab.integrations.lightning needs Lightning: pip install 'gradlab[lightning]'") from exc
 
 from gradlab import __version__, analysis, runs, schema, specs
-from gradlab.models import count_parameters
+from gradlab.models import count_parameters, hanin_beta
 from gradlab.recorder import Recorder, RecordConfig
+from gradlab.train import hardware
 
 HISTORY_METRICS = {  # gradlab's history column -> the logged names it is read from, first found wins
     "train_loss": ("train_loss", "train_loss_epoch", "train/loss"),
@@ -132,7 +134,8 @@ class GradlabCallback(pl.Callback):
         self._writer = runs.RecordsWriter(self.run_dir) if recorder is not None else None
         self._trainer, self._next_step = trainer, trainer.global_step
         self.config = self._run_config(trainer, pl_module, network)
-        self.summary = {"status": "running", "n_params": count_parameters(network), "epochs": trainer.max_epochs,
+        self.summary = {"status": "running", "n_params": self.config["n_params"], "beta": self.config["beta"],
+                        "epochs": trainer.max_epochs,
                         "epochs_done": 0, "steps_done": trainer.global_step, "best_val_acc": None,
                         "best_epoch": -1, "wall_seconds": 0.0, "synthetic": self.config["synthetic"],
                         "test_acc": None, "test_acc_best": None, "test_acc_last": None}
@@ -283,17 +286,15 @@ class GradlabCallback(pl.Callback):
             "model": {"spec": f"{MODEL_KIND}:{module_class.__name__}", "kind": MODEL_KIND,
                       "name": module_class.__name__, "class": f"{module_class.__module__}.{module_class.__qualname__}",
                       "network": path, "network_class": type(network).__name__, "norm": specs.norm_of(network)},
-            "record": {"every": self.record.every, "schedule": self.record.schedule,
-                       "flush_every": self.record.flush_every, "probes": self.record.probes},
+            "record": asdict(self.record),
             "dataset": self.dataset,
             "synthetic": self.dataset == "synthetic",
             "device": str(device),
-            "hardware": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                         "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+            "hardware": hardware(device),
             "versions": {"gradlab": __version__, "torch": torch.__version__, "lightning": pl.__version__,
                          "python": platform.python_version()},
             "n_params": count_parameters(network),
+            "beta": hanin_beta(network),  # Hanin's β, as gradlab's trainer stores it
             "train_images": None,  # counted in the first epoch
         }
 
