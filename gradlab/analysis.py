@@ -899,22 +899,34 @@ def _majority_verdict(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 # ---------------------------------------------------------------- training budget
 
 
-def training_budget(runs: pd.DataFrame, chance: float | None = None) -> pd.DataFrame:
+def training_budget(runs: pd.DataFrame, chance: float | None = None, metric: str = "test_acc") -> pd.DataFrame:
     """Per run: what it trained for and whether its accuracy can say anything yet.
 
     Columns ``BUDGET_COLUMNS``: the run keys, ``status``, ``epochs_done``, ``steps``,
     ``train_images`` (NaN where the runs table does not hold them), the test and final train
-    accuracy, ``at_chance`` (the test accuracy lies within ``CHANCE_MARGIN`` of ``chance``,
-    default ``CHANCE``) and ``short_budget`` (fewer than ``SHORT_BUDGET_STEPS`` steps). An
-    unknown accuracy is not at chance and an unknown budget is not short: nothing is claimed
-    that the runs table does not hold.
+    accuracy, ``at_chance`` (the ``metric`` accuracy, test by default, lies within
+    ``CHANCE_MARGIN`` of ``chance``, default ``CHANCE``) and ``short_budget`` (fewer than
+    ``SHORT_BUDGET_STEPS`` steps). An unknown accuracy is not at chance and an unknown budget is
+    not short: nothing is claimed that the runs table does not hold.
     """
+    if metric not in ("test_acc", "final_train_acc"):
+        raise ValueError(f"unknown accuracy {metric!r}; known: ['test_acc', 'final_train_acc']")
     chance = CHANCE if chance is None else chance
     table = _with_columns(runs, BUDGET_COLUMNS[:-2])
-    accuracy = pd.to_numeric(table["test_acc"], errors="coerce")
+    accuracy = pd.to_numeric(table[metric], errors="coerce")
     steps = pd.to_numeric(table["steps"], errors="coerce")
     return table.assign(at_chance=(accuracy - chance).abs() <= CHANCE_MARGIN,
                         short_budget=steps < SHORT_BUDGET_STEPS)[BUDGET_COLUMNS].reset_index(drop=True)
+
+
+def settled_accuracies(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``final_train_acc`` blanked (NaN) for runs still running: theirs is the
+    train accuracy of the latest epoch a checkpoint holds, not of their budget's last epoch, so
+    comparing it across depths would compare budgets. Test accuracy is only written at the end."""
+    if "final_train_acc" not in runs or "status" not in runs:
+        return runs
+    running = runs["status"].astype(str) == "running"
+    return runs.assign(final_train_acc=pd.to_numeric(runs["final_train_acc"], errors="coerce").mask(running))
 
 
 # ---------------------------------------------------------------- width against depth

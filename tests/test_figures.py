@@ -176,30 +176,43 @@ def runs_table() -> pd.DataFrame:
         for depth in (2, 8):
             for seed in (0, 1):
                 rows.append({"run": f"{block}-d{depth}-s{seed}", "block": block, "depth": depth, "norm": "batch",
-                             "seed": seed, "test_acc": 0.5 + 0.01 * depth, "best_val_acc": 0.52})
+                             "seed": seed, "test_acc": 0.5 + 0.01 * depth, "best_val_acc": 0.52,
+                             "final_train_acc": 0.6 - 0.01 * depth, "status": "complete"})
     return pd.DataFrame(rows)
 
 
 def test_accuracy_vs_depth_has_a_panel_per_accuracy_and_survives_nan():
     table = runs_table()
     table.loc[0, "test_acc"] = np.nan
-    table.loc[1, "best_val_acc"] = np.inf
+    table.loc[1, "final_train_acc"] = np.inf
     fig = figures.accuracy_vs_depth(table, chance=0.1)
     axes = _panels(fig)
     assert len(axes) == 2
-    assert [ax.get_title() for ax in axes] == ["test accuracy", "best validation accuracy"]
+    assert [ax.get_title() for ax in axes] == ["test accuracy", "train accuracy (last epoch)"]
     assert all(len(ax.get_lines()) >= 2 for ax in axes)  # a line per block type (and the chance line)
     assert [ax.get_ylim() for ax in axes] == [(0.0, 0.7)] * 2  # from 0, never zoomed onto the spread
 
 
+def test_the_train_accuracy_panel_leaves_out_runs_still_training():
+    """A running run's train accuracy is its latest checkpoint's epoch, not its budget's last."""
+    table = runs_table()
+    table.loc[table["run"] == "conv-d8-s1", ["status", "test_acc"]] = ["running", np.nan]
+    test, train = _panels(figures.accuracy_vs_depth(table))
+    dots = [sum(len(c.get_offsets()) for c in ax.collections) for ax in (test, train)]
+    assert dots == [7, 7]
+    drawn = np.concatenate([c.get_offsets()[:, 1] for c in train.collections])
+    assert sorted(np.round(drawn, 2)) == sorted(np.round(table.loc[table["status"] == "complete",
+                                                                   "final_train_acc"], 2))
+
+
 def test_accuracies_near_chance_are_drawn_on_an_axis_from_zero():
-    table = runs_table().assign(test_acc=lambda t: 0.09 + 0.002 * t["depth"], best_val_acc=0.1)
+    table = runs_table().assign(test_acc=lambda t: 0.09 + 0.002 * t["depth"], final_train_acc=0.1)
     fig = figures.accuracy_vs_depth(table, chance=0.1)
     assert all(ax.get_ylim() == (0.0, 0.2) for ax in _panels(fig))
 
 
 def test_accuracy_vs_depth_says_when_no_run_finished():
-    fig = figures.accuracy_vs_depth(runs_table().assign(test_acc=np.nan, best_val_acc=np.nan))
+    fig = figures.accuracy_vs_depth(runs_table().assign(test_acc=np.nan, final_train_acc=np.nan))
     assert "no finished runs" in _texts(fig)
 
 

@@ -92,11 +92,19 @@ def test_gradient_lines_show_the_shallowest_and_deepest_network_of_each_block_ty
 
 
 def test_lesion_figures_mark_what_cannot_be_deleted_and_draw_a_line_per_network():
+    """A panel per block type (in the block order), a line per network, shallowest first."""
     single = lf.lesion_single_blocks(lessons.lesion_single(lesion_frame()))
     assert "cannot be deleted" in single._supxlabel.get_text()
-    assert len(single.axes[0].get_legend().get_texts()) == 3
     k = lf.lesion_k_blocks(lessons.lesion_k(lesion_frame()))
-    assert [t.get_text() for t in k.axes[0].get_legend().get_texts()] == ["conv, depth 8", "res, depth 4", "res, depth 16"]
+    for fig in (single, k):
+        assert [ax.get_title(loc="left") for ax in fig.axes] == ["conv", "res"]
+        assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes] == [
+            ["depth 8"], ["depth 4", "depth 16"]]
+    conv, res = single.axes
+    drawn = {tuple(line.get_xdata()): list(line.get_ydata()) for line in res.get_lines() if len(line.get_xdata()) > 2}
+    expected = lessons.lesion_single(lesion_frame()).query("run == 'res-d16'").sort_values("stack_index")
+    assert np.allclose(drawn[tuple(expected["stack_index"])], expected["accuracy"], equal_nan=True)
+    assert [int(t) for t in k.axes[1].get_xticks()] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("name, draw", [

@@ -150,10 +150,12 @@ def test_a_short_budget_is_named_under_the_title_and_in_every_accuracy_compariso
     assert html.index('<p class="caption">A short training budget') < html.index("<nav>")  # right under the title
     assert dict(report.facts)["Training budget"] == f"{budget}, every run"
     scaling = report.section("depth-scaling")
-    assert f"the accuracy each depth reached after {budget}." in scaling.lead
-    assert scaling.images[1].alt.endswith(f"accuracy against depth per block type, after {budget}.")
+    assert "the test accuracy each depth reached, and its train accuracy in the last epoch" in scaling.lead
+    assert scaling.lead.endswith(f"after {budget}.")
+    assert scaling.images[1].alt.endswith(f"train accuracy against depth per block type, after {budget}.")
     sentences = [n for n in scaling.notes if n.startswith(("conv:", "res:", "skip:"))]
-    assert len(sentences) == 3 and all(budget in n for n in sentences)
+    assert len(sentences) == 6 and all(budget in n for n in sentences)  # test, then train accuracy, per block
+    assert [n.split(":")[1].split(" ")[1] for n in sentences] == ["test"] * 3 + ["train"] * 3
     assert all("too short a budget to tell" in n for n in sentences if "at chance" in n)
     assert f"test accuracy (mean ± std over seeds) after {budget}" in report.section("depth-table").lead
     listing = report.section("run").tables[0]

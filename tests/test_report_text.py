@@ -519,7 +519,7 @@ def test_an_accuracy_comparison_across_depths_names_its_budget_and_a_net_at_chan
         "res: test accuracy 60.0 % at depth 16, after 40 optimizer steps on 10,000 training images (1 epoch).",
     ]
     text = report_text(records, runs, fmt="table")
-    assert "Test accuracy against depth, at the training budget" in text
+    assert "Test and train accuracy against depth, at the training budget" in text
     assert all(sentence in text for sentence in sentences)
     assert "Training budget: 40 optimizer steps on 10,000 training images (1 epoch), every run" in text
     assert "A short training budget: 40 optimizer steps on 10,000 training images per run, fewer than 500." in text
@@ -534,6 +534,34 @@ def test_at_chance_after_a_long_budget_is_stated_without_blaming_the_budget():
     assert "too short" not in sentence
     text = report_text(records, runs, fmt="table")
     assert "A short training budget" not in text and "Training budget: 5,280 optimizer steps" in text
+
+
+def test_train_accuracy_against_depth_is_said_at_its_budget_and_never_for_a_run_still_training():
+    """He et al.'s degradation is about training error: the last epoch's train accuracy gets its own
+    sentence per network. A running run's train accuracy is its latest checkpoint's, not its
+    budget's last epoch's, so it is named as missing rather than compared."""
+    records, runs = budget_runs(steps=5280, train_images=45_000, epochs_done=30)
+    runs["final_train_acc"] = runs["depth"].map({4: 0.781, 16: 0.372})
+    train = accuracy_sentences(runs, metric="final_train_acc")
+    assert train == [
+        "conv: train accuracy in the last epoch falls 40.9 points from depth 4 to 16: 78.1 % at depth 4 and "
+        "37.2 % at depth 16, each after 5,280 optimizer steps on 45,000 training images (30 epochs).",
+        "res: train accuracy in the last epoch 37.2 % at depth 16, after 5,280 optimizer steps on 45,000 training "
+        "images (30 epochs).",
+    ]
+    text = report_text(records, runs, fmt="table")
+    assert all(sentence in text for sentence in train)
+    assert text.index(accuracy_sentences(runs)[0]) < text.index(train[0])  # test accuracy first
+
+    still = runs["run"] == "conv-batch-d16-s0"
+    runs.loc[still, ["status", "steps", "epochs_done", "test_acc"]] = ["running", 176, 1, np.nan]
+    conv = accuracy_sentences(runs, metric="final_train_acc")[0]
+    assert conv == ("conv: train accuracy in the last epoch 78.1 % at depth 4 after 5,280 optimizer steps on 45,000 "
+                    "training images (30 epochs); depth 16 has no train accuracy in the last epoch (running after "
+                    "176 optimizer steps on 45,000 training images (1 epoch)).")
+    assert runs.loc[still, "final_train_acc"].item() == 0.372  # the caller's table is left as it was
+    with pytest.raises(ValueError, match="unknown accuracy 'best_val_acc'"):
+        accuracy_sentences(runs, metric="best_val_acc")
 
 
 def test_depths_trained_at_different_budgets_name_each_budget():

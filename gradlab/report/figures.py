@@ -56,7 +56,8 @@ PALETTE = {"conv": "#D55E00", "res": "#0072B2", "resdown": "#009E73", "skip": "#
 _EXTRA_COLOURS = ("#E69F00", "#56B4E9", "#F0E442", "#000000")  # for block types not in PALETTE
 THEME = {"context": "notebook", "style": "whitegrid", "font_scale": 0.85, "color_codes": False,
          "rc": {"axes.titleweight": "bold", "figure.titleweight": "bold", "legend.frameon": False}}
-ACCURACY_LABELS = {"test_acc": "test accuracy", "best_val_acc": "best validation accuracy"}
+ACCURACY_LABELS = {"test_acc": "test accuracy", "best_val_acc": "best validation accuracy",
+                   "final_train_acc": "train accuracy (last epoch)"}
 ZERO_MARKER, INF_MARKER, DIVERGED_MARKER = "v", "^", "X"
 
 
@@ -284,16 +285,19 @@ def _verdict_lines(verdicts: pd.DataFrame | None, phase, network: str, several_n
     return lines
 
 
-def _verdict_bands(ax, floor: float, ceiling: float) -> None:
-    """analysis's thresholds on a ratio axis: shaded beyond them, a dashed line at ×1."""
+def _verdict_bands(ax, floor: float, ceiling: float, labels: str = "right") -> None:
+    """analysis's thresholds on a ratio axis: shaded beyond them, a dashed line at ×1; the labels
+    sit on the ``labels`` side, where the data stays nearest ×1 (the last block of a gradient
+    profile; the shallowest depth of a depth axis)."""
+    x, ha = (0.01, "left") if labels == "left" else (0.99, "right")
     ax.axhspan(analysis.EXPLODING_RATIO, ceiling, color="0.5", alpha=0.1, linewidth=0, zorder=0)
     ax.axhspan(floor, analysis.VANISHING_RATIO, color="0.5", alpha=0.1, linewidth=0, zorder=0)
     ax.axhline(1, color="0.45", linewidth=1, linestyle="--", zorder=1)
     where = ax.get_yaxis_transform()
-    ax.text(0.99, analysis.EXPLODING_RATIO * 1.2, f"exploding (≥ ×{format_number(analysis.EXPLODING_RATIO)})",
-            transform=where, ha="right", va="bottom", fontsize=8, color="0.3")
-    ax.text(0.99, analysis.VANISHING_RATIO / 1.2, f"vanishing (≤ ×{format_number(analysis.VANISHING_RATIO)})",
-            transform=where, ha="right", va="top", fontsize=8, color="0.3")
+    ax.text(x, analysis.EXPLODING_RATIO * 1.2, f"exploding (≥ ×{format_number(analysis.EXPLODING_RATIO)})",
+            transform=where, ha=ha, va="bottom", fontsize=8, color="0.3")
+    ax.text(x, analysis.VANISHING_RATIO / 1.2, f"vanishing (≤ ×{format_number(analysis.VANISHING_RATIO)})",
+            transform=where, ha=ha, va="top", fontsize=8, color="0.3")
 
 
 @_themed
@@ -436,7 +440,7 @@ def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None,
         ax = axes[0, j]
         ax.set_yscale("log")
         ax.set_ylim(low, high)
-        _verdict_bands(ax, low, high)
+        _verdict_bands(ax, low, high, labels="left")
         data = df if phase is None else df.loc[df["phase"] == phase]
         data = data.assign(shown=_for_log(data["first_to_last"], floor, ceiling))
         if data["shown"].notna().any():
@@ -475,14 +479,17 @@ def depth_scaling_ratio(scaling: pd.DataFrame, flow: pd.DataFrame | None = None,
 
 @_themed
 def accuracy_vs_depth(runs: pd.DataFrame, chance: float | None = None, title: str | None = None,
-                      metrics: Sequence[str] = ("test_acc", "best_val_acc")) -> Figure:
-    """Accuracy against depth per network: one panel per accuracy column, one dot per run,
-    a line through the mean over seeds (seaborn's estimator). ``chance`` draws a dotted line.
+                      metrics: Sequence[str] = ("test_acc", "final_train_acc")) -> Figure:
+    """Accuracy against depth per network: one panel per accuracy column (default: test accuracy,
+    and the train accuracy of the last epoch, whose fall with depth is He et al.'s degradation),
+    one dot per run, a line through the mean over seeds (seaborn's estimator). Running runs' train
+    accuracy is left out (``analysis.settled_accuracies``). ``chance`` draws a dotted line.
     Runs whose ``status`` is "diverged" are drawn as ✕ instead of a dot. The accuracy axis
     starts at 0: a zoomed axis would make a few points between networks at chance look like a
     result."""
     fig, axes = _figure(1, len(metrics), (4.3, 3.4), sharey=True)
     base = _missing(runs, ["block", "depth"], "accuracy_vs_depth")
+    runs = analysis.settled_accuracies(runs)
     top = 0.0  # the highest finite accuracy drawn, for the shared axis
     for j, metric in enumerate(metrics):
         ax = axes[0, j]
@@ -998,7 +1005,8 @@ def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | Non
             if len(alone):
                 top.scatter(alone["step"], alone["loss"], s=14, c=alone["depth"].map(shades).tolist(), zorder=4)
             top.legend(title="depth", fontsize=7, title_fontsize=7, loc="upper right", ncol=min(len(shades), 3))
-            top.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+            top.xaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=4, integer=True, steps=[1, 2, 2.5, 5, 10]))
+            top.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{int(round(v)):,}"))
             positive = data["loss"].loc[data["loss"] > 0]
             if len(positive) and positive.max() / positive.min() > 1e3:  # a diverging loss flattens the rest
                 top.set_yscale("log")

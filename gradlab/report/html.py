@@ -496,7 +496,9 @@ def _depth_scaling(scaling, flow, runs, chance, dpi) -> Section:
     budget = shared_budget(runs)
     section.lead = ("Top: how many times larger the gradient is at the first block than at the last, for each "
                     "depth. Lines that rise with depth are exploding nets; lines that stay near ×1 keep "
-                    "their gradients usable at any depth. Bottom: the accuracy each depth reached "
+                    "their gradients usable at any depth; lines that fall below it are vanishing ones. Bottom: "
+                    "the test accuracy each depth reached, and its train accuracy in the last epoch (a plain "
+                    "stack whose training accuracy falls with depth shows He et al.'s degradation), "
                     + (f"after {budget}." if budget else "at its own training budget (see the run list)."))
     if scaling["first_to_last"].notna().any():
         fig = figures.depth_scaling_ratio(scaling, flow=flow)
@@ -507,9 +509,10 @@ def _depth_scaling(scaling, flow, runs, chance, dpi) -> Section:
     after = f"after {budget}" if budget else "at each run's training budget"
     fig = figures.accuracy_vs_depth(shown, chance=chance,
                                     title=f"Accuracy against depth, {after}; line: mean over seeds, dots: runs")
-    section.images.append(_png(fig, f"Test and best validation accuracy against depth per block type, {after}.",
-                               dpi))
+    section.images.append(_png(fig, f"Test accuracy and last-epoch train accuracy against depth per block type, "
+                                    f"{after}.", dpi))
     section.notes += accuracy_sentences(runs, chance)
+    section.notes += accuracy_sentences(runs, chance, metric="final_train_acc")
     return section
 
 

@@ -13,6 +13,7 @@ The frames come from ``gradlab.lessons`` (summaries) and ``gradlab.shatter`` (th
 """
 from __future__ import annotations
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -172,88 +173,107 @@ def gradient_lines(images: pd.DataFrame, title: str | None = None, depths: str =
 # ---------------------------------------------------------------- lesion study
 
 
-def _run_colours(df: pd.DataFrame) -> dict:
-    """run -> colour: the block type's colour, in depth shades when a block type has several."""
-    colours = {}
-    for block, rows in df.groupby(df["block"].astype(str)):
-        depths = _numeric(rows["depth"]).fillna(0).astype(int) if "depth" in rows else pd.Series(0, index=rows.index)
+def _by_block(df: pd.DataFrame) -> list[tuple[str, list[str], dict]]:
+    """Per block type in ``BLOCK_ORDER``: its runs, shallowest first (depth as a number), and
+    run -> colour in the block type's depth shades."""
+    panels = []
+    df = df.assign(block=df["block"].astype(str))
+    for block in block_order(df["block"]):
+        firsts = df.loc[df["block"] == block].drop_duplicates("run")
+        depths = _numeric(firsts["depth"]).fillna(0).astype(int) if "depth" in firsts else pd.Series(0, index=firsts.index)
         shades = depth_shades(block, depths)
-        for run, depth in zip(rows["run"], depths):
-            colours[run] = shades[depth]
-    return colours
+        ordered = firsts.assign(_depth=depths).sort_values("_depth", kind="stable")
+        panels.append((block, ordered["run"].tolist(), {r: shades[d] for r, d in zip(ordered["run"], ordered["_depth"])}))
+    return panels
 
 
 def _run_label(row: dict) -> str:
     depth = row.get("depth")
-    return f"{row['block']}, depth {format_number(int(depth))}" if pd.notna(depth) else str(row["run"])
+    return f"depth {format_number(int(depth))}" if pd.notna(depth) else str(row["run"])
+
+
+def _block_panels(df: pd.DataFrame, panel: tuple[float, float]):
+    """A figure with one panel per block type of ``df``, sharing the accuracy axis."""
+    panels = _by_block(df)
+    fig, axes = _figure(1, len(panels), panel, sharey=True)
+    return fig, [(axes[0, j], *p) for j, p in enumerate(panels)]
+
+
+def _accuracy_panel(ax, block: str, chance: float | None, first: bool) -> None:
+    _chance(ax, chance)
+    _panel_title(ax, block, block_color(block))
+    ax.set_ylabel("test accuracy" if first else "")
+    _percent(ax)
+    ax.legend(fontsize=7, loc="best")
+
+
+def _accuracy_limit(values: pd.Series) -> float:
+    return min(1.0, max(0.3, float(values.max()) + 0.1))
 
 
 @_themed
 def lesion_k_blocks(k_summary: pd.DataFrame, chance: float | None = CHANCE, title: str | None = None) -> Figure:
-    """Test accuracy against the number of blocks deleted at once (0: intact): a line per network
-    in its block type's colour, bars of ±1 standard deviation over the random sets, chance dotted.
+    """Test accuracy against the number of blocks deleted at once (0: intact): a panel per block
+    type, a line per network in its depth shade, bars of ±1 standard deviation over the random
+    sets, chance dotted. k runs 0, 1, 2, 4, ...: the axis is logarithmic past 1, so that the
+    small k where networks differ most are not crowded together.
     ``k_summary``: ``lessons.lesion_k`` rows (``run, block, k, mean``; ``std``, ``depth``)."""
     if _missing(k_summary, ["run", "block", "k", "mean"], "lesion_k_blocks") or k_summary.empty:
         return _empty("no lesion data")
     df = k_summary.assign(k=_numeric(k_summary["k"]), mean=_numeric(k_summary["mean"]),
                           std=_numeric(k_summary["std"]) if "std" in k_summary else np.nan).dropna(subset=["k", "mean"])
-    colours = _run_colours(df)
-    fig, axes = _figure(1, 1, (5.6, 3.8))
-    ax = axes[0, 0]
-    firsts = df.drop_duplicates("run")
-    depths = _numeric(firsts["depth"]) if "depth" in firsts else pd.Series(0, index=firsts.index)
-    order = firsts.assign(_depth=depths).sort_values(["block", "_depth"], kind="stable")["run"]  # depth as a number
-    for run in order:
-        rows = df.loc[df["run"] == run].sort_values("k")
-        ax.errorbar(rows["k"], rows["mean"], yerr=rows["std"].fillna(0), color=colours[run], marker="o", linewidth=2,
-                    capsize=3, label=_run_label(rows.iloc[0].to_dict()))
-    _chance(ax, chance)
-    ax.set_ylim(0, min(1.0, max(0.3, float(df["mean"].max()) + 0.1)))
-    ax.set_xticks(sorted(set(df["k"].astype(int))))
-    ax.set_xlabel("blocks deleted at once")
-    ax.set_ylabel("test accuracy")
-    _percent(ax)
-    ax.legend()
-    _legend_outside(ax, "network")
+    fig, panels = _block_panels(df, (3.6, 3.4))
+    for j, (ax, block, runs, colours) in enumerate(panels):
+        for run in runs:
+            rows = df.loc[df["run"] == run].sort_values("k")
+            ax.errorbar(rows["k"], rows["mean"], yerr=rows["std"].fillna(0), color=colours[run], marker="o",
+                        linewidth=2, capsize=3, label=_run_label(rows.iloc[0].to_dict()))
+        ks = sorted(set(df.loc[df["run"].isin(runs), "k"].astype(int)))
+        if ks and max(ks) > 2:
+            ax.set_xscale("symlog", base=2, linthresh=1, linscale=0.5)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.xaxis.set_minor_locator(mpl.ticker.NullLocator())
+        ax.set_xlabel("blocks deleted at once")
+        _accuracy_panel(ax, block, chance, j == 0)
+    panels[0][0].set_ylim(0, _accuracy_limit(df["mean"]))
     _suptitle(fig, title or "Test accuracy with k blocks deleted (mean over random sets; bars: ±1 sd)")
     return fig
 
 
 @_themed
 def lesion_single_blocks(single: pd.DataFrame, chance: float | None = CHANCE, title: str | None = None) -> Figure:
-    """Test accuracy after deleting each single block, along the stack: a line per network, its
-    intact accuracy dashed in the same colour, blocks that cannot be deleted marked × at the
-    bottom. ``single``: ``lessons.lesion_single`` rows (``run, block, stack_index, accuracy``;
-    ``deletable``, ``intact``, ``depth``)."""
+    """Test accuracy after deleting each single block, along the stack: a panel per block type, a
+    line per network in its depth shade, its intact accuracy dashed in the same colour, blocks
+    that cannot be deleted marked × at the bottom. ``single``: ``lessons.lesion_single`` rows
+    (``run, block, stack_index, accuracy``; ``deletable``, ``intact``, ``depth``)."""
     if _missing(single, ["run", "block", "stack_index", "accuracy"], "lesion_single_blocks") or single.empty:
         return _empty("no lesion data")
     df = single.assign(stack_index=_numeric(single["stack_index"]), accuracy=_numeric(single["accuracy"]))
-    colours = _run_colours(df)
-    fig, axes = _figure(1, 1, (6.2, 3.8))
-    ax = axes[0, 0]
+    fig, panels = _block_panels(df, (3.6, 3.4))
     stuck_any = False
-    for run, rows in df.groupby("run", sort=False):
-        rows = rows.sort_values("stack_index")
-        colour = colours[run]
-        ax.plot(rows["stack_index"], rows["accuracy"], color=colour, marker="o", linewidth=2,
-                label=_run_label(rows.iloc[0].to_dict()))
-        if "intact" in rows and _numeric(rows["intact"]).notna().any():
-            ax.axhline(float(_numeric(rows["intact"]).dropna().iloc[0]), color=colour, linestyle="--", linewidth=1)
-        if "deletable" in rows:
-            stuck = rows.loc[~rows["deletable"].astype(bool)]
-            if len(stuck):
-                stuck_any = True
-                ax.scatter(stuck["stack_index"], np.full(len(stuck), 0.01), marker=NOT_DELETABLE_MARKER, s=50,
-                           color=colour, zorder=5, clip_on=False)
-    _chance(ax, chance)
-    ax.set_ylim(0, min(1.0, max(0.3, float(pd.concat([df["accuracy"], _numeric(df.get("intact", df["accuracy"]))]).max()) + 0.1)))
-    ax.set_xticks(sorted(set(df["stack_index"].dropna().astype(int))))
-    ax.set_xlabel("deleted block (stack index, 0: nearest the input)")
-    ax.set_ylabel("test accuracy")
-    _percent(ax)
-    ax.legend()
-    _legend_outside(ax, "network")
-    notes = ["dashed: the intact network"] + (["× changes the shape: cannot be deleted"] if stuck_any else [])
+    for j, (ax, block, runs, colours) in enumerate(panels):
+        for run in runs:
+            rows = df.loc[df["run"] == run].sort_values("stack_index")
+            colour = colours[run]
+            ax.plot(rows["stack_index"], rows["accuracy"], color=colour, marker="o", markersize=3.5, linewidth=1.6,
+                    label=_run_label(rows.iloc[0].to_dict()))
+            if "intact" in rows and _numeric(rows["intact"]).notna().any():
+                ax.axhline(float(_numeric(rows["intact"]).dropna().iloc[0]), color=colour, linestyle="--",
+                           linewidth=1)
+            if "deletable" in rows:
+                stuck = rows.loc[~rows["deletable"].astype(bool)]
+                if len(stuck):
+                    stuck_any = True
+                    ax.scatter(stuck["stack_index"], np.full(len(stuck), 0.01), marker=NOT_DELETABLE_MARKER, s=50,
+                               color=colour, zorder=5, clip_on=False)
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=6, integer=True))
+        ax.set_xlabel("deleted block (stack index)")
+        _accuracy_panel(ax, block, chance, j == 0)
+    intact = _numeric(df["intact"]) if "intact" in df else df["accuracy"]
+    panels[0][0].set_ylim(0, _accuracy_limit(pd.concat([df["accuracy"], intact])))
+    notes = ["stack index 0: the block nearest the input", "dashed: the intact network"]
+    notes += ["× changes the shape: cannot be deleted"] if stuck_any else []
     fig.supxlabel(" · ".join(notes), fontsize=8)
     _suptitle(fig, title or "Test accuracy after deleting one block")
     return fig

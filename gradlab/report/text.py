@@ -369,9 +369,14 @@ def _chance_clause(rows: pd.DataFrame, chance: float) -> str:
     return " ".join(sentences)
 
 
-def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[str]:
+ACCURACY_WORDS = {"test_acc": "test accuracy", "final_train_acc": "train accuracy in the last epoch"}
+
+
+def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None, metric: str = "test_acc") -> list[str]:
     """One sentence per network (and norm, when there are several) comparing its test accuracy
-    across depths, each accuracy with the training budget it was measured at:
+    (``metric="final_train_acc"``: its running train accuracy over the last epoch, the training
+    error of He et al.'s degradation; none for runs still running) across depths, each accuracy with the training budget it
+    was measured at:
 
         conv: test accuracy falls 31.3 points from depth 2 to 16: 41.3 % at depth 2 and 10.0 % at
         depth 16, each after 32 optimizer steps on 2,048 training images (2 epochs). Depth 16 is
@@ -382,14 +387,15 @@ def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[
     missing ones are left out of the words). Seeds of one depth are averaged ("mean of 3
     seeds"); a budget that differs between depths is named at each depth. At chance and short
     budget are ``analysis.training_budget``'s, against ``chance`` (default ``analysis.CHANCE``).
-    Networks without any test accuracy (a probe, runs still at their first epoch) get no
+    Networks without any such accuracy (a probe, runs still at their first epoch) get no
     sentence; a depth without one says so with its status.
     """
     chance = analysis.CHANCE if chance is None else chance
-    table = analysis.training_budget(runs, chance)
+    table = analysis.training_budget(analysis.settled_accuracies(runs), chance, metric)
     if table.empty:
         return []
-    table = table.assign(test_acc=pd.to_numeric(table["test_acc"], errors="coerce"),
+    noun = ACCURACY_WORDS[metric]
+    table = table.assign(accuracy=pd.to_numeric(table[metric], errors="coerce"),
                          words=[budget_words(r["steps"], r["train_images"], r["epochs_done"])
                                 for r in table.to_dict("records")])
     several_norms = table["norm"].nunique(dropna=False) > 1
@@ -397,7 +403,7 @@ def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[
     sentences = []
     ordered = analysis.sort_by_block(table, [*keys, "depth"])
     for _, group in ordered.groupby(keys, sort=False, dropna=False):
-        if group["test_acc"].isna().all():
+        if group["accuracy"].isna().all():
             continue
         first = group.iloc[0]
         name = analysis.network_label(first) + (f" ({norm_words(first['norm'])})" if several_norms else "")
@@ -405,11 +411,11 @@ def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[
         parts, measured, barely, missing = [], [], [], []
         for depth, rows in group.groupby("depth", sort=True):
             depth_words = format_number(int(depth))
-            accuracy = rows["test_acc"].dropna()
+            accuracy = rows["accuracy"].dropna()
             after = "" if shared else " after " + _and(list(dict.fromkeys(rows["words"])))
             if accuracy.empty:
                 status = ", ".join(dict.fromkeys(rows["status"].astype(str)))
-                missing.append(f"depth {depth_words} has no test accuracy ({status}{after})")
+                missing.append(f"depth {depth_words} has no {noun} ({status}{after})")
                 continue
             seeds = f" (mean of {len(accuracy)} seeds)" if len(accuracy) > 1 else ""
             parts.append(f"{_percent(accuracy.mean())} at depth {depth_words}{seeds}{after}")
@@ -423,9 +429,9 @@ def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[
             points = round(100 * (high - low), 1)
             verb = "stays the same" if points == 0 else f"{'rises' if points > 0 else 'falls'} {abs(points):.1f} points"
             change = f" {verb} from depth {format_number(int(shallow))} to {format_number(int(deep))}:"
-        sentence = f"{name}: test accuracy{change} {_and(parts)}"
+        sentence = f"{name}: {noun}{change} {_and(parts)}"
         if shared:
-            each = "each " if group["test_acc"].notna().sum() > 1 else ""
+            each = "each " if group["accuracy"].notna().sum() > 1 else ""
             sentence += f", {each}after {group['words'].iloc[0]}"
         sentence += "".join(f"; {m}" for m in missing) + "."
         if barely:
@@ -614,7 +620,8 @@ def _sections(records: pd.DataFrame, runs: pd.DataFrame | None, unreadable: dict
         "diverged": diverged_table(diverged, runs),
         "unreadable": pd.DataFrame(sorted(unreadable.items()), columns=UNREADABLE_COLUMNS),
         "budget": analysis.training_budget(runs),
-        "accuracy": accuracy_sentences(analysis.at_base_width(runs)),
+        "accuracy": [*accuracy_sentences(analysis.at_base_width(runs)),
+                     *accuracy_sentences(analysis.at_base_width(runs), metric="final_train_acc")],
         "budget_line": budget_line(runs),
         "short_budget": short_budget_note(runs),
     }
@@ -669,7 +676,7 @@ def _human_report(sections: dict, fmt: str) -> str:
         blocks.append(f"{title(text)}\n\n{body}")
     if sections["accuracy"]:
         sentences = "\n".join(bullet + s for s in sections["accuracy"])
-        blocks.append(f"{title('Test accuracy against depth, at the training budget')}\n\n{sentences}")
+        blocks.append(f"{title('Test and train accuracy against depth, at the training budget')}\n\n{sentences}")
     blocks += _width_blocks(sections, fmt, title, bullet)
     layers = sections["layers"]
     verdicts = dict(zip(diverged["run"], (analysis.diverged_verdict(r) for r in diverged.to_dict("records"))))
