@@ -407,8 +407,8 @@ RUNS_FOLDER = "runs"
 SWEEP_HINT = ("delete it and rerun the same gradlab sweep command to write it again "
               "(finished cells are kept; each cell checks its own options)")
 RUN_COLUMNS = [*RUN_KEYS, "status", "epochs", "epochs_done", "steps", "train_images", "batch_size",
-               "final_train_acc", "best_val_acc", "test_acc", "n_params", "beta", "wall_seconds", "dataset", "synthetic",
-               "error"]
+               "final_train_acc", "best_val_acc", "test_acc", "n_params", "beta", "wall_seconds", "wall_lower_bound",
+               "dataset", "synthetic", "error"]
 
 
 def train_images(config: dict) -> int | None:
@@ -431,16 +431,30 @@ def _beta(run: Run) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
 
 
+def _wall_seconds(run: Run) -> tuple[float, bool]:
+    """The run's wall time and whether it is only a lower bound. A run killed and resumed by an
+    older gradlab (one that wrote the wall time only at the end) kept only its last process's
+    time in summary.json (and 0 while it ran), less than the training time its epochs measured
+    (history's ``train_seconds``); then that sum stands in, a lower bound (it leaves out
+    evaluation and checkpoints)."""
+    wall = pd.to_numeric(pd.Series([run.summary.get("wall_seconds")]), errors="coerce").iloc[0]
+    if pd.isna(wall) or "train_seconds" not in run.history:
+        return float(wall), False
+    trained = float(pd.to_numeric(run.history["train_seconds"], errors="coerce").sum())
+    return (trained, True) if trained > wall else (float(wall), False)
+
+
 def _run_row(run: Run) -> dict:
     train, summary = run.train, run.summary
     steps = summary.get("steps_done", len(run.steps) if len(run.steps) else None)  # older runs: their loss rows
+    wall, lower_bound = _wall_seconds(run)
     return {**run.identity(), "status": summary.get("status", "running"),
             "epochs": train.get("epochs"), "epochs_done": summary.get("epochs_done", 0),
             "steps": steps, "train_images": train_images(run.config), "batch_size": train.get("batch_size"),
             "final_train_acc": summary.get("final_train_acc", np.nan), "best_val_acc": summary.get("best_val_acc", np.nan),
             "test_acc": summary.get("test_acc", np.nan), "n_params": summary.get("n_params"),
             "beta": _beta(run),
-            "wall_seconds": summary.get("wall_seconds", np.nan), "dataset": run.config.get("dataset"),
+            "wall_seconds": wall, "wall_lower_bound": lower_bound, "dataset": run.config.get("dataset"),
             "synthetic": run.config.get("synthetic"), "error": summary.get("error")}
 
 

@@ -198,3 +198,29 @@ def test_a_sweeps_steps_and_history_carry_each_runs_keys_in_front(tmp_path):
     assert history[["run", "depth"]].values.tolist() == [["conv-d2-s0", 2], ["conv-d8-s0", 8]]
     empty = runs.Sweep(path=root, config={}, runs=[], unreadable={})
     assert empty.steps().empty and empty.steps().columns.tolist() == list(schema.RUN_KEYS)
+
+
+def test_a_wall_time_below_the_measured_training_time_is_replaced_by_it_and_marked_a_lower_bound(tmp_path):
+    """An older gradlab kept only the last process's wall time of a resumed run (and 0 while it
+    ran): the epochs' measured training time stands in, marked as a lower bound."""
+    from gradlab.report.html import _wall_words
+
+    root = tmp_path / "sweep"
+    cases = {"conv-d2-s0": (100.0, [30.0, 40.0]),  # consistent: kept
+             "conv-d8-s0": (50.0, [300.0, 310.0]),  # resumed under the old trainer: 610 s at least
+             "conv-d16-s0": (None, [5.0])}  # no wall time recorded: stays unknown
+    for name, (wall, seconds) in cases.items():
+        run_dir = make_run_dir(root / runs.RUNS_FOLDER / name, {"block": "conv", "depth": int(name[6:-3]), "width": 8,
+                                                                "norm": "batch", "seed": 0})
+        summary = {"status": "complete", "epochs_done": len(seconds)} | ({"wall_seconds": wall} if wall else {})
+        runs.write_json(run_dir / runs.SUMMARY, summary)
+        runs.write_parquet(run_dir / runs.HISTORY, pd.DataFrame({"epoch": range(len(seconds)),
+                                                                 "train_seconds": seconds}))
+    runs.write_json(root / runs.SWEEP, {"cells": list(cases)})
+    table = runs.load_sweep(root).table().set_index("run")
+    assert table.loc["conv-d2-s0", ["wall_seconds", "wall_lower_bound"]].tolist() == [100.0, False]
+    assert table.loc["conv-d8-s0", ["wall_seconds", "wall_lower_bound"]].tolist() == [610.0, True]
+    assert np.isnan(table.loc["conv-d16-s0", "wall_seconds"]) and not table.loc["conv-d16-s0", "wall_lower_bound"]
+    words = _wall_words(table["wall_seconds"].dropna(), table["wall_lower_bound"].loc[table["wall_seconds"].notna()])
+    assert words.startswith("710 s of training in total, longest run 610 s (at least: 1 run written by an older")
+    assert _wall_words(pd.Series([100.0]), pd.Series([False])) == "100 s of training in total, longest run 100 s"

@@ -369,6 +369,18 @@ def _table(frame: pd.DataFrame, caption: str, index_name: str | None = None, col
 # ---------------------------------------------------------------- the sections
 
 
+def _wall_words(wall: pd.Series, lower_bound: pd.Series) -> str:
+    """"12,345 s of training in total, longest run 4,567 s", and how many runs' times are lower
+    bounds (``runs._wall_seconds``)."""
+    words = f"{format_number(wall.sum())} s of training in total, longest run {format_number(wall.max())} s"
+    if lower_bound.any():
+        n = int(lower_bound.sum())
+        words += (f" (at least: {n} run{'s' if n > 1 else ''} written by an older gradlab, resumed or still "
+                  f"running, recorded less wall time than {'their' if n > 1 else 'its'} epochs' measured training "
+                  f"time, which is counted instead)")
+    return words
+
+
 def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
             diverged: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str], Table]:
     """The facts list (what, how, on what, how long), the banners and the run list."""
@@ -408,7 +420,7 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
         ("Hardware", machine),
         ("Versions", f"gradlab {each('versions', 'gradlab')} · torch {each('versions', 'torch')} · "
                      f"Python {each('versions', 'python')}"),
-        ("Wall time", f"{format_number(wall.sum())} s of training in total, longest run {format_number(wall.max())} s"
+        ("Wall time", _wall_words(wall, runs["wall_lower_bound"].fillna(False).astype(bool))
          if wall.notna().any() else MISSING),
     ]
     banners = []
@@ -439,6 +451,9 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
     for column in ("final_train_acc", "best_val_acc", "test_acc"):
         listing[column] = [f"{format_number(100 * v)}%" if pd.notna(v) else MISSING
                            for v in pd.to_numeric(listing[column], errors="coerce")]
+    listing["wall_seconds"] = [MISSING if pd.isna(v) else f"≥ {format_number(v)}" if low else format_number(v)
+                               for v, low in zip(pd.to_numeric(runs["wall_seconds"], errors="coerce"),
+                                                 runs["wall_lower_bound"].fillna(False).astype(bool))]
     classes = ["diverged" if d else s if s in ("failed", "running") else ""
                for s, d in zip(listing["status"].astype(str), runs["is_diverged"])]
     table = _table(listing, f"All {len(runs)} runs", collapsed=len(runs) > 12, row_classes=classes)
