@@ -36,6 +36,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from .analysis import sort_by_block
 from .report.text import format_number
 from .schema import DEFAULT_MODEL, RUN_KEYS, norm_words
 
@@ -182,6 +183,13 @@ def _keys(frame: pd.DataFrame) -> list[str]:
     return [k for k in RUN_KEYS if k in frame.columns]
 
 
+def _in_network_order(rows: pd.DataFrame, keys: list[str], then: list[str]) -> pd.DataFrame:
+    """``rows`` by network (block in the usual order, then depth as a number, width, norm and
+    seed; the run's name last, so that depth 16 never comes before depth 2), then ``then``."""
+    by = [k for k in keys if k != "run"] + [k for k in keys if k == "run"] + then
+    return sort_by_block(rows, by)
+
+
 def lesion_k(frame: pd.DataFrame) -> pd.DataFrame:
     """Per network and k (0: intact): the accuracy's mean, spread and range over the sets measured."""
     keys = _keys(frame)
@@ -198,7 +206,7 @@ def lesion_k(frame: pd.DataFrame) -> pd.DataFrame:
         summary = summary.assign(m=int(singles["deletable"].sum()))
     summary["all_sets"] = [k == 0 or (pd.notna(m) and sets == math.comb(int(m), int(k)))
                            for k, m, sets in zip(summary["k"], summary["m"], summary["sets"])]
-    return summary.sort_values([*keys, "k"], kind="stable")[[*keys, *LESION_K_COLUMNS[len(RUN_KEYS):]]].reset_index(drop=True)
+    return _in_network_order(summary, keys, ["k"])[[*keys, *LESION_K_COLUMNS[len(RUN_KEYS):]]].reset_index(drop=True)
 
 
 def lesion_single(frame: pd.DataFrame) -> pd.DataFrame:
@@ -209,7 +217,7 @@ def lesion_single(frame: pd.DataFrame) -> pd.DataFrame:
     rows = singles.merge(intact, on=keys, how="left") if keys else singles.assign(intact=intact["intact"].iloc[0])
     rows = rows.assign(change=rows["accuracy"] - rows["intact"])
     columns = [*keys, *LESION_SINGLE_COLUMNS[len(RUN_KEYS):]]
-    return rows.sort_values([*keys, "stack_index"], kind="stable")[columns].reset_index(drop=True)
+    return _in_network_order(rows, keys, ["stack_index"])[columns].reset_index(drop=True)
 
 
 def single_table(frame: pd.DataFrame) -> pd.DataFrame:

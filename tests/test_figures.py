@@ -629,3 +629,22 @@ def test_spread_vs_beta_has_a_marker_per_network_and_counts_what_it_leaves_out()
     ax = _panels(fig)[0]
     assert sum(len(c.get_offsets()) for c in ax.collections) == 2 and ax.get_xscale() == "log"
     assert "2 networks without a spread" in _texts(fig)
+
+
+def test_step_axes_of_a_long_run_have_few_separated_labels_that_never_overlap():
+    """30 epochs of 176 steps: the step axes of the training curves and the heatmaps keep at most
+    five labels, thousands separated, and no two labels overlap once drawn."""
+    steps = pd.DataFrame({"run": "conv-d8", "block": "conv", "depth": 8, "step": range(5280),
+                          "loss": np.linspace(2.3, 0.7, 5280)})
+    history = pd.DataFrame({"run": "conv-d8", "block": "conv", "depth": 8, "epoch": range(30),
+                            "train_acc": np.linspace(0.2, 0.8, 30), "val_acc": np.linspace(0.2, 0.6, 30)})
+    curves = figures.training_curves(steps, history)
+    heatmaps = figures.run_heatmaps(records(runs=("a",), steps=5281).query("step % 20 == 0"))
+    for fig, ax in ((curves, _panels(curves)[0]), (heatmaps, _panels(heatmaps)[0])):
+        fig.canvas.draw()
+        shown = [t for t in ax.get_xticklabels() if t.get_text() and ax.get_xlim()[0] <= t.get_position()[0]
+                 <= ax.get_xlim()[1]]
+        assert 3 <= len(shown) <= 5
+        assert "2,000" in [t.get_text() for t in shown]
+        boxes = [t.get_window_extent() for t in shown]
+        assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))

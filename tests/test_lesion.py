@@ -280,3 +280,20 @@ def test_bad_input_is_one_line_and_exit_status_2(trained, small_splits, monkeypa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gradlab: error: ") and message in lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_networks_are_listed_by_block_and_depth_never_by_the_runs_name():
+    """Names sort depth 16 before depth 2; tables and sentences follow the block order and depth."""
+    rows = []
+    for run, block, depth in (("skip-d2-s0", "skip", 2), ("conv-d16-s0", "conv", 16), ("conv-d2-s0", "conv", 2)):
+        keys = {"run": run, "model": "deepcnn", "block": block, "depth": depth, "width": 32, "norm": "batch", "seed": 0}
+        rows.append({**keys, "experiment": "intact", "k": 0, "draw": 0, "blocks": "", "stack_index": -1,
+                     "deletable": True, "images": 100, "accuracy": 0.6})
+        rows += [{**keys, "experiment": "delete", "k": 1, "draw": i, "blocks": f"layers.{i}", "stack_index": i,
+                  "deletable": True, "images": 100, "accuracy": 0.5} for i in range(depth)]
+    frame = pd.DataFrame(rows)
+    order = ["conv-d2-s0", "conv-d16-s0", "skip-d2-s0"]
+    assert list(dict.fromkeys(lessons.lesion_k(frame)["run"])) == order
+    assert list(dict.fromkeys(lessons.lesion_single(frame)["run"])) == order
+    assert list(lessons.k_table(frame).columns[1:]) == order
+    assert [s.split(":")[0] for s in lessons.describe_lesion(frame)] == order

@@ -256,6 +256,13 @@ def _panel_title(ax, text: str, colour=None) -> None:
     ax.set_title(_wrap(text, inches, points), fontsize=10, loc="left", parse_math=False, **colour)
 
 
+def _step_axis(ax) -> None:
+    """A training-step axis: whole steps, at most five ticks, thousands separated ("2,000"), so
+    that the labels of a run of thousands of steps never run into each other."""
+    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=4, integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{int(round(v)):,}"))
+
+
 def _depth_ints(series: pd.Series) -> pd.Series:
     return _numeric(series).round().astype("Int64")
 
@@ -766,7 +773,7 @@ def run_heatmaps(records: pd.DataFrame, metrics: Sequence[str] = ("grad_out_norm
             every = max(1, math.ceil(len(names) / 14))
             ax.set_yticks(np.arange(len(names))[::every], names[::every], fontsize=7, parse_math=False)
             ax.set_ylim(len(names) - 0.5, -0.5)  # the input at the top, the head at the bottom
-            ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+            _step_axis(ax)
             ax.set_xlabel("training step" if i == len(runs) - 1 else "")
             row = marked.get(str(run))
             if row is not None and pd.notna(pd.to_numeric(row.get("step"), errors="coerce")):
@@ -1005,8 +1012,7 @@ def training_curves(steps: pd.DataFrame, history: pd.DataFrame, title: str | Non
             if len(alone):
                 top.scatter(alone["step"], alone["loss"], s=14, c=alone["depth"].map(shades).tolist(), zorder=4)
             top.legend(title="depth", fontsize=7, title_fontsize=7, loc="upper right", ncol=min(len(shades), 3))
-            top.xaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=4, integer=True, steps=[1, 2, 2.5, 5, 10]))
-            top.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{int(round(v)):,}"))
+            _step_axis(top)
             positive = data["loss"].loc[data["loss"] > 0]
             if len(positive) and positive.max() / positive.min() > 1e3:  # a diverging loss flattens the rest
                 top.set_yscale("log")
