@@ -89,6 +89,10 @@ class LitClassifier(pl.LightningModule):
         x, y = batch
         self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self.net(x).argmax(1) == y).float().mean())
+
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)  # TrainConfig's adam: no weight decay
 
@@ -273,6 +277,46 @@ def test_hooks_never_leak_and_a_failed_fit_is_recorded_as_failed(splits, tmp_pat
     run = runs.load_run(tmp_path / "fail")
     assert run.summary["status"] == "failed" and "boom" in run.summary["error"]
     assert sorted(run.records().step.unique()) == [0, 1, 2]  # flushed on the way out
+
+
+def _accuracy(net: torch.nn.Module, loader: DeviceLoader) -> float:
+    """Test accuracy by hand: eval mode, gradlab's normalised batches, no Lightning."""
+    net.eval()
+    with torch.no_grad():
+        hits = [(net(x).argmax(1) == y).float() for x, y in loader]
+    return torch.cat(hits).mean().item()
+
+
+def test_a_test_after_the_fit_writes_the_test_accuracy_of_the_weights_tested(splits, tmp_path):
+    """``trainer.test`` after ``fit``: the fitted weights' accuracy as test_acc and test_acc_last;
+    a new callback in a new Trainer adds the test of the best checkpoint as test_acc_best; gradlab
+    report then compares it; a directory without a finished run is left alone."""
+    trainer, callback, _, module = fit_lightning("deepcnn", splits, tmp_path / "run")
+    tests = DeviceLoader(*splits.test, batch_size=N_EVAL)
+    trainer.test(module, tests, verbose=False)
+    last = _accuracy(module.net, tests)
+    summary = runs.load_run(tmp_path / "run").summary
+    assert summary["test_acc"] == pytest.approx(last, abs=1e-6) and summary["test_acc_last"] == summary["test_acc"]
+    assert summary["test_checkpoint"] is None and summary["test_acc_best"] is None and summary["status"] == "complete"
+
+    folder = tmp_path / "checkpoints"  # one more epoch elsewhere, saved as the best checkpoint
+    saved = pl.callbacks.ModelCheckpoint(dirpath=folder, monitor="val_acc", mode="min")
+    other = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, callbacks=[saved])
+    other.fit(module, module.train_loader, module.val_loader)
+    tester = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[saved, GradlabCallback(out=tmp_path / "run")])
+    tester.test(module, tests, ckpt_path=saved.best_model_path, verbose=False)
+    best = _accuracy(module.net, tests)  # Lightning loaded the checkpoint's weights into the module
+    summary = runs.load_run(tmp_path / "run").summary
+    assert summary["test_acc"] == pytest.approx(best, abs=1e-6) and summary["test_acc_best"] == summary["test_acc"]
+    assert summary["test_acc_last"] == pytest.approx(last, abs=1e-6)  # the earlier test is kept
+    assert summary["test_checkpoint"] == saved.best_model_path
+
+    table = runs.load_sweep(tmp_path / "run").table()
+    assert table["test_acc"].item() == pytest.approx(best, abs=1e-6)
+    GradlabCallback(out=tmp_path / "none").on_test_end(tester, module)  # no run there: nothing written
+    assert not (tmp_path / "none").exists()
 
 
 def test_an_existing_run_directory_and_a_wrong_network_are_refused(splits, tmp_path):

@@ -29,8 +29,8 @@ The run directory (``gradlab.runs``, every file written atomically)::
     config.json        train.model "lightning:<LightningModule class>", the optimizer, epochs, batch
                        size, accumulation, precision; "model" names the module and its network
     summary.json       status running | complete | failed (with the error), steps and epochs done,
-                       best validation accuracy, parameter count, wall time; test_acc is null
-                       (Lightning tests outside fit)
+                       best validation accuracy, parameter count, wall time; test_acc once
+                       ``trainer.test`` ran after the fit (below)
     history.parquet    one row per epoch: epoch, step, HISTORY_METRICS as logged, seconds, images/s
     steps.parquet      the loss of every optimizer step
     records.parquet/   the recorder's rows, one Parquet part per flush
@@ -42,6 +42,13 @@ History columns come from the metrics the module logs (``self.log``), read once 
 (every ``flush_every`` recorded steps, and at each epoch's end: no extra host sync) the headline
 ratio of each recorded step, gradlab's first-to-last gradient ratio (``analysis.first_to_last_by_step``),
 goes to every logger of the Trainer as ``HEADLINE_METRIC`` at that step.
+
+Test accuracy. Lightning tests outside ``fit``: after ``trainer.test(...)`` with this callback (the
+same object, or a new one with the same ``out`` in another Trainer) the logged test accuracy (the
+first of ``TEST_METRICS`` logged) goes into summary.json as ``test_acc``, and as ``test_acc_best``
+when the weights tested were the checkpoint callback's best (``ckpt_path="best"``) or
+``test_acc_last`` when they were the fitted module's own; ``test_checkpoint`` names a checkpoint
+file tested. A run still training, or a directory without a run, is left as it is.
 
 One process and one optimizer; an existing run directory is refused, not resumed.
 """
@@ -76,6 +83,7 @@ HISTORY_METRICS = {  # gradlab's history column -> the logged names it is read f
     "val_loss": ("val_loss", "val_loss_epoch", "val/loss"),
     "val_acc": ("val_acc", "val_acc_epoch", "val/acc"),
 }
+TEST_METRICS = ("test_acc", "test_acc_epoch", "test/acc")  # the logged names test accuracy is read from
 HEADLINE_METRIC = schema.HEADLINE_RATIO  # what the Trainer's loggers receive
 MODEL_KIND = "lightning"  # config.json train.model is "lightning:<class name>"
 
@@ -161,6 +169,25 @@ class GradlabCallback(pl.Callback):
         if error is not None:
             self.summary["error"] = error
         runs.write_json(self.run_dir / runs.SUMMARY, self.summary)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        summary = self.summary
+        if not summary and runs.is_run_dir(self.run_dir) and (self.run_dir / runs.SUMMARY).is_file():
+            summary = runs.read_json(self.run_dir / runs.SUMMARY)  # fitted by another callback or process
+        logged = trainer.callback_metrics
+        found = next((logged[n] for n in TEST_METRICS if n in logged), None)
+        if not summary or summary.get("status") == "running" or found is None:
+            return
+        accuracy = float(found)  # host sync: once per test
+        tested = trainer.ckpt_path
+        best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+        summary.update(test_acc=accuracy, test_checkpoint=None if tested is None else str(tested))
+        if tested is None:
+            summary["test_acc_last"] = accuracy
+        elif best and Path(tested) == Path(best):
+            summary["test_acc_best"] = accuracy
+        self.summary = summary
+        runs.write_json(self.run_dir / runs.SUMMARY, summary)
 
     def close(self) -> None:
         """Remove every hook and flush the records; safe to call again, and after a failed run."""
