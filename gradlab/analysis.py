@@ -244,6 +244,7 @@ WIDTH_EFFECT_COLUMNS = ["phase", *NETWORK_KEYS, "depth", "n_widths", "narrow", "
 SPREAD_COLUMNS = [*GROUP_KEYS, "n_params", "beta", "n_seeds", "n_zero", "n_nonfinite", "n_used",
                   "log_ratio_mean", "log_ratio_std"]
 TREND_COLUMNS = [*NETWORK_KEYS, "n_networks", "rho"]
+BUDGET_ACCURACIES = ("test_acc", "final_train_acc")  # what training_budget can test for chance
 BUDGET_COLUMNS = [*RUN_KEYS, "status", "epochs_done", "steps", "train_images", "test_acc", "final_train_acc",
                   "at_chance", "short_budget"]
 
@@ -909,8 +910,8 @@ def training_budget(runs: pd.DataFrame, chance: float | None = None, metric: str
     ``SHORT_BUDGET_STEPS`` steps). An unknown accuracy is not at chance and an unknown budget is
     not short: nothing is claimed that the runs table does not hold.
     """
-    if metric not in ("test_acc", "final_train_acc"):
-        raise ValueError(f"unknown accuracy {metric!r}; known: ['test_acc', 'final_train_acc']")
+    if metric not in BUDGET_ACCURACIES:
+        raise ValueError(f"unknown accuracy {metric!r}; known: {list(BUDGET_ACCURACIES)}")
     chance = CHANCE if chance is None else chance
     table = _with_columns(runs, BUDGET_COLUMNS[:-2])
     accuracy = pd.to_numeric(table[metric], errors="coerce")

@@ -424,11 +424,15 @@ def train_images(config: dict) -> int | None:
     return None if fraction is None else POOL_IMAGES - round(POOL_IMAGES * fraction)
 
 
+def _number(value) -> float:
+    """A number a JSON file holds, as a float; NaN for anything else (missing, null, text, a bool)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+
+
 def _beta(run: Run) -> float:
     """Hanin's β of the run's network as the torch side stored it (summary, else config); NaN for
     runs written before gradlab stored it."""
-    value = run.summary.get("beta", run.config.get("beta"))
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+    return _number(run.summary.get("beta", run.config.get("beta")))
 
 
 def _wall_seconds(run: Run) -> tuple[float, bool]:
@@ -437,11 +441,11 @@ def _wall_seconds(run: Run) -> tuple[float, bool]:
     time in summary.json (and 0 while it ran), less than the training time its epochs measured
     (history's ``train_seconds``); then that sum stands in, a lower bound (it leaves out
     evaluation and checkpoints)."""
-    wall = pd.to_numeric(pd.Series([run.summary.get("wall_seconds")]), errors="coerce").iloc[0]
-    if pd.isna(wall) or "train_seconds" not in run.history:
-        return float(wall), False
+    wall = _number(run.summary.get("wall_seconds"))
+    if np.isnan(wall) or "train_seconds" not in run.history:
+        return wall, False
     trained = float(pd.to_numeric(run.history["train_seconds"], errors="coerce").sum())
-    return (trained, True) if trained > wall else (float(wall), False)
+    return (trained, True) if trained > wall else (wall, False)
 
 
 def _run_row(run: Run) -> dict:

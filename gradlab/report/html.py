@@ -58,7 +58,7 @@ import pandas as pd
 
 from gradlab import __version__, analysis, lessons, schema
 from gradlab.report import figures, lesson_figures
-from gradlab.report.text import (MISSING, accuracy_sentences, budget_line, depth_scaling_table, diverged_line,
+from gradlab.report.text import (MISSING, budget_line, depth_accuracy_sentences, depth_scaling_table, diverged_line,
                                  diverged_table, format_number, layer_table_for_people, phase_words, ratio_table,
                                  runs_table, shared_budget, short_budget_note, spread_sentences, spread_table,
                                  width_depth_sentences, width_depth_table, width_sentences)
@@ -403,6 +403,7 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
     if any((c.get("train") or {}).get("subset") for c in configs):
         dataset += f" · first {each('train', 'subset')} training images"
     wall = pd.to_numeric(runs["wall_seconds"], errors="coerce") if len(runs) else pd.Series(dtype=float)
+    lower_bound = runs["wall_lower_bound"].fillna(False).astype(bool)  # runs._wall_seconds
     facts = [
         ("Report of", what),
         ("Models", _join(runs["model"])),
@@ -420,8 +421,7 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
         ("Hardware", machine),
         ("Versions", f"gradlab {each('versions', 'gradlab')} · torch {each('versions', 'torch')} · "
                      f"Python {each('versions', 'python')}"),
-        ("Wall time", _wall_words(wall, runs["wall_lower_bound"].fillna(False).astype(bool))
-         if wall.notna().any() else MISSING),
+        ("Wall time", _wall_words(wall, lower_bound) if wall.notna().any() else MISSING),
     ]
     banners = []
     if synthetic:
@@ -452,8 +452,7 @@ def _header(sweep: Sweep, runs: pd.DataFrame, path: Path,
         listing[column] = [f"{format_number(100 * v)}%" if pd.notna(v) else MISSING
                            for v in pd.to_numeric(listing[column], errors="coerce")]
     listing["wall_seconds"] = [MISSING if pd.isna(v) else f"≥ {format_number(v)}" if low else format_number(v)
-                               for v, low in zip(pd.to_numeric(runs["wall_seconds"], errors="coerce"),
-                                                 runs["wall_lower_bound"].fillna(False).astype(bool))]
+                               for v, low in zip(wall, lower_bound)]
     classes = ["diverged" if d else s if s in ("failed", "running") else ""
                for s, d in zip(listing["status"].astype(str), runs["is_diverged"])]
     table = _table(listing, f"All {len(runs)} runs", collapsed=len(runs) > 12, row_classes=classes)
@@ -526,8 +525,7 @@ def _depth_scaling(scaling, flow, runs, chance, dpi) -> Section:
                                     title=f"Accuracy against depth, {after}; line: mean over seeds, dots: runs")
     section.images.append(_png(fig, f"Test accuracy and last-epoch train accuracy against depth per block type, "
                                     f"{after}.", dpi))
-    section.notes += accuracy_sentences(runs, chance)
-    section.notes += accuracy_sentences(runs, chance, metric="final_train_acc")
+    section.notes += depth_accuracy_sentences(runs, chance)
     return section
 
 

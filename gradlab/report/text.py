@@ -372,11 +372,12 @@ def _chance_clause(rows: pd.DataFrame, chance: float) -> str:
 ACCURACY_WORDS = {"test_acc": "test accuracy", "final_train_acc": "train accuracy in the last epoch"}
 
 
-def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None, metric: str = "test_acc") -> list[str]:
+def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None,
+                       metric: str = "test_acc") -> list[str]:
     """One sentence per network (and norm, when there are several) comparing its test accuracy
     (``metric="final_train_acc"``: its running train accuracy over the last epoch, the training
-    error of He et al.'s degradation; none for runs still running) across depths, each accuracy with the training budget it
-    was measured at:
+    error of He et al.'s degradation; none for runs still running) across depths, each accuracy
+    with the training budget it was measured at:
 
         conv: test accuracy falls 31.3 points from depth 2 to 16: 41.3 % at depth 2 and 10.0 % at
         depth 16, each after 32 optimizer steps on 2,048 training images (2 epochs). Depth 16 is
@@ -438,6 +439,12 @@ def accuracy_sentences(runs: pd.DataFrame, chance: float | None = None, metric: 
             sentence += " " + _chance_clause(pd.DataFrame(barely), chance)
         sentences.append(sentence)
     return sentences
+
+
+def depth_accuracy_sentences(runs: pd.DataFrame, chance: float | None = None) -> list[str]:
+    """What a report says of accuracy against depth: ``accuracy_sentences`` of the test accuracy,
+    then of the last epoch's train accuracy (the training error of He et al.'s degradation)."""
+    return [*accuracy_sentences(runs, chance), *accuracy_sentences(runs, chance, metric="final_train_acc")]
 
 
 def _run_budgets(runs: pd.DataFrame) -> pd.Series:
@@ -620,8 +627,7 @@ def _sections(records: pd.DataFrame, runs: pd.DataFrame | None, unreadable: dict
         "diverged": diverged_table(diverged, runs),
         "unreadable": pd.DataFrame(sorted(unreadable.items()), columns=UNREADABLE_COLUMNS),
         "budget": analysis.training_budget(runs),
-        "accuracy": [*accuracy_sentences(analysis.at_base_width(runs)),
-                     *accuracy_sentences(analysis.at_base_width(runs), metric="final_train_acc")],
+        "accuracy": depth_accuracy_sentences(analysis.at_base_width(runs)),
         "budget_line": budget_line(runs),
         "short_budget": short_budget_note(runs),
     }
@@ -789,8 +795,8 @@ def report_text(
     is short, what it can and cannot show (``short_budget_note``); the cells that could
     not be read, by name with the reason (``unreadable``: cell -> why); the
     diverged runs (``analysis.divergence``), a line each and a table; the
-    depth-scaling table at init and at end; one ``accuracy_sentences``
-    sentence per network, each accuracy with its budget; the per-layer gradient-flow table
+    depth-scaling table at init and at end; ``depth_accuracy_sentences``, a test-accuracy and
+    a train-accuracy sentence per network, each accuracy with its budget; the per-layer gradient-flow table
     (at init) of the deepest run of each network (and norm), each probe point
     with its role and stack index; one
     ``describe_flow`` sentence per such run. Without ``runs`` the run fields
